@@ -1,1 +1,3 @@
 pub mod sndif;
+pub mod xen;
+pub mod dma;

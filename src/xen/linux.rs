@@ -1,0 +1,1 @@
+//! Real Xen: placeholder filled in below.

@@ -1,0 +1,385 @@
+//! The loopback "hypervisor": xenstore, grants and event channels between this
+//! process (the backend, domain 0) and guest processes that connect over a
+//! Unix socket. A guest's grantable memory is one memfd (gref N = page N), an
+//! event channel is a pair of eventfds. When a guest's socket closes, the
+//! hypervisor does what the toolstack does on `xl destroy`: it removes the
+//! guest's xenstore directories, which the backend sees through its watches.
+//!
+//! Test and demo transport only; the backend code above it is the same.
+
+pub mod client;
+pub mod proto;
+mod store;
+
+use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore};
+use anyhow::{anyhow, bail, Context};
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+use proto::{GuestMsg, HvMsg};
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::{mpsc, Arc, Mutex};
+use store::Tree;
+
+use crate::sndif::PAGE_SIZE;
+
+/// The backend's own domain id.
+pub const BACKEND_DOMID: DomId = 0;
+/// Largest guest memory a loopback guest may register (64 MiB).
+pub const MAX_GUEST_PAGES: u32 = 16384;
+
+struct Guest {
+    memfd: Arc<OwnedFd>,
+    pages: u32,
+}
+
+/// One end of an unbound channel, waiting for the backend to bind it.
+struct Unbound {
+    to_backend: OwnedFd,
+    to_guest: OwnedFd,
+}
+
+#[derive(Default)]
+struct State {
+    tree: Tree,
+    guests: HashMap<DomId, Guest>,
+    unbound: HashMap<(DomId, u32), Unbound>,
+    next_domid: DomId,
+    next_port: u32,
+}
+
+#[derive(Default)]
+pub struct Hypervisor {
+    state: Mutex<State>,
+}
+
+impl Hypervisor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock only means another thread panicked mid-update of
+        // plain maps; the data is still consistent enough to serve.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the hypervisor and the backend's view of it.
+    pub fn new_transport() -> (Arc<Hypervisor>, Transport) {
+        let hv = Arc::new(Hypervisor::default());
+        {
+            let mut st = hv.lock();
+            st.next_domid = 1;
+            st.next_port = 1;
+            st.tree.write("/local/domain/0/name", "Domain-0");
+            st.tree.write("/local/domain/0/domid", "0");
+        }
+        let (tx, rx) = mpsc::channel();
+        let store = Arc::new(LocalStore { hv: hv.clone(), events: tx });
+        let t = Transport {
+            store,
+            grants: hv.clone(),
+            evtchn: hv.clone(),
+            watch_events: rx,
+            own_domid: BACKEND_DOMID,
+        };
+        (hv, t)
+    }
+
+    /// Accepts guests on `path` (a SOCK_SEQPACKET socket), one thread each.
+    pub fn listen(self: &Arc<Self>, path: &Path) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        let _ = std::fs::remove_file(path);
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?).with_context(|| format!("bind {}", path.display()))?;
+        listen(&fd, Backlog::new(16)?)?;
+        let hv = self.clone();
+        Ok(std::thread::Builder::new().name("loopback-accept".into()).spawn(move || loop {
+            match nix::sys::socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(c) => {
+                    // SAFETY: accept4 returned a new descriptor that we own.
+                    let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c) };
+                    let hv = hv.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("loopback-guest".into())
+                        .spawn(move || hv.serve_guest(conn));
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("loopback: accept failed: {e}");
+                    return;
+                }
+            }
+        })?)
+    }
+
+    fn serve_guest(&self, conn: OwnedFd) {
+        let fd = conn.as_raw_fd();
+        let domid = match self.welcome(fd) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("loopback: guest refused: {e:#}");
+                let _ = proto::send(fd, &HvMsg::Error(format!("{e:#}")), &[]);
+                return;
+            }
+        };
+        // Watch events go out on their own thread; each packet is atomic, so
+        // it may interleave with replies written here.
+        let (wtx, wrx) = mpsc::channel::<WatchEvent>();
+        let wfd = match conn.try_clone() {
+            Ok(f) => f,
+            Err(_) => return,
+        };
+        std::thread::spawn(move || {
+            for ev in wrx {
+                let m = HvMsg::WatchFired { path: ev.path, token: ev.token };
+                if proto::send(wfd.as_raw_fd(), &m, &[]).is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            let (msg, fds) = match proto::recv::<GuestMsg>(fd) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(domid, "loopback: bad message, disconnecting guest: {e:#}");
+                    break;
+                }
+            };
+            let reply = self.handle(domid, msg, fds, &wtx).unwrap_or_else(|e| HvMsg::Error(format!("{e:#}")));
+            if proto::send(fd, &reply, &[]).is_err() {
+                break;
+            }
+        }
+        self.destroy_domain(domid);
+    }
+
+    fn welcome(&self, fd: RawFd) -> anyhow::Result<DomId> {
+        let Some((GuestMsg::Hello { name, pages, vsnd }, mut fds)) = proto::recv::<GuestMsg>(fd)? else {
+            bail!("expected Hello");
+        };
+        if fds.len() != 1 || pages == 0 || pages > MAX_GUEST_PAGES {
+            bail!("Hello needs one memfd and 1..={MAX_GUEST_PAGES} pages");
+        }
+        let size = nix::sys::stat::fstat(fds[0].as_raw_fd())?.st_size as u64;
+        if size < pages as u64 * PAGE_SIZE as u64 {
+            bail!("memfd smaller than {pages} pages");
+        }
+        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) {
+            bail!("bad domain name");
+        }
+        let memfd = Arc::new(fds.remove(0));
+        let mut st = self.lock();
+        let domid = st.next_domid;
+        st.next_domid += 1;
+        st.guests.insert(domid, Guest { memfd, pages });
+        // What libxl does for a vsnd device: frontend config, backend dir.
+        let fe = format!("/local/domain/{domid}/device/vsnd/0");
+        let be = format!("/local/domain/0/backend/vsnd/{domid}/0");
+        st.tree.write(&format!("/local/domain/{domid}/name"), &name);
+        st.tree.write(&format!("/local/domain/{domid}/domid"), &domid.to_string());
+        for (k, v) in vsnd {
+            if k.is_empty() || k.contains("..") || k.starts_with('/') {
+                continue;
+            }
+            st.tree.write(&format!("{fe}/{k}"), &v);
+        }
+        st.tree.write(&format!("{fe}/backend-id"), "0");
+        st.tree.write(&format!("{fe}/backend"), &be);
+        st.tree.write(&format!("{fe}/state"), "1");
+        st.tree.write(&format!("{be}/frontend"), &fe);
+        st.tree.write(&format!("{be}/frontend-id"), &domid.to_string());
+        st.tree.write(&format!("{be}/online"), "1");
+        st.tree.write(&format!("{be}/state"), "1");
+        drop(st);
+        proto::send(fd, &HvMsg::Welcome { domid }, &[])?;
+        tracing::info!(domid, "loopback: guest {name} connected");
+        Ok(domid)
+    }
+
+    /// Guests may read their own tree and their devices' backend dirs, and
+    /// write only their own tree, as xenstore permissions allow on real Xen.
+    fn check_access(domid: DomId, path: &str, write: bool) -> anyhow::Result<()> {
+        let own = format!("/local/domain/{domid}");
+        let be = format!("/local/domain/0/backend/vsnd/{domid}");
+        let under = |top: &str| path == top || path.starts_with(&format!("{top}/"));
+        if under(&own) || (!write && under(&be)) {
+            Ok(())
+        } else {
+            Err(anyhow!("EACCES: {path}"))
+        }
+    }
+
+    fn handle(&self, domid: DomId, msg: GuestMsg, fds: Vec<OwnedFd>, w: &mpsc::Sender<WatchEvent>) -> anyhow::Result<HvMsg> {
+        Ok(match msg {
+            GuestMsg::Hello { .. } => bail!("already connected"),
+            GuestMsg::Read { path } => {
+                Self::check_access(domid, &path, false)?;
+                HvMsg::Value(self.lock().tree.read(&path))
+            }
+            GuestMsg::Write { path, value } => {
+                Self::check_access(domid, &path, true)?;
+                self.lock().tree.write(&path, &value);
+                HvMsg::Ok
+            }
+            GuestMsg::Directory { path } => {
+                Self::check_access(domid, &path, false)?;
+                HvMsg::List(self.lock().tree.directory(&path))
+            }
+            GuestMsg::Rm { path } => {
+                Self::check_access(domid, &path, true)?;
+                self.lock().tree.rm(&path);
+                HvMsg::Ok
+            }
+            GuestMsg::Watch { path, token } => {
+                Self::check_access(domid, &path, false)?;
+                self.lock().tree.watch(domid, &path, &token, w.clone());
+                HvMsg::Ok
+            }
+            GuestMsg::AllocUnbound => {
+                let mut fds = fds.into_iter();
+                let (Some(to_backend), Some(to_guest)) = (fds.next(), fds.next()) else {
+                    bail!("AllocUnbound needs two eventfds");
+                };
+                let mut st = self.lock();
+                let port = st.next_port;
+                st.next_port += 1;
+                st.unbound.insert((domid, port), Unbound { to_backend, to_guest });
+                HvMsg::Port(port)
+            }
+        })
+    }
+
+    /// What `xl destroy` leaves behind: no guest directories, no grants.
+    fn destroy_domain(&self, domid: DomId) {
+        let mut st = self.lock();
+        st.guests.remove(&domid);
+        st.unbound.retain(|(d, _), _| *d != domid);
+        st.tree.drop_watches_of(domid);
+        st.tree.rm(&format!("/local/domain/0/backend/vsnd/{domid}"));
+        st.tree.rm(&format!("/local/domain/{domid}"));
+        tracing::info!(domid, "loopback: guest disconnected, domain destroyed");
+    }
+}
+
+/// The backend's xenstore handle (domain 0: may read and write everything).
+struct LocalStore {
+    hv: Arc<Hypervisor>,
+    events: mpsc::Sender<WatchEvent>,
+}
+
+impl XenStore for LocalStore {
+    fn read(&self, path: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.hv.lock().tree.read(path))
+    }
+    fn write(&self, path: &str, value: &str) -> anyhow::Result<()> {
+        self.hv.lock().tree.write(path, value);
+        Ok(())
+    }
+    fn directory(&self, path: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self.hv.lock().tree.directory(path))
+    }
+    fn rm(&self, path: &str) -> anyhow::Result<()> {
+        self.hv.lock().tree.rm(path);
+        Ok(())
+    }
+    fn watch(&self, path: &str, token: &str) -> anyhow::Result<()> {
+        self.hv.lock().tree.watch(BACKEND_DOMID, path, token, self.events.clone());
+        Ok(())
+    }
+    fn unwatch(&self, path: &str, token: &str) -> anyhow::Result<()> {
+        self.hv.lock().tree.unwatch(BACKEND_DOMID, path, token);
+        Ok(())
+    }
+}
+
+impl GrantMapper for Hypervisor {
+    fn map(&self, domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
+        let (memfd, pages) = {
+            let st = self.lock();
+            let g = st.guests.get(&domid).ok_or_else(|| anyhow!("no domain {domid}"))?;
+            (g.memfd.clone(), g.pages)
+        };
+        if grefs.is_empty() {
+            bail!("no grant references");
+        }
+        // gref 0 is never handed to PV drivers on Xen either.
+        if let Some(bad) = grefs.iter().find(|g| **g == 0 || **g >= pages) {
+            bail!("grant reference {bad} of domain {domid} is not granted");
+        }
+        let len = grefs.len() * PAGE_SIZE;
+        let nz = NonZeroUsize::new(len).ok_or_else(|| anyhow!("empty mapping"))?;
+        // Reserve a contiguous range, then put each granted page in place.
+        // SAFETY: a fresh anonymous mapping; pages are replaced with MAP_FIXED
+        // inside the range we own, and the whole range is unmapped on drop.
+        unsafe {
+            let base = mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE)?;
+            for (i, g) in grefs.iter().enumerate() {
+                let at = NonZeroUsize::new(base.as_ptr() as usize + i * PAGE_SIZE);
+                let r = mmap(
+                    at,
+                    NonZeroUsize::new(PAGE_SIZE).expect("page size"),
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                    memfd.as_fd(),
+                    (*g as usize * PAGE_SIZE) as i64,
+                );
+                if let Err(e) = r {
+                    let _ = munmap(base, len);
+                    bail!("mapping gref {g}: {e}");
+                }
+            }
+            let ptr = NonNull::new(base.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null mapping"))?;
+            Ok(SharedPages::new(
+                ptr,
+                len,
+                Box::new(|p, l| {
+                    if let Some(p) = NonNull::new(p as *mut libc::c_void) {
+                        let _ = munmap(p, l);
+                    }
+                }),
+            ))
+        }
+    }
+}
+
+impl EventChannels for Hypervisor {
+    fn bind(&self, domid: DomId, remote_port: u32) -> anyhow::Result<Arc<dyn EventChannel>> {
+        let u = self
+            .lock()
+            .unbound
+            .remove(&(domid, remote_port))
+            .ok_or_else(|| anyhow!("domain {domid} has no unbound port {remote_port}"))?;
+        Ok(Arc::new(EventFdChannel { wait: u.to_backend, notify: u.to_guest }))
+    }
+}
+
+/// One direction of notification each way, as eventfds.
+pub struct EventFdChannel {
+    pub wait: OwnedFd,
+    pub notify: OwnedFd,
+}
+
+impl EventChannel for EventFdChannel {
+    fn notify(&self) -> bool {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a valid buffer to an eventfd we own.
+        let n = unsafe { libc::write(self.notify.as_raw_fd(), one.as_ptr().cast(), 8) };
+        n == 8
+    }
+    fn fd(&self) -> RawFd {
+        self.wait.as_raw_fd()
+    }
+    fn consume(&self) -> anyhow::Result<bool> {
+        let mut v = [0u8; 8];
+        // SAFETY: reading 8 bytes into a valid buffer; the eventfd is non-blocking.
+        let n = unsafe { libc::read(self.wait.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        Ok(n == 8)
+    }
+}
+
+/// A non-blocking eventfd, as both sides of a loopback channel use.
+pub fn new_eventfd() -> anyhow::Result<OwnedFd> {
+    use nix::sys::eventfd::{EventFd, EfdFlags};
+    let e = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+    Ok(e.into())
+}
