@@ -1,3 +1,4 @@
 pub mod sndif;
 pub mod xen;
 pub mod dma;
+pub mod host;

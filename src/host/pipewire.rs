@@ -1,0 +1,342 @@
+//! PipeWire host: one `pw_stream` per guest stream, all owned by one thread
+//! that runs the PipeWire main loop. Other threads talk to it through a
+//! `pipewire::channel`. The process callback runs in PipeWire's data thread
+//! (`RT_PROCESS`) and only calls the DMA engine.
+
+use super::{HostBackend, HostStream, StreamSpec};
+use crate::dma::DmaEngine;
+use crate::sndif::{PcmFormat, StreamKind};
+use anyhow::{anyhow, Context};
+use pipewire as pw;
+use pw::spa;
+use pw::spa::param::audio::{AudioFormat, AudioInfoRaw};
+use pw::spa::pod::Pod;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a caller waits for the PipeWire thread to answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Cmd {
+    Open { id: u64, spec: StreamSpec, engine: Box<DmaEngine>, reply: mpsc::SyncSender<anyhow::Result<()>> },
+    Close { id: u64, reply: mpsc::SyncSender<()> },
+    Active { id: u64, active: bool },
+    Volume { id: u64, gains: Vec<f32> },
+}
+
+pub struct PipeWireHost {
+    tx: pw::channel::Sender<Cmd>,
+    next_id: AtomicU64,
+}
+
+fn spa_format(f: PcmFormat) -> Option<AudioFormat> {
+    use PcmFormat::*;
+    Some(match f {
+        S8 => AudioFormat::S8,
+        U8 => AudioFormat::U8,
+        S16Le => AudioFormat::S16LE,
+        S16Be => AudioFormat::S16BE,
+        U16Le => AudioFormat::U16LE,
+        U16Be => AudioFormat::U16BE,
+        S24Le => AudioFormat::S24LE,
+        S24Be => AudioFormat::S24BE,
+        U24Le => AudioFormat::U24LE,
+        U24Be => AudioFormat::U24BE,
+        S32Le => AudioFormat::S32LE,
+        S32Be => AudioFormat::S32BE,
+        U32Le => AudioFormat::U32LE,
+        U32Be => AudioFormat::U32BE,
+        F32Le => AudioFormat::F32LE,
+        F32Be => AudioFormat::F32BE,
+        F64Le => AudioFormat::F64LE,
+        F64Be => AudioFormat::F64BE,
+    })
+}
+
+/// Channel positions for `n` channels: the usual layouts up to 8, AUX beyond.
+fn positions(n: u32) -> [u32; spa::param::audio::MAX_CHANNELS] {
+    use spa::sys::*;
+    let mut p = [0u32; spa::param::audio::MAX_CHANNELS];
+    let layout: &[u32] = match n {
+        1 => &[SPA_AUDIO_CHANNEL_MONO],
+        2 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR],
+        3 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_LFE],
+        4 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_RL, SPA_AUDIO_CHANNEL_RR],
+        6 => &[
+            SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_FC,
+            SPA_AUDIO_CHANNEL_LFE, SPA_AUDIO_CHANNEL_RL, SPA_AUDIO_CHANNEL_RR,
+        ],
+        8 => &[
+            SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_FC, SPA_AUDIO_CHANNEL_LFE,
+            SPA_AUDIO_CHANNEL_RL, SPA_AUDIO_CHANNEL_RR, SPA_AUDIO_CHANNEL_SL, SPA_AUDIO_CHANNEL_SR,
+        ],
+        _ => &[],
+    };
+    for (i, slot) in p.iter_mut().enumerate().take(n as usize) {
+        *slot = layout.get(i).copied().unwrap_or(SPA_AUDIO_CHANNEL_AUX0 + i as u32);
+    }
+    p
+}
+
+/// `node.latency` for a guest period: the largest power of two that is at
+/// most half the period, so the quantum divides the period and every period
+/// interrupt falls on a cycle boundary.
+pub fn node_latency_frames(period_frames: u32) -> u32 {
+    let half = (period_frames / 2).clamp(16, 8192);
+    1 << (31 - half.leading_zeros())
+}
+
+/// Frames between the DMA position and the device (playback) or from the
+/// device to the position (capture), at the stream's rate.
+fn delay_frames(t: &pw::stream::Time, stream_rate: u32, frame_bytes: usize) -> u32 {
+    let raw = t.as_raw();
+    let (num, denom) = (raw.rate.num as i128, raw.rate.denom as i128);
+    let graph = if denom > 0 { (raw.delay as i128 * num * stream_rate as i128) / denom } else { 0 };
+    let queued = (raw.queued as usize / frame_bytes.max(1)) as i128;
+    (graph + queued + raw.buffered as i128).clamp(0, u32::MAX as i128) as u32
+}
+
+impl PipeWireHost {
+    /// Starts the PipeWire thread and connects to the daemon (`remote`:
+    /// `PIPEWIRE_REMOTE` style name, or the default).
+    pub fn start(remote: Option<String>) -> anyhow::Result<PipeWireHost> {
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<anyhow::Result<pw::channel::Sender<Cmd>>>(1);
+        std::thread::Builder::new()
+            .name("pipewire".into())
+            .spawn(move || {
+                if let Err(e) = run_loop(remote, &ready_tx) {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .context("spawning the PipeWire thread")?;
+        let tx = ready_rx
+            .recv_timeout(REPLY_TIMEOUT)
+            .map_err(|_| anyhow!("PipeWire thread did not start"))??;
+        Ok(PipeWireHost { tx, next_id: AtomicU64::new(1) })
+    }
+}
+
+struct Entry {
+    stream: pw::stream::StreamRc,
+    _listener: pw::stream::StreamListener<Rt>,
+}
+
+/// State owned by the real-time process callback.
+struct Rt {
+    engine: Box<DmaEngine>,
+    kind: StreamKind,
+}
+
+fn run_loop(remote: Option<String>, ready: &mpsc::SyncSender<anyhow::Result<pw::channel::Sender<Cmd>>>) -> anyhow::Result<()> {
+    pw::init();
+    let mainloop = pw::main_loop::MainLoopRc::new(None).context("PipeWire main loop")?;
+    let context = pw::context::ContextRc::new(&mainloop, None).context("PipeWire context")?;
+    let props = remote.map(|r| pw::properties::properties! { *pw::keys::REMOTE_NAME => r });
+    let core = context.connect_rc(props).context("connecting to the PipeWire daemon")?;
+    let _core_listener = core
+        .add_listener_local()
+        .error(|id, seq, res, msg| tracing::warn!(id, seq, res, "PipeWire: {msg}"))
+        .register();
+    let (tx, rx) = pw::channel::channel::<Cmd>();
+    let streams: Rc<RefCell<HashMap<u64, Entry>>> = Rc::default();
+    let core2 = core.clone();
+    let _attached = rx.attach(mainloop.loop_(), move |cmd| match cmd {
+        Cmd::Open { id, spec, engine, reply } => {
+            let r = open_stream(&core2, spec, engine).map(|e| {
+                streams.borrow_mut().insert(id, e);
+            });
+            let _ = reply.send(r);
+        }
+        Cmd::Close { id, reply } => {
+            if let Some(e) = streams.borrow_mut().remove(&id) {
+                let _ = e.stream.disconnect();
+                drop(e);
+            }
+            let _ = reply.send(());
+        }
+        Cmd::Active { id, active } => {
+            if let Some(e) = streams.borrow().get(&id) {
+                let _ = e.stream.set_active(active);
+            }
+        }
+        Cmd::Volume { id, gains } => {
+            if let Some(e) = streams.borrow().get(&id) {
+                let _ = e.stream.set_control(spa::sys::SPA_PROP_channelVolumes, &gains);
+            }
+        }
+    });
+    ready.send(Ok(tx)).map_err(|_| anyhow!("caller gone"))?;
+    mainloop.run();
+    Ok(())
+}
+
+fn open_stream(core: &pw::core::CoreRc, spec: StreamSpec, engine: Box<DmaEngine>) -> anyhow::Result<Entry> {
+    let g = engine.geom;
+    let format = spa_format(g.format).ok_or_else(|| anyhow!("format {} unsupported", g.format.name()))?;
+    let (class, category) = match spec.kind {
+        StreamKind::Playback => ("Stream/Output/Audio", "Playback"),
+        StreamKind::Capture => ("Stream/Input/Audio", "Capture"),
+    };
+    let latency = format!("{}/{}", node_latency_frames(g.period_frames()), g.rate);
+    let mut props = pw::properties::properties! {
+        *pw::keys::MEDIA_TYPE => "Audio",
+        *pw::keys::MEDIA_CATEGORY => category,
+        *pw::keys::MEDIA_CLASS => class,
+        *pw::keys::MEDIA_NAME => spec.description.as_str(),
+        *pw::keys::NODE_NAME => spec.node_name.as_str(),
+        *pw::keys::NODE_DESCRIPTION => spec.description.as_str(),
+        *pw::keys::APP_NAME => spec.domain.as_str(),
+        *pw::keys::NODE_LATENCY => latency.as_str(),
+        "node.rate" => format!("1/{}", g.rate),
+        *pw::keys::AUDIO_CHANNELS => g.channels.to_string(),
+    };
+    for (k, v) in &spec.props {
+        props.insert(k.as_str(), v.as_str());
+    }
+    let stream = pw::stream::StreamRc::new(core.clone(), &spec.node_name, props).context("pw_stream_new")?;
+    let rt = Rt { engine, kind: spec.kind };
+    let listener = stream
+        .add_local_listener_with_user_data(rt)
+        .process(process)
+        .register()
+        .context("stream listener")?;
+
+    let mut info = AudioInfoRaw::new();
+    info.set_format(format);
+    info.set_rate(g.rate);
+    info.set_channels(g.channels);
+    info.set_position(positions(g.channels));
+    let bytes = spa::pod::serialize::PodSerializer::serialize(
+        std::io::Cursor::new(Vec::new()),
+        &spa::pod::Value::Object(spa::pod::Object {
+            type_: spa::sys::SPA_TYPE_OBJECT_Format,
+            id: spa::sys::SPA_PARAM_EnumFormat,
+            properties: info.into(),
+        }),
+    )
+    .map_err(|e| anyhow!("format pod: {e:?}"))?
+    .0
+    .into_inner();
+    let mut params = [Pod::from_bytes(&bytes).ok_or_else(|| anyhow!("format pod"))?];
+    let dir = match spec.kind {
+        StreamKind::Playback => spa::utils::Direction::Output,
+        StreamKind::Capture => spa::utils::Direction::Input,
+    };
+    stream
+        .connect(
+            dir,
+            None,
+            pw::stream::StreamFlags::AUTOCONNECT
+                | pw::stream::StreamFlags::MAP_BUFFERS
+                | pw::stream::StreamFlags::RT_PROCESS,
+            &mut params,
+        )
+        .context("pw_stream_connect")?;
+    Ok(Entry { stream, _listener: listener })
+}
+
+/// The real-time cycle. No allocation, no locks, no logging.
+fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
+    let Some(mut buffer) = stream.dequeue_buffer() else { return };
+    let requested = buffer.requested() as usize;
+    let stride = rt.engine.frame_bytes();
+    let rate = rt.engine.geom.rate;
+    let delay = stream.time().map(|t| delay_frames(&t, rate, stride)).unwrap_or(0);
+    let datas = buffer.datas_mut();
+    let Some(d) = datas.first_mut() else { return };
+    match rt.kind {
+        StreamKind::Playback => {
+            let frames = {
+                let Some(slice) = d.data() else { return };
+                let max = slice.len() / stride.max(1);
+                let frames = if requested == 0 { max } else { requested.min(max) };
+                rt.engine.playback_cycle(&mut slice[..frames * stride], delay);
+                frames
+            };
+            let chunk = d.chunk_mut();
+            *chunk.offset_mut() = 0;
+            *chunk.stride_mut() = stride as i32;
+            *chunk.size_mut() = (frames * stride) as u32;
+        }
+        StreamKind::Capture => {
+            let (offset, size) = {
+                let c = d.chunk();
+                (c.offset() as usize, c.size() as usize)
+            };
+            let Some(slice) = d.data() else { return };
+            let end = offset.saturating_add(size).min(slice.len());
+            let start = offset.min(end);
+            let whole = (end - start) / stride.max(1) * stride;
+            rt.engine.capture_cycle(&slice[start..start + whole], delay);
+        }
+    }
+}
+
+struct PwStream {
+    id: u64,
+    tx: pw::channel::Sender<Cmd>,
+}
+
+impl HostStream for PwStream {
+    fn set_active(&self, active: bool) {
+        let _ = self.tx.send(Cmd::Active { id: self.id, active });
+    }
+    fn set_volume(&self, gains: Vec<f32>) {
+        let _ = self.tx.send(Cmd::Volume { id: self.id, gains });
+    }
+}
+
+impl Drop for PwStream {
+    fn drop(&mut self) {
+        let (reply, done) = mpsc::sync_channel(1);
+        if self.tx.send(Cmd::Close { id: self.id, reply }).is_ok() {
+            if done.recv_timeout(REPLY_TIMEOUT).is_err() {
+                tracing::error!(id = self.id, "PipeWire thread did not close the stream in time");
+            }
+        }
+    }
+}
+
+impl HostBackend for PipeWireHost {
+    fn supports(&self, format: PcmFormat) -> bool {
+        spa_format(format).is_some()
+    }
+
+    fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = mpsc::sync_channel(1);
+        let name = spec.node_name.clone();
+        self.tx
+            .send(Cmd::Open { id, spec, engine: Box::new(engine), reply })
+            .map_err(|_| anyhow!("PipeWire thread is gone"))?;
+        rx.recv_timeout(REPLY_TIMEOUT)
+            .map_err(|_| anyhow!("PipeWire thread did not answer"))?
+            .with_context(|| format!("creating node {name}"))?;
+        Ok(Box::new(PwStream { id, tx: self.tx.clone() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_divides_the_period() {
+        assert_eq!(node_latency_frames(1024), 512);
+        assert_eq!(node_latency_frames(960), 256);
+        assert_eq!(node_latency_frames(441), 128);
+        assert_eq!(node_latency_frames(8), 16);
+        assert_eq!(node_latency_frames(1 << 20), 8192);
+    }
+
+    #[test]
+    fn every_wire_format_maps() {
+        for f in PcmFormat::all() {
+            assert!(spa_format(f).is_some(), "{f:?}");
+        }
+    }
+}
