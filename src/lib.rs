@@ -2,3 +2,4 @@ pub mod sndif;
 pub mod xen;
 pub mod dma;
 pub mod host;
+pub mod backend;

@@ -1,0 +1,195 @@
+//! One vsnd device of one guest: the xenbus handshake and its streams.
+//!
+//! Backend states: Initialising → InitWait (ready) → Connected once the
+//! frontend is Initialised and every stream's rings and channels are set up.
+//! When the frontend closes or goes back to Initialising, the streams are torn
+//! down and the backend returns to InitWait so the guest can connect again.
+
+use super::pcm::{PcmStream, StreamIdentity};
+use super::ring::BackRing;
+use super::service::StreamService;
+use crate::host::HostBackend;
+use crate::sndif::config::{parse_card, ConfigSource};
+use crate::sndif::{keys, XenbusState};
+use crate::xen::{DomId, EventChannels, GrantMapper, XenStore};
+use anyhow::{anyhow, Context};
+use std::sync::Arc;
+
+/// The parts of the transport and host a device needs.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Arc<dyn XenStore>,
+    pub grants: Arc<dyn GrantMapper>,
+    pub evtchn: Arc<dyn EventChannels>,
+    pub host: Arc<dyn HostBackend>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Fresh,
+    InitWait,
+    Connected,
+    Failed,
+}
+
+pub struct Device {
+    pub domid: DomId,
+    pub devid: u32,
+    pub be: String,
+    pub fe: String,
+    phase: Phase,
+    streams: Vec<StreamService>,
+}
+
+struct StoreSource<'a> {
+    store: &'a dyn XenStore,
+    base: &'a str,
+}
+
+impl ConfigSource for StoreSource<'_> {
+    fn read(&self, rel: &str) -> Option<String> {
+        self.store.read(&format!("{}/{rel}", self.base)).ok().flatten()
+    }
+    fn list(&self, rel: &str) -> Vec<String> {
+        let p = if rel.is_empty() { self.base.to_string() } else { format!("{}/{rel}", self.base) };
+        self.store.directory(&p).unwrap_or_default()
+    }
+}
+
+/// Domain names become part of node names: keep them to a safe alphabet.
+pub fn sanitize_name(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .collect();
+    out
+}
+
+impl Device {
+    pub fn new(domid: DomId, devid: u32, be: String, fe: String) -> Device {
+        Device { domid, devid, be, fe, phase: Phase::Fresh, streams: Vec::new() }
+    }
+
+    fn read(&self, s: &Services, path: &str) -> Option<String> {
+        s.store.read(path).ok().flatten()
+    }
+
+    fn set_state(&self, s: &Services, st: XenbusState) {
+        if let Err(e) = s.store.write(&format!("{}/{}", self.be, keys::STATE), st.as_str()) {
+            tracing::warn!(domid = self.domid, "writing backend state: {e:#}");
+        }
+    }
+
+    /// Reacts to the current xenstore state. Returns false when the device is
+    /// gone (its backend directory was removed) and should be dropped.
+    pub fn step(&mut self, s: &Services) -> bool {
+        if self.read(s, &format!("{}/{}", self.be, keys::FRONTEND)).is_none() {
+            self.teardown("backend directory removed");
+            return false;
+        }
+        let fe_state = self
+            .read(s, &format!("{}/{}", self.fe, keys::STATE))
+            .map(|v| XenbusState::parse(&v))
+            .unwrap_or(XenbusState::Closed);
+        match (self.phase, fe_state) {
+            (Phase::Fresh, _) => {
+                let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
+                let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
+                self.set_state(s, XenbusState::InitWait);
+                self.phase = Phase::InitWait;
+                tracing::info!(domid = self.domid, devid = self.devid, "vsnd device found, waiting for the frontend");
+                // The frontend may already be Initialised (backend restart).
+                return self.step(s);
+            }
+            (Phase::InitWait, XenbusState::Initialised) => match self.connect(s) {
+                Ok(()) => {
+                    self.set_state(s, XenbusState::Connected);
+                    self.phase = Phase::Connected;
+                    tracing::info!(domid = self.domid, devid = self.devid, streams = self.streams.len(), "connected");
+                }
+                Err(e) => {
+                    tracing::warn!(domid = self.domid, devid = self.devid, "cannot connect frontend: {e:#}");
+                    let _ = s.store.write(&format!("{}/error", self.be), &format!("{e:#}"));
+                    self.set_state(s, XenbusState::Closed);
+                    self.phase = Phase::Failed;
+                }
+            },
+            (Phase::Connected, XenbusState::Connected | XenbusState::Initialised) => {}
+            (Phase::Connected, st) => {
+                self.teardown(&format!("frontend state {st:?}"));
+                self.set_state(s, XenbusState::InitWait);
+                self.phase = Phase::InitWait;
+            }
+            (Phase::Failed, XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown) => {
+                self.set_state(s, XenbusState::InitWait);
+                self.phase = Phase::InitWait;
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn teardown(&mut self, why: &str) {
+        if !self.streams.is_empty() {
+            tracing::info!(domid = self.domid, devid = self.devid, "disconnecting: {why}");
+        }
+        self.streams.clear();
+    }
+
+    /// Shuts the device down when the backend itself exits.
+    pub fn shutdown(&mut self, s: &Services) {
+        self.teardown("backend exiting");
+        if self.phase != Phase::Fresh {
+            self.set_state(s, XenbusState::Closed);
+        }
+    }
+
+    fn read_u32(&self, s: &Services, path: &str) -> anyhow::Result<u32> {
+        let v = self.read(s, path).ok_or_else(|| anyhow!("{path} missing"))?;
+        v.trim().parse::<u32>().map_err(|_| anyhow!("{path}: not a number: {v:?}"))
+    }
+
+    fn connect(&mut self, s: &Services) -> anyhow::Result<()> {
+        let card = parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))?;
+        let report_delay =
+            self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim) == Some("1");
+        let domain = self
+            .read(s, &format!("/local/domain/{}/name", self.domid))
+            .map(|n| sanitize_name(&n))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("domain-{}", self.domid));
+        let mut streams = Vec::new();
+        for (pcm, sc) in card.streams() {
+            let sp = format!("{}/{}/{}", self.fe, pcm.index, sc.index);
+            let ctx = || format!("stream {sp}");
+            let ring_ref = self.read_u32(s, &format!("{sp}/{}", keys::RING_REF)).with_context(ctx)?;
+            let port = self.read_u32(s, &format!("{sp}/{}", keys::EVT_CHNL)).with_context(ctx)?;
+            let evt_ref = self.read_u32(s, &format!("{sp}/{}", keys::EVT_RING_REF)).with_context(ctx)?;
+            let evt_port = self.read_u32(s, &format!("{sp}/{}", keys::EVT_EVT_CHNL)).with_context(ctx)?;
+            let ring_page = s.grants.map(self.domid, &[ring_ref]).with_context(ctx)?;
+            let evt_page = Arc::new(s.grants.map(self.domid, &[evt_ref]).with_context(ctx)?);
+            let req_ch = s.evtchn.bind(self.domid, port).with_context(ctx)?;
+            let evt_ch = s.evtchn.bind(self.domid, evt_port).with_context(ctx)?;
+            let ident = Arc::new(StreamIdentity {
+                domid: self.domid,
+                domain: domain.clone(),
+                devid: self.devid,
+                card_long_name: card.long_name.clone(),
+                pcm_index: pcm.index,
+                pcm_name: pcm.name.clone(),
+                cfg: sc.clone(),
+            });
+            let pcm_stream = PcmStream::new(ident, s.grants.clone(), s.host.clone(), evt_page, evt_ch, report_delay);
+            streams.push(StreamService::spawn(pcm_stream, BackRing::new(ring_page), req_ch)?);
+        }
+        self.streams = streams;
+        Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.teardown("device dropped");
+    }
+}
