@@ -3,3 +3,4 @@ pub mod xen;
 pub mod dma;
 pub mod host;
 pub mod backend;
+pub mod sim;

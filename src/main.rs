@@ -1,1 +1,123 @@
-fn main(){}
+//! `xen-vsnd`: the Xen PV sound backend daemon, and a simulated guest.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use xen_vsnd::host::{pipewire::PipeWireHost, HostBackend};
+use xen_vsnd::sim::{self, SimOptions};
+use xen_vsnd::xen::{linux, loopback::Hypervisor};
+
+#[derive(Parser)]
+#[command(
+    name = "xen-vsnd",
+    version,
+    about = "Xen PV sound backend: every guest PCM stream becomes a PipeWire node",
+    long_about = "Serves the Xen paravirtual sound protocol (vsnd, sndif.h) to guests. \
+Each guest stream becomes a PipeWire node named xen-vsnd.<domain>.<card>.<pcm>.<playback|capture>; \
+the PipeWire graph clock drives the guest's DMA position and period interrupts, and the \
+downstream latency is reported back to guests that opt in to the delay extension.\n\n\
+Logging: RUST_LOG (default info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the backend.
+    Serve {
+        /// `xen` for a real hypervisor (/dev/xen/*), or `loopback:<socket>`
+        /// to serve simulated guests that connect to <socket>.
+        #[arg(long, default_value = "xen")]
+        transport: String,
+        /// PipeWire remote to connect to (default: $PIPEWIRE_REMOTE or pipewire-0).
+        #[arg(long)]
+        pipewire_remote: Option<String>,
+    },
+    /// Run a simulated guest against a loopback backend.
+    SimGuest(SimOptions),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Serve { transport, pipewire_remote } => serve(&transport, pipewire_remote),
+        Cmd::SimGuest(o) => sim_guest(&o),
+    };
+    if let Err(e) = r {
+        eprintln!("xen-vsnd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(transport: &str, remote: Option<String>) -> anyhow::Result<()> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
+        signal_hook_like::on(sig, shutdown.clone())?;
+    }
+    let host: Arc<dyn HostBackend> = Arc::new(PipeWireHost::start(remote).context("starting the PipeWire host")?);
+    let t = if transport == "xen" {
+        linux::open().context("opening the Xen transport (/dev/xen)")?
+    } else if let Some(path) = transport.strip_prefix("loopback:") {
+        let (hv, t) = Hypervisor::new_transport();
+        hv.listen(&PathBuf::from(path))?;
+        tracing::info!("loopback transport listening on {path}");
+        t
+    } else {
+        bail!("unknown transport {transport:?} (xen or loopback:<path>)");
+    };
+    xen_vsnd::backend::run(t, host, shutdown.clone())?;
+    tracing::info!("stopped");
+    let _ = shutdown.load(Ordering::Relaxed);
+    Ok(())
+}
+
+fn sim_guest(o: &SimOptions) -> anyhow::Result<()> {
+    let report = sim::run(o)?;
+    println!("sim-guest: {}", serde_json::to_string(&report)?);
+    if let Some(m) = &report.misbehave {
+        // The backend must have refused the bad request or closed the stream.
+        let refused = m.status.is_some_and(|s| s < 0) || m.stream_closed;
+        let flood_ok = m.kind == sim::misbehave::Misbehave::NotifyFlood && m.still_served;
+        if !(refused || flood_ok) {
+            bail!("backend accepted {:?}", m.kind);
+        }
+    }
+    Ok(())
+}
+
+/// Minimal signal handling: SIGINT/SIGTERM set a flag the backend polls.
+mod signal_hook_like {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+    pub use nix::sys::signal::Signal::{SIGINT, SIGTERM};
+
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+    extern "C" fn handler(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn on(sig: nix::sys::signal::Signal, flag: Arc<AtomicBool>) -> anyhow::Result<()> {
+        let _ = FLAG.set(flag);
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(handler),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { nix::sys::signal::sigaction(sig, &action)? };
+        Ok(())
+    }
+}

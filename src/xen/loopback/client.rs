@@ -12,13 +12,14 @@ use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct GuestConn {
     sock: OwnedFd,
     pub domid: u32,
     watch_queue: VecDeque<WatchEvent>,
-    memory: SharedPages,
+    memory: Arc<SharedPages>,
     free_pages: Vec<u32>,
     next_page: u32,
     pages: u32,
@@ -42,7 +43,7 @@ impl GuestConn {
                 memfd.as_fd(),
                 0,
             )?;
-            SharedPages::new(
+            Arc::new(SharedPages::new(
                 NonNull::new(p.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null"))?,
                 len,
                 Box::new(|p, l| {
@@ -50,7 +51,7 @@ impl GuestConn {
                         let _ = nix::sys::mman::munmap(p, l);
                     }
                 }),
-            )
+            ))
         };
         let hello = GuestMsg::Hello { name: name.to_string(), pages, vsnd };
         proto::send(sock.as_raw_fd(), &hello, &[memfd.as_raw_fd()])?;
@@ -166,8 +167,8 @@ impl GuestConn {
     }
 
     /// The guest's own view of its memory (gref N at N * PAGE_SIZE).
-    pub fn memory(&self) -> &SharedPages {
-        &self.memory
+    pub fn memory(&self) -> Arc<SharedPages> {
+        self.memory.clone()
     }
 
     /// Allocates an unbound event channel; returns (port, the guest's end).

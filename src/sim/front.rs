@@ -1,0 +1,293 @@
+//! The protocol side of a simulated frontend stream, behaving like Linux's
+//! `snd_xen_front`: requests wait for their response, CUR_POS events move
+//! the hardware pointer, and period interrupts follow either the upstream
+//! rule (strictly more than a period) or the exact rule (at least a period).
+
+use crate::sndif::wire::{decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE};
+use crate::sndif::{evt, OpenReq, Request, Response, PAGE_SIZE};
+use crate::xen::loopback::client::{wait_channel, GuestConn};
+use crate::xen::loopback::EventFdChannel;
+use crate::xen::{EventChannel, SharedPages};
+use anyhow::{anyhow, bail};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a request waits for its response (the Linux frontend's 3 s).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum PeriodRule {
+    /// Linux `snd_xen_front`: elapsed when more than a period has passed.
+    Upstream,
+    /// Our guest driver: elapsed as soon as a whole period has passed.
+    Exact,
+}
+
+/// What the stream saw, reported at the end.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StreamReport {
+    pub frames: u64,
+    pub events: u64,
+    pub bad_event_ids: u64,
+    pub period_interrupts: u64,
+    /// Interrupts that came before the host had moved that many periods.
+    pub early_interrupts: u64,
+    pub xruns: u64,
+    pub final_position_bytes: u64,
+    /// Last delay the backend reported with the extension (frames).
+    pub last_delay_frames: u32,
+}
+
+pub struct FrontStream {
+    pub mem: Arc<SharedPages>,
+    ring_off: usize,
+    evt_off: usize,
+    pub ring_gref: u32,
+    pub evt_gref: u32,
+    pub req_port: u32,
+    pub evt_port: u32,
+    req_ch: EventFdChannel,
+    evt_ch: EventFdChannel,
+    req_prod_pvt: u32,
+    rsp_cons: u32,
+    next_req_id: u16,
+    next_evt_id: u16,
+    // Buffer state after OPEN.
+    pub buffer_grefs: Vec<u32>,
+    pub dir_grefs: Vec<u32>,
+    pub buffer_bytes: u32,
+    pub frame_bytes: u32,
+    pub period_frames: u64,
+    last_pos_bytes: u64,
+    /// Frames the hardware pointer has moved since OPEN.
+    pub hw_frames: u64,
+    acc_frames: u64,
+    pub rule: Option<PeriodRule>,
+    pub report: StreamReport,
+}
+
+impl FrontStream {
+    /// Allocates and initialises the request ring and the event page, and
+    /// two unbound channels, as the frontend does before Initialised.
+    pub fn new(conn: &mut GuestConn) -> anyhow::Result<FrontStream> {
+        let ring_gref = conn.grant_page()?;
+        let evt_gref = conn.grant_page()?;
+        let (req_port, req_ch) = conn.alloc_evtchn()?;
+        let (evt_port, evt_ch) = conn.alloc_evtchn()?;
+        let mem = conn.memory();
+        let ring_off = ring_gref as usize * PAGE_SIZE;
+        // FRONT_RING_INIT: all indices 0, events wanted from the first one.
+        mem.store_u32(ring_off + sring::REQ_EVENT, 1);
+        mem.store_u32(ring_off + sring::RSP_EVENT, 1);
+        Ok(FrontStream {
+            mem,
+            ring_off,
+            evt_off: evt_gref as usize * PAGE_SIZE,
+            ring_gref,
+            evt_gref,
+            req_port,
+            evt_port,
+            req_ch,
+            evt_ch,
+            req_prod_pvt: 0,
+            rsp_cons: 0,
+            next_req_id: 0,
+            next_evt_id: 0,
+            buffer_grefs: Vec::new(),
+            dir_grefs: Vec::new(),
+            buffer_bytes: 0,
+            frame_bytes: 1,
+            period_frames: 1,
+            last_pos_bytes: 0,
+            hw_frames: 0,
+            acc_frames: 0,
+            rule: None,
+            report: StreamReport::default(),
+        })
+    }
+
+    /// Grants the buffer pages and a directory chain describing them.
+    pub fn alloc_buffer(&mut self, conn: &mut GuestConn, bytes: u32) -> anyhow::Result<()> {
+        let n = (bytes as usize).div_ceil(PAGE_SIZE);
+        self.buffer_grefs = (0..n).map(|_| conn.grant_page()).collect::<anyhow::Result<_>>()?;
+        let ndirs = n.div_ceil(GREFS_PER_DIR_PAGE).max(1);
+        self.dir_grefs = (0..ndirs).map(|_| conn.grant_page()).collect::<anyhow::Result<_>>()?;
+        self.write_directory(&self.dir_grefs.clone(), &self.buffer_grefs.clone(), 0);
+        self.buffer_bytes = bytes;
+        Ok(())
+    }
+
+    /// Writes directory pages `dirs` listing `grefs`; the last page's next
+    /// is `last_next` (0 for a well-formed chain).
+    pub fn write_directory(&self, dirs: &[u32], grefs: &[u32], last_next: u32) {
+        for (i, d) in dirs.iter().enumerate() {
+            let off = *d as usize * PAGE_SIZE;
+            let next = dirs.get(i + 1).copied().unwrap_or(last_next);
+            self.mem.copy_in(off, &next.to_le_bytes());
+            let chunk = grefs.iter().skip(i * GREFS_PER_DIR_PAGE).take(GREFS_PER_DIR_PAGE);
+            for (j, g) in chunk.enumerate() {
+                self.mem.copy_in(off + 4 + j * 4, &g.to_le_bytes());
+            }
+        }
+    }
+
+    /// Byte offset in guest memory of buffer byte `pos` (mod buffer size).
+    fn buffer_addr(&self, pos: u64) -> (usize, usize) {
+        let off = (pos % self.buffer_bytes as u64) as usize;
+        let page = off / PAGE_SIZE;
+        (self.buffer_grefs[page] as usize * PAGE_SIZE + off % PAGE_SIZE, PAGE_SIZE - off % PAGE_SIZE)
+    }
+
+    /// Copies `data` into the buffer at stream byte `pos`, across pages.
+    pub fn buffer_write(&self, pos: u64, data: &[u8]) {
+        let mut done = 0;
+        while done < data.len() {
+            let (addr, room) = self.buffer_addr(pos + done as u64);
+            let n = room.min(data.len() - done);
+            self.mem.copy_in(addr, &data[done..done + n]);
+            done += n;
+        }
+    }
+
+    pub fn buffer_read(&self, pos: u64, out: &mut [u8]) {
+        let mut done = 0;
+        while done < out.len() {
+            let (addr, room) = self.buffer_addr(pos + done as u64);
+            let n = room.min(out.len() - done);
+            self.mem.copy_out(addr, &mut out[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// Puts raw bytes in the next request slot and publishes it.
+    pub fn push_raw(&mut self, msg: &[u8; 64]) {
+        self.mem.write_msg(self.ring_off + ring_slot_offset(self.req_prod_pvt), msg);
+        self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
+        self.mem.store_u32(self.ring_off + sring::REQ_PROD, self.req_prod_pvt);
+        self.req_ch.notify();
+    }
+
+    /// Sets the shared producer index directly (for the misbehaving guest).
+    pub fn set_req_prod(&mut self, v: u32) {
+        self.mem.store_u32(self.ring_off + sring::REQ_PROD, v);
+    }
+
+    pub fn notify_backend(&self) -> bool {
+        self.req_ch.notify()
+    }
+
+    /// Sends a request and waits for its response; `Ok(None)` on time-out.
+    pub fn try_request(&mut self, req: Request) -> anyhow::Result<Option<Response>> {
+        let id = self.next_req_id;
+        self.next_req_id = self.next_req_id.wrapping_add(1);
+        self.push_raw(&req.encode(id));
+        let deadline = Instant::now() + RESPONSE_TIMEOUT;
+        loop {
+            let prod = self.mem.load_u32(self.ring_off + sring::RSP_PROD);
+            while self.rsp_cons != prod {
+                let r = Response::decode(&self.mem.read_msg(self.ring_off + ring_slot_offset(self.rsp_cons)));
+                self.rsp_cons = self.rsp_cons.wrapping_add(1);
+                if r.id == id {
+                    self.mem.store_u32(self.ring_off + sring::RSP_EVENT, self.rsp_cons.wrapping_add(1));
+                    return Ok(Some(r));
+                }
+            }
+            self.mem.store_u32(self.ring_off + sring::RSP_EVENT, self.rsp_cons.wrapping_add(1));
+            if self.mem.load_u32(self.ring_off + sring::RSP_PROD) != self.rsp_cons {
+                continue;
+            }
+            if !wait_channel(&self.req_ch, deadline)? && Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Sends a request; an error unless it is answered with status 0.
+    pub fn request(&mut self, req: Request) -> anyhow::Result<Response> {
+        let r = self.try_request(req)?.ok_or_else(|| anyhow!("no response to {req:?} within {RESPONSE_TIMEOUT:?}"))?;
+        if r.status != 0 {
+            bail!("{req:?} failed with status {}", r.status);
+        }
+        Ok(r)
+    }
+
+    pub fn open(&mut self, o: OpenReq, frame_bytes: u32, rule: PeriodRule) -> anyhow::Result<()> {
+        self.request(Request::Open(o))?;
+        self.frame_bytes = frame_bytes;
+        self.period_frames = (o.period_sz / frame_bytes).max(1) as u64;
+        self.last_pos_bytes = 0;
+        self.hw_frames = 0;
+        self.acc_frames = 0;
+        self.next_evt_id = 0;
+        self.rule = Some(rule);
+        Ok(())
+    }
+
+    /// Waits for the event channel (bounded) and processes every event.
+    /// Returns false when nothing came before `deadline`.
+    pub fn wait_events(&mut self, deadline: Instant) -> anyhow::Result<bool> {
+        if self.process_events() > 0 {
+            return Ok(true);
+        }
+        let got = wait_channel(&self.evt_ch, deadline)?;
+        Ok(self.process_events() > 0 || got)
+    }
+
+    /// Consumes the event page like `evtchnl_interrupt_evt` does.
+    pub fn process_events(&mut self) -> usize {
+        let base = self.evt_off;
+        let prod = self.mem.load_u32(base + evt_page::IN_PROD);
+        let mut cons = self.mem.load_u32(base + evt_page::IN_CONS);
+        let mut n = 0;
+        while cons != prod {
+            let (id, ty, pos, delay) = decode_event(&self.mem.read_msg(base + evt_slot_offset(cons)));
+            cons = cons.wrapping_add(1);
+            let expected = self.next_evt_id;
+            self.next_evt_id = self.next_evt_id.wrapping_add(1);
+            if id != expected {
+                self.report.bad_event_ids += 1;
+                continue;
+            }
+            if ty == evt::CUR_POS {
+                self.on_cur_pos(pos, delay);
+                n += 1;
+            }
+        }
+        self.mem.store_u32(base + evt_page::IN_CONS, cons);
+        n
+    }
+
+    fn on_cur_pos(&mut self, pos: u64, delay: u32) {
+        self.report.events += 1;
+        self.report.last_delay_frames = delay;
+        self.report.final_position_bytes = pos;
+        let delta = pos.saturating_sub(self.last_pos_bytes) / self.frame_bytes as u64;
+        self.last_pos_bytes = pos;
+        self.hw_frames += delta;
+        self.acc_frames += delta;
+        let p = self.period_frames;
+        match self.rule {
+            Some(PeriodRule::Upstream) => {
+                if self.acc_frames > p {
+                    self.acc_frames %= p;
+                    self.period_elapsed();
+                }
+            }
+            Some(PeriodRule::Exact) => {
+                while self.acc_frames >= p {
+                    self.acc_frames -= p;
+                    self.period_elapsed();
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn period_elapsed(&mut self) {
+        self.report.period_interrupts += 1;
+        if self.hw_frames < self.report.period_interrupts * self.period_frames {
+            self.report.early_interrupts += 1;
+        }
+    }
+}

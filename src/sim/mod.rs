@@ -1,0 +1,291 @@
+//! A simulated guest: connects to a loopback backend as a new domain with one
+//! vsnd card (one pcm, a playback and a capture stream), behaves like Linux's
+//! `snd_xen_front` plus a simple ALSA application on top, and reports what it
+//! saw. `--misbehave` turns it into a hostile guest for robustness tests.
+
+pub mod front;
+pub mod misbehave;
+pub mod signal;
+
+use crate::sndif::{keys, trigger, OpenReq, PcmFormat, Request, XenbusState};
+use crate::xen::loopback::client::GuestConn;
+use anyhow::{bail, Context};
+use front::{FrontStream, PeriodRule, StreamReport};
+use serde::Serialize;
+use signal::Signal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Pages of grantable memory a simulated guest brings (16 MiB).
+const GUEST_PAGES: u32 = 4096;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimOptions {
+    /// Loopback socket of `xen-vsnd serve --transport loopback:<path>`.
+    #[arg(long)]
+    pub connect: PathBuf,
+    /// The guest's domain name (appears in node names).
+    #[arg(long, default_value = "sim-guest")]
+    pub domain: String,
+    #[arg(long, default_value_t = 48000)]
+    pub rate: u32,
+    #[arg(long, default_value_t = 2)]
+    pub channels: u8,
+    /// Period in frames.
+    #[arg(long, default_value_t = 1024)]
+    pub period: u32,
+    /// Buffer in periods.
+    #[arg(long, default_value_t = 4)]
+    pub periods: u32,
+    /// Play a generated signal on the playback stream.
+    #[arg(long, value_enum)]
+    pub play: Option<Signal>,
+    /// Play a WAV file (16-bit PCM or float) instead of a generated signal.
+    #[arg(long, conflicts_with = "play")]
+    pub play_wav: Option<PathBuf>,
+    /// Seconds of generated signal to play.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Record the capture stream into this WAV file.
+    #[arg(long)]
+    pub capture_wav: Option<PathBuf>,
+    /// Seconds to capture.
+    #[arg(long, default_value_t = 3.0)]
+    pub capture_seconds: f64,
+    /// Period-interrupt rule of the simulated frontend driver.
+    #[arg(long, value_enum, default_value = "upstream")]
+    pub period_rule: PeriodRule,
+    /// Opt in to the delay extension (`feature-delay-report`).
+    #[arg(long)]
+    pub delay_report: bool,
+    /// Stay connected this many seconds after the streams are done.
+    #[arg(long, default_value_t = 0.0)]
+    pub linger: f64,
+    /// Behave as a hostile guest in one way and report how the backend reacted.
+    #[arg(long, value_enum)]
+    pub misbehave: Option<misbehave::Misbehave>,
+    /// buffer-size the "toolstack" writes for the card (bytes).
+    #[arg(long, default_value_t = 65536)]
+    pub card_buffer_size: u32,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub domain: String,
+    pub domid: u32,
+    pub playback: Option<StreamReport>,
+    pub capture: Option<StreamReport>,
+    pub misbehave: Option<misbehave::Outcome>,
+}
+
+/// What libxl writes for `vsnd = [[ 'CARD, ...', 'PCM, name=dev0', 'STREAM,
+/// unique-id=<domain>-play, type=p', 'STREAM, unique-id=<domain>-cap, type=c' ]]`.
+fn card_entries(o: &SimOptions) -> Vec<(String, String)> {
+    let kv = |k: &str, v: String| (k.to_string(), v);
+    vec![
+        kv(keys::SHORT_NAME, "XenSnd".into()),
+        kv(keys::LONG_NAME, "Xen PV Sound".into()),
+        kv(keys::SAMPLE_RATES, "44100,48000".into()),
+        kv(keys::SAMPLE_FORMATS, "s16_le,s32_le".into()),
+        kv(keys::CHANNELS_MIN, "1".into()),
+        kv(keys::CHANNELS_MAX, "2".into()),
+        kv(keys::BUFFER_SIZE, o.card_buffer_size.to_string()),
+        kv("0/name", "dev0".into()),
+        kv("0/0/unique-id", format!("{}-play", o.domain)),
+        kv("0/0/type", keys::TYPE_PLAYBACK.into()),
+        kv("0/1/unique-id", format!("{}-cap", o.domain)),
+        kv("0/1/type", keys::TYPE_CAPTURE.into()),
+    ]
+}
+
+pub struct Guest {
+    pub conn: GuestConn,
+    pub fe: String,
+    pub be: String,
+    pub playback: FrontStream,
+    pub capture: FrontStream,
+}
+
+/// Connects and performs the xenbus handshake up to Connected.
+pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
+    let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
+    let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
+    let be = conn.read(&format!("{fe}/{}", keys::BACKEND))?.context("no backend path")?;
+    let st = |s: XenbusState| s.as_str();
+    conn.wait_for_value(&format!("{be}/state"), st(XenbusState::InitWait), HANDSHAKE_TIMEOUT)
+        .context("backend never reached InitWait")?;
+    let playback = FrontStream::new(&mut conn)?;
+    let capture = FrontStream::new(&mut conn)?;
+    for (idx, s) in [(0, &playback), (1, &capture)] {
+        let p = format!("{fe}/0/{idx}");
+        conn.write(&format!("{p}/{}", keys::RING_REF), &s.ring_gref.to_string())?;
+        conn.write(&format!("{p}/{}", keys::EVT_CHNL), &s.req_port.to_string())?;
+        conn.write(&format!("{p}/{}", keys::EVT_RING_REF), &s.evt_gref.to_string())?;
+        conn.write(&format!("{p}/{}", keys::EVT_EVT_CHNL), &s.evt_port.to_string())?;
+    }
+    if o.delay_report {
+        conn.write(&format!("{fe}/{}", keys::FEATURE_DELAY_REPORT), "1")?;
+    }
+    conn.write(&format!("{fe}/state"), st(XenbusState::Initialised))?;
+    conn.wait_for_value(&format!("{be}/state"), st(XenbusState::Connected), HANDSHAKE_TIMEOUT)
+        .context("backend never reached Connected")?;
+    conn.write(&format!("{fe}/state"), st(XenbusState::Connected))?;
+    Ok(Guest { conn, fe, be, playback, capture })
+}
+
+pub fn open_req(o: &SimOptions, s: &FrontStream, format: PcmFormat) -> OpenReq {
+    let frame = format.sample_bytes() as u32 * o.channels as u32;
+    OpenReq {
+        rate: o.rate,
+        format: format.wire(),
+        channels: o.channels,
+        buffer_sz: s.buffer_bytes,
+        gref_directory: s.dir_grefs.first().copied().unwrap_or(0),
+        period_sz: o.period * frame,
+    }
+}
+
+/// Runs the guest as configured and returns its report.
+pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
+    let mut g = connect(o)?;
+    let mut report = Report { domain: o.domain.clone(), domid: g.conn.domid, ..Default::default() };
+    if let Some(m) = o.misbehave {
+        report.misbehave = Some(misbehave::run(m, o, &mut g)?);
+        return Ok(report);
+    }
+    let frame = 2 * o.channels as u32;
+    let buffer = o.period * o.periods * frame;
+    g.playback.alloc_buffer(&mut g.conn, buffer)?;
+    g.capture.alloc_buffer(&mut g.conn, buffer)?;
+    let source: Option<Vec<i16>> = match (&o.play_wav, o.play) {
+        (Some(p), _) => {
+            let w = signal::read_wav(p)?;
+            if w.channels != o.channels as u32 || w.rate != o.rate {
+                bail!("{}: {} Hz x{} does not match --rate/--channels", p.display(), w.rate, w.channels);
+            }
+            Some(w.samples)
+        }
+        (None, Some(sig)) => Some(signal::generate(sig, o.rate, o.channels as u32, (o.seconds * o.rate as f64) as usize)),
+        (None, None) => None,
+    };
+    let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * o.rate as f64) as u64);
+
+    let Guest { playback, capture, .. } = &mut g;
+    std::thread::scope(|sc| -> anyhow::Result<()> {
+        let p = source.map(|src| sc.spawn(|| play(o, playback, src)));
+        let c = capture_frames.map(|n| sc.spawn(move || record(o, capture, n)));
+        if let Some(p) = p {
+            p.join().map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
+        }
+        if let Some(c) = c {
+            let samples = c.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))??;
+            if let Some(path) = &o.capture_wav {
+                signal::write_wav_s16(path, o.rate, o.channels as u32, &samples)?;
+            }
+        }
+        Ok(())
+    })?;
+    if o.play.is_some() || o.play_wav.is_some() {
+        report.playback = Some(g.playback.report.clone());
+    }
+    if capture_frames.is_some() {
+        report.capture = Some(g.capture.report.clone());
+    }
+    if o.linger > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(o.linger));
+    }
+    Ok(report)
+}
+
+fn as_bytes(samples: &[i16]) -> Vec<u8> {
+    samples.iter().flat_map(|s| s.to_le_bytes()).collect()
+}
+
+/// An ALSA application in copy mode: prefill, start, then write a period
+/// whenever one is free, drain, stop, close.
+fn play(o: &SimOptions, s: &mut FrontStream, src: Vec<i16>) -> anyhow::Result<()> {
+    let fmt = PcmFormat::S16Le;
+    s.open(open_req(o, s, fmt), fmt.sample_bytes() as u32 * o.channels as u32, o.period_rule)?;
+    let data = as_bytes(&src);
+    let frame = s.frame_bytes as u64;
+    let period = s.period_frames * frame;
+    let total = data.len() as u64 - data.len() as u64 % frame;
+    let mut appl = 0u64;
+    let mut started = false;
+    let event_timeout = Duration::from_secs(2);
+    loop {
+        // Write while there is room for a period (or the tail).
+        loop {
+            let hw = s.hw_frames * frame;
+            let room = s.buffer_bytes as u64 - (appl - hw.min(appl));
+            let n = period.min(total - appl);
+            if n == 0 || room < n {
+                break;
+            }
+            s.buffer_write(appl, &data[appl as usize..(appl + n) as usize]);
+            let off = (appl % s.buffer_bytes as u64) as u32;
+            // One WRITE per contiguous region, as the frontend copies per
+            // period; a region that wraps is sent as two.
+            let first = (s.buffer_bytes - off).min(n as u32);
+            s.request(Request::Write(crate::sndif::RwReq { offset: off, length: first }))?;
+            if (first as u64) < n {
+                s.request(Request::Write(crate::sndif::RwReq { offset: 0, length: n as u32 - first }))?;
+            }
+            appl += n;
+        }
+        if !started {
+            s.request(Request::Trigger(trigger::START))?;
+            started = true;
+        }
+        if s.hw_frames * frame >= total {
+            break;
+        }
+        if !s.wait_events(Instant::now() + event_timeout)? {
+            bail!("playback: no position event for {event_timeout:?}");
+        }
+        if s.hw_frames * frame > appl {
+            s.report.xruns += 1;
+        }
+    }
+    s.report.frames = appl / frame;
+    s.request(Request::Trigger(trigger::STOP))?;
+    s.request(Request::Close)?;
+    Ok(())
+}
+
+/// An ALSA capture application: start, READ each period as it fills.
+fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Vec<i16>> {
+    let fmt = PcmFormat::S16Le;
+    s.open(open_req(o, s, fmt), fmt.sample_bytes() as u32 * o.channels as u32, o.period_rule)?;
+    let frame = s.frame_bytes as u64;
+    let period = s.period_frames * frame;
+    let want = frames * frame;
+    let mut appl = 0u64;
+    let mut out = Vec::with_capacity(want as usize);
+    let mut chunk = vec![0u8; period as usize];
+    let event_timeout = Duration::from_secs(2);
+    s.request(Request::Trigger(trigger::START))?;
+    while appl < want {
+        if !s.wait_events(Instant::now() + event_timeout)? {
+            bail!("capture: no position event for {event_timeout:?}");
+        }
+        let hw = s.hw_frames * frame;
+        if hw - appl > s.buffer_bytes as u64 {
+            s.report.xruns += 1;
+            appl = hw - hw % period; // skip what was overwritten, as ALSA recovery does
+        }
+        while hw - appl >= period && appl < want {
+            let off = (appl % s.buffer_bytes as u64) as u32;
+            s.request(Request::Read(crate::sndif::RwReq { offset: off, length: period as u32 }))?;
+            s.buffer_read(appl, &mut chunk);
+            out.extend_from_slice(&chunk);
+            appl += period;
+        }
+    }
+    s.report.frames = appl / frame;
+    s.request(Request::Trigger(trigger::STOP))?;
+    s.request(Request::Close)?;
+    out.truncate(want as usize);
+    Ok(out.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())
+}

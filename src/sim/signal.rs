@@ -1,0 +1,147 @@
+//! Test signals and a minimal WAV reader/writer (16-bit PCM, 32-bit float).
+
+use anyhow::{bail, Context};
+use std::io::{Read, Write};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Signal {
+    /// A 440 Hz sine at half scale.
+    Tone,
+    /// Deterministic pseudo-random noise at half scale: every window of a few
+    /// frames is unique, so a receiver can find it and check it sample by
+    /// sample for gaps and repeats.
+    Pattern,
+}
+
+/// Interleaved S16 frames of `signal` (the sim's native sample format).
+pub fn generate(signal: Signal, rate: u32, channels: u32, frames: usize) -> Vec<i16> {
+    let mut out = Vec::with_capacity(frames * channels as usize);
+    let mut seed: u32 = 0x1234_5678;
+    for i in 0..frames {
+        for c in 0..channels {
+            let v = match signal {
+                Signal::Tone => {
+                    let t = i as f64 / rate as f64;
+                    ((t * 440.0 * std::f64::consts::TAU).sin() * 16384.0) as i16
+                }
+                Signal::Pattern => {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    let s = ((seed >> 16) as i16) / 2;
+                    // Keep channels distinct so a swap would be caught.
+                    if c % 2 == 1 { s.wrapping_neg() / 2 } else { s }
+                }
+            };
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// Writes interleaved S16 samples as a WAV file.
+pub fn write_wav_s16(path: &Path, rate: u32, channels: u32, samples: &[i16]) -> anyhow::Result<()> {
+    let data_len = (samples.len() * 2) as u32;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?);
+    f.write_all(b"RIFF")?;
+    f.write_all(&(36 + data_len).to_le_bytes())?;
+    f.write_all(b"WAVEfmt ")?;
+    f.write_all(&16u32.to_le_bytes())?;
+    f.write_all(&1u16.to_le_bytes())?;
+    f.write_all(&(channels as u16).to_le_bytes())?;
+    f.write_all(&rate.to_le_bytes())?;
+    f.write_all(&(rate * channels * 2).to_le_bytes())?;
+    f.write_all(&((channels * 2) as u16).to_le_bytes())?;
+    f.write_all(&16u16.to_le_bytes())?;
+    f.write_all(b"data")?;
+    f.write_all(&data_len.to_le_bytes())?;
+    for s in samples {
+        f.write_all(&s.to_le_bytes())?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// A decoded WAV: rate, channels and interleaved S16 samples.
+pub struct Wav {
+    pub rate: u32,
+    pub channels: u32,
+    pub samples: Vec<i16>,
+}
+
+/// Reads a 16-bit PCM or 32-bit float WAV (float is converted to S16).
+/// Tolerates the unknown data length (0 or 0xffffffff) that streaming
+/// writers such as pw-record leave when they are stopped.
+pub fn read_wav(path: &Path) -> anyhow::Result<Wav> {
+    let mut b = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("open {}", path.display()))?
+        .read_to_end(&mut b)?;
+    if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
+        bail!("{}: not a WAV file", path.display());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let (mut fmt, mut pos) = (None, 12usize);
+    while pos + 8 <= b.len() {
+        let id = &b[pos..pos + 4];
+        let len = u32_at(pos + 4) as usize;
+        let body = pos + 8;
+        if id == b"fmt " && body + 16 <= b.len() {
+            fmt = Some((u16_at(body), u16_at(body + 2) as u32, u32_at(body + 4), u16_at(body + 14)));
+        } else if id == b"data" {
+            let (tag, channels, rate, bits) = fmt.context("data before fmt")?;
+            let end = if len == 0 || body.saturating_add(len) > b.len() { b.len() } else { body + len };
+            let data = &b[body..end];
+            let samples = match (tag, bits) {
+                (1, 16) => data.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect(),
+                (3, 32) | (0xfffe, 32) => data
+                    .chunks_exact(4)
+                    .map(|c| (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * 32768.0).round().clamp(-32768.0, 32767.0) as i16)
+                    .collect(),
+                _ => bail!("unsupported WAV encoding (tag {tag}, {bits} bits)"),
+            };
+            return Ok(Wav { rate, channels, samples });
+        }
+        pos = body.saturating_add(len + (len & 1));
+    }
+    bail!("{}: no data chunk", path.display())
+}
+
+/// Where `sent` (interleaved) first appears in `got`, found by its first
+/// `window` frames; then how many of its frames arrived identical (±tol),
+/// counted until the first mismatch.
+pub fn find_and_compare(sent: &[i16], got: &[i16], channels: usize, window: usize, tol: i32) -> Option<(usize, usize)> {
+    let w = window * channels;
+    if sent.len() < w || got.len() < w {
+        return None;
+    }
+    let close = |a: &[i16], b: &[i16]| a.iter().zip(b).all(|(x, y)| (*x as i32 - *y as i32).abs() <= tol);
+    let start = (0..=(got.len() - w) / channels).map(|f| f * channels).find(|&o| close(&sent[..w], &got[o..o + w]))?;
+    let n = sent
+        .chunks_exact(channels)
+        .zip(got[start..].chunks_exact(channels))
+        .take_while(|(a, b)| close(a, b))
+        .count();
+    Some((start / channels, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wav_round_trip_and_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.wav");
+        let s = generate(Signal::Pattern, 48000, 2, 1000);
+        let mut padded = vec![0i16; 2 * 37];
+        padded.extend_from_slice(&s);
+        write_wav_s16(&p, 48000, 2, &padded).unwrap();
+        let w = read_wav(&p).unwrap();
+        assert_eq!((w.rate, w.channels), (48000, 2));
+        assert_eq!(find_and_compare(&s, &w.samples, 2, 32, 0), Some((37, 1000)));
+        let mut broken = w.samples.clone();
+        broken.drain(2 * 500..2 * 510); // ten frames lost
+        assert_eq!(find_and_compare(&s, &broken, 2, 32, 0), Some((37, 463)));
+    }
+}
