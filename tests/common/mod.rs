@@ -1,0 +1,231 @@
+//! Test harness: a private PipeWire daemon + WirePlumber with a null sink as
+//! the graph driver, the `xen-vsnd serve` backend on a loopback socket, and
+//! simulated guests, all as separate processes. Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_xen-vsnd");
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Kills the child (SIGINT first, so recorders finalise their files).
+pub struct Proc(pub Child, pub &'static str);
+
+impl Proc {
+    pub fn interrupt_and_wait(&mut self, timeout: Duration) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGINT);
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub struct PwEnv {
+    pub dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+impl PwEnv {
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// A command with this environment's PipeWire in its environment.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        let d = self.dir.path();
+        c.env("XDG_RUNTIME_DIR", self.runtime())
+            .env("PIPEWIRE_RUNTIME_DIR", self.runtime())
+            .env("XDG_CONFIG_HOME", d.join("config"))
+            .env("XDG_STATE_HOME", d.join("state"))
+            .env("XDG_DATA_HOME", d.join("data"))
+            .env_remove("PIPEWIRE_REMOTE")
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.cmd(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+    }
+
+    pub fn spawn_logged(&mut self, name: &'static str, program: &str, args: &[&str]) -> PathBuf {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = self
+            .cmd(program)
+            .args(args)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
+        self.procs.push(Proc(child, name));
+        log
+    }
+
+    /// Starts PipeWire with a null sink ("test-sink") and WirePlumber.
+    pub fn start() -> PwEnv {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["run", "config/pipewire/pipewire.conf.d", "state", "data"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        std::fs::write(
+            dir.path().join("config/pipewire/pipewire.conf.d/null-sink.conf"),
+            r#"context.objects = [
+  { factory = adapter
+    args = { factory.name = support.null-audio-sink node.name = "test-sink"
+             node.description = "Test Sink" media.class = "Audio/Sink"
+             object.linger = true audio.position = [ FL FR ]
+             monitor.channel-volumes = true node.driver = true } }
+]
+"#,
+        )
+        .unwrap();
+        let mut env = PwEnv { dir, procs: Vec::new() };
+        env.spawn_logged("pipewire", "pipewire", &[]);
+        wait_until("the PipeWire socket", Duration::from_secs(10), || env.runtime().join("pipewire-0").exists());
+        env.spawn_logged("wireplumber", "dbus-run-session", &["--", "wireplumber"]);
+        wait_until("the null sink", Duration::from_secs(15), || env.node_exists("test-sink"));
+        // WirePlumber is up when it has registered its own client.
+        wait_until("WirePlumber", Duration::from_secs(15), || {
+            String::from_utf8_lossy(&env.run("pw-cli", &["ls", "Client"]).stdout).contains("\"WirePlumber\"")
+        });
+        env
+    }
+
+    pub fn node_exists(&self, name: &str) -> bool {
+        let out = self.run("pw-cli", &["ls", "Node"]);
+        String::from_utf8_lossy(&out.stdout).contains(&format!("node.name = \"{name}\""))
+    }
+
+    pub fn links(&self) -> String {
+        String::from_utf8_lossy(&self.run("pw-link", &["-l"]).stdout).into_owned()
+    }
+
+    /// `pw-dump` parsed as JSON.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.run("pw-dump", &[]).stdout).expect("pw-dump JSON")
+    }
+
+    /// Starts `xen-vsnd serve` on a loopback socket; returns (socket, log).
+    pub fn start_backend(&mut self) -> (PathBuf, PathBuf) {
+        let sock = self.dir.path().join("vsnd.sock");
+        let spec = format!("loopback:{}", sock.display());
+        let log = self.spawn_logged("backend", BIN, &["serve", "--transport", &spec]);
+        let l2 = log.clone();
+        wait_until("the backend to serve", Duration::from_secs(15), || {
+            std::fs::read_to_string(&l2).unwrap_or_default().contains("serving vsnd devices")
+        });
+        (sock, log)
+    }
+
+    /// Records the sink's monitor into `wav` until interrupted.
+    pub fn record_monitor(&mut self, wav: &Path) -> Proc {
+        let child = self
+            .cmd("pw-record")
+            .args(["--target", "test-sink", "-P", "{ stream.capture.sink = true node.name = monitor-recorder }"])
+            .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
+            .arg(wav)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pw-record");
+        let p = Proc(child, "pw-record");
+        wait_until("the monitor recorder to be linked", Duration::from_secs(10), || {
+            self.links().contains("monitor-recorder")
+        });
+        p
+    }
+
+    /// Runs a simulated guest to completion; returns (success, report JSON, stderr).
+    pub fn sim(&self, sock: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+        let out = self
+            .cmd(BIN)
+            .args(["sim-guest", "--connect"])
+            .arg(sock)
+            .args(args)
+            .output()
+            .expect("sim-guest");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("sim-guest: "))
+            .map(|j| serde_json::from_str(j).expect("report JSON"))
+            .unwrap_or(serde_json::Value::Null);
+        (out.status.success(), report, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl Drop for PwEnv {
+    fn drop(&mut self) {
+        // Stop in reverse order: backend and clients before the daemon.
+        while let Some(mut p) = self.procs.pop() {
+            p.interrupt_and_wait(Duration::from_secs(3));
+        }
+    }
+}
+
+/// The S16 pattern a simulated guest sends for `--play pattern`.
+pub fn pattern(seconds: f64) -> Vec<i16> {
+    xen_vsnd::sim::signal::generate(xen_vsnd::sim::signal::Signal::Pattern, 48000, 2, (seconds * 48000.0) as usize)
+}
+
+/// Where `sent` starts in `wav` and how many of its frames arrived intact.
+pub fn arrived(sent: &[i16], wav: &Path) -> Option<(usize, usize)> {
+    let got = xen_vsnd::sim::signal::read_wav(wav).ok()?;
+    xen_vsnd::sim::signal::find_and_compare(sent, &got.samples, 2, 64, 0)
+}
+
+/// Waits (bounded) until the recorder in `rec` has written all of `sent`
+/// past its start, then stops it: the graph delivers the last frames a few
+/// cycles after the guest saw its position pass the end.
+pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
+    let frames = sent.len() / 2;
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < end {
+        let recorded = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples.len() / 2).unwrap_or(0);
+        if arrived(sent, wav).is_some_and(|(start, _)| recorded >= start + frames) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rec.interrupt_and_wait(Duration::from_secs(5));
+}
+
+/// Asserts every frame of `sent` arrived, in order and unchanged, in `wav`.
+pub fn assert_arrived_intact(sent: &[i16], wav: &Path) {
+    let frames = sent.len() / 2;
+    let (start, n) = arrived(sent, wav)
+        .unwrap_or_else(|| panic!("the signal's first 64 frames never appear in {}", wav.display()));
+    assert_eq!(n, frames, "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start})");
+}
