@@ -1,0 +1,106 @@
+//! The guest is hostile: each bad input gets an error status or a closed
+//! stream, one rate-limited log line, no crash — while another guest served
+//! at the same time keeps playing without losing a frame.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// (behaviour, extra sim arguments)
+const CASES: &[(&str, &[&str])] = &[
+    ("ring-overflow", &[]),
+    ("write-past-end", &[]),
+    ("buffer-too-big", &[]),
+    // Two directory pages are needed for these: a 4 MiB buffer.
+    ("dir-short", &["--card-buffer-size", "4194304", "--period", "65536", "--periods", "16"]),
+    ("dir-long", &[]),
+    ("dir-loop", &["--card-buffer-size", "4194304", "--period", "65536", "--periods", "16"]),
+    ("bad-gref", &[]),
+    ("unknown-op", &[]),
+    ("open-twice", &[]),
+    ("trigger-before-open", &[]),
+    ("bad-format", &[]),
+    ("bad-rate", &[]),
+    ("bad-channels", &[]),
+    ("notify-flood", &[]),
+];
+
+#[test]
+fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
+    let mut env = PwEnv::start();
+    let (sock, log) = env.start_backend();
+    let wav = env.dir.path().join("monitor.wav");
+    let mut rec = env.record_monitor(&wav);
+    let seconds = 8.0;
+    let good = {
+        let mut c = env.cmd(BIN);
+        c.args(["sim-guest", "--connect"]).arg(&sock);
+        c.args(["--domain", "good-vm", "--play", "pattern", "--seconds", &seconds.to_string()]);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    wait_until("the good guest to play", Duration::from_secs(10), || {
+        env.links().contains("xen-vsnd.good-vm.0.0.playback:output_FL")
+    });
+
+    // All hostile guests at once, while the good one plays.
+    let outcomes: Vec<(String, bool, serde_json::Value, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = CASES
+            .iter()
+            .map(|(kind, extra)| {
+                let env = &env;
+                let sock = &sock;
+                s.spawn(move || {
+                    let mut args = vec!["--domain", kind, "--misbehave", kind];
+                    args.extend_from_slice(extra);
+                    let (ok, report, err) = env.sim(sock, &args);
+                    (kind.to_string(), ok, report, err)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let good_out = good.wait_with_output().unwrap();
+    assert!(good_out.status.success(), "good guest failed: {}", String::from_utf8_lossy(&good_out.stderr));
+    let sent = pattern(seconds);
+    finish_recording(&mut rec, &sent, &wav);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    for (kind, ok, report, err) in &outcomes {
+        assert!(ok, "{kind}: sim-guest failed: {err}");
+        let m = &report["misbehave"];
+        eprintln!("{kind}: {m}");
+        let refused = m["status"].as_i64().is_some_and(|s| s < 0) || m["stream_closed"] == true;
+        if kind == "notify-flood" {
+            assert_eq!(m["still_served"], true, "{kind}: stream no longer served after a flood: {m}");
+        } else {
+            assert!(refused, "{kind}: backend accepted it: {m}");
+        }
+        if kind == "ring-overflow" {
+            assert_eq!(m["stream_closed"], true, "{kind}: {m}");
+        }
+        // Exactly one log line about this guest's misbehaviour.
+        let domid = report["domid"].as_u64().unwrap();
+        let lines = text
+            .lines()
+            .filter(|l| l.contains("guest error") && l.contains(&format!("domid={domid} ")))
+            .count();
+        assert_eq!(lines, 1, "{kind} (domid {domid}): {lines} log lines\n{text}");
+    }
+    assert!(!text.contains("panicked"), "{text}");
+
+    // The good guest lost nothing.
+    let good_report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&good_out.stdout).lines().find_map(|l| l.strip_prefix("sim-guest: ")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(good_report["playback"]["xruns"], 0, "{good_report}");
+    assert_eq!(good_report["playback"]["bad_event_ids"], 0);
+    assert_arrived_intact(&sent, &wav);
+
+    // And the backend still serves new guests.
+    let (ok, report, err) = env.sim(&sock, &["--domain", "after-vm", "--play", "tone", "--seconds", "0.3"]);
+    assert!(ok, "{err}");
+    assert_eq!(report["playback"]["frames"], 14400);
+}
