@@ -1,6 +1,6 @@
-pub mod sndif;
-pub mod xen;
+pub mod backend;
 pub mod dma;
 pub mod host;
-pub mod backend;
 pub mod sim;
+pub mod sndif;
+pub mod xen;

@@ -51,7 +51,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { transport, pipewire_remote } => serve(&transport, pipewire_remote),
+        Cmd::Serve {
+            transport,
+            pipewire_remote,
+        } => serve(&transport, pipewire_remote),
         Cmd::SimGuest(o) => sim_guest(&o),
     };
     if let Err(e) = r {
@@ -65,7 +68,8 @@ fn serve(transport: &str, remote: Option<String>) -> anyhow::Result<()> {
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
     }
-    let host: Arc<dyn HostBackend> = Arc::new(PipeWireHost::start(remote).context("starting the PipeWire host")?);
+    let host: Arc<dyn HostBackend> =
+        Arc::new(PipeWireHost::start(remote).context("starting the PipeWire host")?);
     let t = if transport == "xen" {
         linux::open().context("opening the Xen transport (/dev/xen)")?
     } else if let Some(path) = transport.strip_prefix("loopback:") {
@@ -98,9 +102,9 @@ fn sim_guest(o: &SimOptions) -> anyhow::Result<()> {
 
 /// Minimal signal handling: SIGINT/SIGTERM set a flag the backend polls.
 mod signal_hook_like {
+    pub use nix::sys::signal::Signal::{SIGINT, SIGTERM};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, OnceLock};
-    pub use nix::sys::signal::Signal::{SIGINT, SIGTERM};
 
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 

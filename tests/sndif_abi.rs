@@ -83,7 +83,12 @@ fn c_layout() -> HashMap<String, i64> {
     let exe = dir.path().join("abi");
     std::fs::write(&src, PROGRAM).unwrap();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let out = Command::new(&cc).arg("-o").arg(&exe).arg(&src).output().expect("a C compiler");
+    let out = Command::new(&cc)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("a C compiler");
     assert!(
         out.status.success(),
         "compiling against /usr/include/xen/io/sndif.h failed (is libxen-dev installed?):\n{}",
@@ -173,7 +178,13 @@ fn constants_match_the_c_header() {
         assert_eq!(c[name], v as i64, "{name}");
     }
     for f in PcmFormat::all() {
-        let name = format!("F_{}", f.name().to_uppercase().replace("FLOAT64", "F64").replace("FLOAT", "F32"));
+        let name = format!(
+            "F_{}",
+            f.name()
+                .to_uppercase()
+                .replace("FLOAT64", "F64")
+                .replace("FLOAT", "F32")
+        );
         assert_eq!(c[&name], f.wire() as i64, "{name}");
     }
     // Xen errno values are Linux's on x86 and Arm.

@@ -20,14 +20,26 @@ use std::time::Duration;
 const ROOT_TOKEN: &str = "vsnd-root";
 
 /// Serves every vsnd device until `shutdown` is set.
-pub fn run(transport: Transport, host: Arc<dyn HostBackend>, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let s = Services { store: transport.store, grants: transport.grants, evtchn: transport.evtchn, host };
+pub fn run(
+    transport: Transport,
+    host: Arc<dyn HostBackend>,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let s = Services {
+        store: transport.store,
+        grants: transport.grants,
+        evtchn: transport.evtchn,
+        host,
+    };
     let root = format!("/local/domain/{}/backend/vsnd", transport.own_domid);
     s.store.watch(&root, ROOT_TOKEN)?;
     tracing::info!("serving vsnd devices under {root}");
     let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
     while !shutdown.load(Ordering::Relaxed) {
-        match transport.watch_events.recv_timeout(Duration::from_millis(200)) {
+        match transport
+            .watch_events
+            .recv_timeout(Duration::from_millis(200))
+        {
             Ok(_) => while transport.watch_events.try_recv().is_ok() {},
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
@@ -50,14 +62,29 @@ pub fn run(transport: Transport, host: Arc<dyn HostBackend>, shutdown: Arc<Atomi
 /// Adds a `Device` for every `<root>/<domid>/<devid>` that has a frontend.
 fn rescan(s: &Services, root: &str, devices: &mut BTreeMap<(u32, u32), Device>) {
     for dom in s.store.directory(root).unwrap_or_default() {
-        let Ok(domid) = dom.parse::<u32>() else { continue };
-        for dev in s.store.directory(&format!("{root}/{dom}")).unwrap_or_default() {
-            let Ok(devid) = dev.parse::<u32>() else { continue };
+        let Ok(domid) = dom.parse::<u32>() else {
+            continue;
+        };
+        for dev in s
+            .store
+            .directory(&format!("{root}/{dom}"))
+            .unwrap_or_default()
+        {
+            let Ok(devid) = dev.parse::<u32>() else {
+                continue;
+            };
             if devices.contains_key(&(domid, devid)) {
                 continue;
             }
             let be = format!("{root}/{dom}/{dev}");
-            let Some(fe) = s.store.read(&format!("{be}/{}", keys::FRONTEND)).ok().flatten() else { continue };
+            let Some(fe) = s
+                .store
+                .read(&format!("{be}/{}", keys::FRONTEND))
+                .ok()
+                .flatten()
+            else {
+                continue;
+            };
             // The frontend path is toolstack-written; still, insist it is the
             // guest's own device directory before watching it.
             if !fe.starts_with(&format!("/local/domain/{domid}/device/vsnd/")) {

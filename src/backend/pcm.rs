@@ -7,7 +7,9 @@ use crate::dma::{DmaEngine, DmaShared, EventRing, Geometry};
 use crate::host::{HostBackend, HostStream, StreamSpec};
 use crate::sndif::config::limits;
 use crate::sndif::wire::{pages_for, GREFS_PER_DIR_PAGE, MSG_SIZE};
-use crate::sndif::{errno, trigger, HwParam, OpenReq, PcmFormat, Request, Response, RwReq, StreamConfig, StreamKind};
+use crate::sndif::{
+    errno, trigger, HwParam, OpenReq, PcmFormat, Request, Response, RwReq, StreamConfig, StreamKind,
+};
 use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -28,7 +30,13 @@ pub struct StreamIdentity {
 
 impl StreamIdentity {
     pub fn node_name(&self) -> String {
-        format!("xen-vsnd.{}.{}.{}.{}", self.domain, self.devid, self.pcm_index, self.stream_suffix())
+        format!(
+            "xen-vsnd.{}.{}.{}.{}",
+            self.domain,
+            self.devid,
+            self.pcm_index,
+            self.stream_suffix()
+        )
     }
 
     fn stream_suffix(&self) -> String {
@@ -42,8 +50,18 @@ impl StreamIdentity {
     }
 
     pub fn description(&self) -> String {
-        let pcm = if self.pcm_name.is_empty() { format!("pcm{}", self.pcm_index) } else { self.pcm_name.clone() };
-        format!("{}: {} {} ({})", self.domain, self.card_long_name, pcm, self.cfg.kind.as_str())
+        let pcm = if self.pcm_name.is_empty() {
+            format!("pcm{}", self.pcm_index)
+        } else {
+            self.pcm_name.clone()
+        };
+        format!(
+            "{}: {} {} ({})",
+            self.domain,
+            self.card_long_name,
+            pcm,
+            self.cfg.kind.as_str()
+        )
     }
 
     pub fn spec(&self) -> StreamSpec {
@@ -162,7 +180,12 @@ impl PcmStream {
                 status
             }
         };
-        Response { id, operation, status, hw_param }
+        Response {
+            id,
+            operation,
+            status,
+            hw_param,
+        }
     }
 
     /// The geometry an OPEN asks for, checked against config and host.
@@ -172,7 +195,10 @@ impl PcmStream {
             return refuse(-errno::EINVAL, format!("OPEN: unknown format {}", o.format));
         };
         if !p.formats.contains(&format) || !self.host.supports(format) {
-            return refuse(-errno::EINVAL, format!("OPEN: format {} not offered", format.name()));
+            return refuse(
+                -errno::EINVAL,
+                format!("OPEN: format {} not offered", format.name()),
+            );
         }
         if !p.rates.contains(&o.rate) {
             return refuse(-errno::EINVAL, format!("OPEN: rate {} not offered", o.rate));
@@ -181,14 +207,25 @@ impl PcmStream {
         if ch < p.channels_min || ch > p.channels_max {
             return refuse(-errno::EINVAL, format!("OPEN: {ch} channels not offered"));
         }
-        let geom = Geometry { format, rate: o.rate, channels: ch, buffer_bytes: o.buffer_sz, period_bytes: o.period_sz };
+        let geom = Geometry {
+            format,
+            rate: o.rate,
+            channels: ch,
+            buffer_bytes: o.buffer_sz,
+            period_bytes: o.period_sz,
+        };
         let frame = geom.frame_bytes() as u32;
         let max = p.buffer_size.min(limits::MAX_BUFFER_SIZE);
         if o.buffer_sz == 0 || o.buffer_sz > max || o.buffer_sz % frame != 0 {
-            return refuse(-errno::EINVAL, format!("OPEN: buffer_sz {} (max {max}, frame {frame})", o.buffer_sz));
+            return refuse(
+                -errno::EINVAL,
+                format!("OPEN: buffer_sz {} (max {max}, frame {frame})", o.buffer_sz),
+            );
         }
         if o.period_sz != 0
-            && (o.period_sz > o.buffer_sz || o.period_sz % frame != 0 || o.period_sz / frame < MIN_PERIOD_FRAMES)
+            && (o.period_sz > o.buffer_sz
+                || o.period_sz % frame != 0
+                || o.period_sz / frame < MIN_PERIOD_FRAMES)
         {
             return refuse(-errno::EINVAL, format!("OPEN: period_sz {}", o.period_sz));
         }
@@ -207,29 +244,39 @@ impl PcmStream {
             if !seen.insert(dir) {
                 return refuse(-errno::EINVAL, "OPEN: page directory loops");
             }
-            let page = self
-                .grants
-                .map(self.ident.domid, &[dir])
-                .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: directory page {dir}: {e:#}")))?;
+            let page = self.grants.map(self.ident.domid, &[dir]).map_err(|e| {
+                Refusal(-errno::EINVAL, format!("OPEN: directory page {dir}: {e:#}"))
+            })?;
             // Copy the page out once; the guest may keep changing it.
             let mut raw = vec![0u8; crate::sndif::PAGE_SIZE];
             page.copy_out(0, &mut raw);
-            let word = |i: usize| u32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]);
+            let word = |i: usize| {
+                u32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]])
+            };
             let next = word(0);
             let take = GREFS_PER_DIR_PAGE.min(count - grefs.len());
             grefs.extend((1..=take).map(word));
             if grefs.len() == count {
                 if next != 0 {
-                    return refuse(-errno::EINVAL, "OPEN: page directory longer than the buffer");
+                    return refuse(
+                        -errno::EINVAL,
+                        "OPEN: page directory longer than the buffer",
+                    );
                 }
                 return Ok(grefs);
             }
             if next == 0 {
-                return refuse(-errno::EINVAL, "OPEN: page directory shorter than the buffer");
+                return refuse(
+                    -errno::EINVAL,
+                    "OPEN: page directory shorter than the buffer",
+                );
             }
             dir = next;
         }
-        refuse(-errno::EINVAL, "OPEN: page directory shorter than the buffer")
+        refuse(
+            -errno::EINVAL,
+            "OPEN: page directory shorter than the buffer",
+        )
     }
 
     fn open(&mut self, o: &OpenReq) -> Result<(), Refusal> {
@@ -262,7 +309,14 @@ impl PcmStream {
             rate = geom.rate, channels = geom.channels, format = geom.format.name(),
             buffer = geom.buffer_bytes, period = geom.period_bytes, "opened"
         );
-        self.opened = Some(Opened { geom, buffer, shared, host, volume_mdb: vec![0; n], muted: vec![false; n] });
+        self.opened = Some(Opened {
+            geom,
+            buffer,
+            shared,
+            host,
+            volume_mdb: vec![0; n],
+            muted: vec![false; n],
+        });
         Ok(())
     }
 
@@ -285,25 +339,42 @@ impl PcmStream {
     }
 
     fn opened(&self, what: &str) -> Result<&Opened, Refusal> {
-        self.opened.as_ref().ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
+        self.opened
+            .as_ref()
+            .ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
     }
 
     fn check_range(o: &Opened, rw: RwReq, what: &str) -> Result<(), Refusal> {
         match rw.offset.checked_add(rw.length) {
             Some(end) if end <= o.geom.buffer_bytes => Ok(()),
-            _ => refuse(-errno::EINVAL, format!("{what}: offset {} + length {} past buffer {}", rw.offset, rw.length, o.geom.buffer_bytes)),
+            _ => refuse(
+                -errno::EINVAL,
+                format!(
+                    "{what}: offset {} + length {} past buffer {}",
+                    rw.offset, rw.length, o.geom.buffer_bytes
+                ),
+            ),
         }
     }
 
     /// WRITE (playback) / READ (capture): the guest filled / drained a region.
     fn transfer(&mut self, rw: RwReq, dir: StreamKind) -> Result<(), Refusal> {
-        let what = if dir == StreamKind::Playback { "WRITE" } else { "READ" };
+        let what = if dir == StreamKind::Playback {
+            "WRITE"
+        } else {
+            "READ"
+        };
         if self.ident.cfg.kind != dir {
-            return refuse(-errno::EINVAL, format!("{what} on a {} stream", self.ident.cfg.kind.as_str()));
+            return refuse(
+                -errno::EINVAL,
+                format!("{what} on a {} stream", self.ident.cfg.kind.as_str()),
+            );
         }
         let o = self.opened(what)?;
         Self::check_range(o, rw, what)?;
-        o.shared.guest_bytes.fetch_add(rw.length as u64, Ordering::AcqRel);
+        o.shared
+            .guest_bytes
+            .fetch_add(rw.length as u64, Ordering::AcqRel);
         Ok(())
     }
 
@@ -331,10 +402,21 @@ impl PcmStream {
             }
         }
         formats &= q.formats;
-        let rates: Vec<u32> = p.rates.iter().copied().filter(|r| *r >= q.rates.0 && *r <= q.rates.1).collect();
-        let ch = (q.channels.0.max(p.channels_min), q.channels.1.min(p.channels_max));
+        let rates: Vec<u32> = p
+            .rates
+            .iter()
+            .copied()
+            .filter(|r| *r >= q.rates.0 && *r <= q.rates.1)
+            .collect();
+        let ch = (
+            q.channels.0.max(p.channels_min),
+            q.channels.1.min(p.channels_max),
+        );
         if formats == 0 || rates.is_empty() || ch.0 > ch.1 {
-            return refuse(-errno::EINVAL, "HW_PARAM_QUERY: no configuration satisfies the request");
+            return refuse(
+                -errno::EINVAL,
+                "HW_PARAM_QUERY: no configuration satisfies the request",
+            );
         }
         let min_sample = PcmFormat::all()
             .filter(|f| formats & f.mask_bit() != 0)
@@ -342,10 +424,19 @@ impl PcmStream {
             .min()
             .unwrap_or(1);
         let max_frames = p.buffer_size.min(limits::MAX_BUFFER_SIZE) / (min_sample * ch.0);
-        let buf = (q.buffer_frames.0.max(2 * MIN_PERIOD_FRAMES), q.buffer_frames.1.min(max_frames));
-        let per = (q.period_frames.0.max(MIN_PERIOD_FRAMES), q.period_frames.1.min(max_frames / 2));
+        let buf = (
+            q.buffer_frames.0.max(2 * MIN_PERIOD_FRAMES),
+            q.buffer_frames.1.min(max_frames),
+        );
+        let per = (
+            q.period_frames.0.max(MIN_PERIOD_FRAMES),
+            q.period_frames.1.min(max_frames / 2),
+        );
         if buf.0 > buf.1 || per.0 > per.1 {
-            return refuse(-errno::EINVAL, "HW_PARAM_QUERY: buffer/period sizes impossible");
+            return refuse(
+                -errno::EINVAL,
+                "HW_PARAM_QUERY: buffer/period sizes impossible",
+            );
         }
         Ok(HwParam {
             formats,
@@ -361,13 +452,22 @@ impl PcmStream {
             .volume_mdb
             .iter()
             .zip(&o.muted)
-            .map(|(mdb, m)| if *m { 0.0 } else { 10f32.powf(*mdb as f32 / 20_000.0).min(1.0) })
+            .map(|(mdb, m)| {
+                if *m {
+                    0.0
+                } else {
+                    10f32.powf(*mdb as f32 / 20_000.0).min(1.0)
+                }
+            })
             .collect();
         o.host.set_volume(gains);
     }
 
     fn set_volume(&mut self, rw: RwReq) -> Result<(), Refusal> {
-        let o = self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
+        let o = self
+            .opened
+            .as_mut()
+            .ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
         Self::check_range(o, rw, "SET_VOLUME")?;
         let n = o.volume_mdb.len();
         if (rw.length as usize) < n * 4 {
@@ -377,7 +477,8 @@ impl PcmStream {
         o.buffer.copy_out(rw.offset as usize, &mut raw);
         for (i, v) in o.volume_mdb.iter_mut().enumerate() {
             // Volumes above 0 dB are clamped: the backend only attenuates.
-            *v = i32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]).min(0);
+            *v = i32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]])
+                .min(0);
         }
         Self::apply_volume(o);
         Ok(())
@@ -387,7 +488,10 @@ impl PcmStream {
         let o = self.opened("GET_VOLUME")?;
         Self::check_range(o, rw, "GET_VOLUME")?;
         if (rw.length as usize) < o.volume_mdb.len() * 4 {
-            return refuse(-errno::EINVAL, "GET_VOLUME: buffer smaller than the channels");
+            return refuse(
+                -errno::EINVAL,
+                "GET_VOLUME: buffer smaller than the channels",
+            );
         }
         let raw: Vec<u8> = o.volume_mdb.iter().flat_map(|v| v.to_le_bytes()).collect();
         o.buffer.copy_in(rw.offset as usize, &raw);
@@ -395,7 +499,10 @@ impl PcmStream {
     }
 
     fn mute(&mut self, rw: RwReq, mute: bool) -> Result<(), Refusal> {
-        let o = self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "MUTE before OPEN".into()))?;
+        let o = self
+            .opened
+            .as_mut()
+            .ok_or_else(|| Refusal(-errno::EINVAL, "MUTE before OPEN".into()))?;
         Self::check_range(o, rw, "MUTE")?;
         let n = o.muted.len();
         if (rw.length as usize) < n {

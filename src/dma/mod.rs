@@ -12,7 +12,9 @@ pub use events::EventRing;
 
 use crate::sndif::PcmFormat;
 use crate::xen::{EventChannel, SharedPages};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::Release, Ordering::Acquire};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::Arc;
 
 /// Counters and flags shared between the request thread and the host cycle.
@@ -76,7 +78,14 @@ impl DmaEngine {
         shared: Arc<DmaShared>,
         report_delay: bool,
     ) -> DmaEngine {
-        DmaEngine { geom, buffer, events, evtchn, shared, report_delay }
+        DmaEngine {
+            geom,
+            buffer,
+            events,
+            evtchn,
+            shared,
+            report_delay,
+        }
     }
 
     pub fn frame_bytes(&self) -> usize {
@@ -185,12 +194,32 @@ mod tests {
         }
     }
 
-    fn engine(report_delay: bool) -> (DmaEngine, Arc<SharedPages>, Arc<SharedPages>, Arc<CountingChannel>) {
-        let geom = Geometry { format: PcmFormat::S16Le, rate: 48000, channels: 2, buffer_bytes: 4096, period_bytes: 1024 };
+    fn engine(
+        report_delay: bool,
+    ) -> (
+        DmaEngine,
+        Arc<SharedPages>,
+        Arc<SharedPages>,
+        Arc<CountingChannel>,
+    ) {
+        let geom = Geometry {
+            format: PcmFormat::S16Le,
+            rate: 48000,
+            channels: 2,
+            buffer_bytes: 4096,
+            period_bytes: 1024,
+        };
         let buf = Arc::new(test_pages(4096));
         let evt = Arc::new(test_pages(4096));
         let ch = Arc::new(CountingChannel(AtomicU64::new(0)));
-        let e = DmaEngine::new(geom, buf.clone(), EventRing::new(evt.clone()), ch.clone(), Arc::default(), report_delay);
+        let e = DmaEngine::new(
+            geom,
+            buf.clone(),
+            EventRing::new(evt.clone()),
+            ch.clone(),
+            Arc::default(),
+            report_delay,
+        );
         (e, buf, evt, ch)
     }
 

@@ -3,7 +3,9 @@
 //! the hardware pointer, and period interrupts follow either the upstream
 //! rule (strictly more than a period) or the exact rule (at least a period).
 
-use crate::sndif::wire::{decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE};
+use crate::sndif::wire::{
+    decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE,
+};
 use crate::sndif::{evt, OpenReq, Request, Response, PAGE_SIZE};
 use crate::xen::loopback::client::{wait_channel, GuestConn};
 use crate::xen::loopback::EventFdChannel;
@@ -110,9 +112,13 @@ impl FrontStream {
     /// Grants the buffer pages and a directory chain describing them.
     pub fn alloc_buffer(&mut self, conn: &mut GuestConn, bytes: u32) -> anyhow::Result<()> {
         let n = (bytes as usize).div_ceil(PAGE_SIZE);
-        self.buffer_grefs = (0..n).map(|_| conn.grant_page()).collect::<anyhow::Result<_>>()?;
+        self.buffer_grefs = (0..n)
+            .map(|_| conn.grant_page())
+            .collect::<anyhow::Result<_>>()?;
         let ndirs = n.div_ceil(GREFS_PER_DIR_PAGE).max(1);
-        self.dir_grefs = (0..ndirs).map(|_| conn.grant_page()).collect::<anyhow::Result<_>>()?;
+        self.dir_grefs = (0..ndirs)
+            .map(|_| conn.grant_page())
+            .collect::<anyhow::Result<_>>()?;
         self.write_directory(&self.dir_grefs.clone(), &self.buffer_grefs.clone(), 0);
         self.buffer_bytes = bytes;
         Ok(())
@@ -125,7 +131,10 @@ impl FrontStream {
             let off = *d as usize * PAGE_SIZE;
             let next = dirs.get(i + 1).copied().unwrap_or(last_next);
             self.mem.copy_in(off, &next.to_le_bytes());
-            let chunk = grefs.iter().skip(i * GREFS_PER_DIR_PAGE).take(GREFS_PER_DIR_PAGE);
+            let chunk = grefs
+                .iter()
+                .skip(i * GREFS_PER_DIR_PAGE)
+                .take(GREFS_PER_DIR_PAGE);
             for (j, g) in chunk.enumerate() {
                 self.mem.copy_in(off + 4 + j * 4, &g.to_le_bytes());
             }
@@ -136,7 +145,10 @@ impl FrontStream {
     fn buffer_addr(&self, pos: u64) -> (usize, usize) {
         let off = (pos % self.buffer_bytes as u64) as usize;
         let page = off / PAGE_SIZE;
-        (self.buffer_grefs[page] as usize * PAGE_SIZE + off % PAGE_SIZE, PAGE_SIZE - off % PAGE_SIZE)
+        (
+            self.buffer_grefs[page] as usize * PAGE_SIZE + off % PAGE_SIZE,
+            PAGE_SIZE - off % PAGE_SIZE,
+        )
     }
 
     /// Copies `data` into the buffer at stream byte `pos`, across pages.
@@ -162,9 +174,11 @@ impl FrontStream {
 
     /// Puts raw bytes in the next request slot and publishes it.
     pub fn push_raw(&mut self, msg: &[u8; 64]) {
-        self.mem.write_msg(self.ring_off + ring_slot_offset(self.req_prod_pvt), msg);
+        self.mem
+            .write_msg(self.ring_off + ring_slot_offset(self.req_prod_pvt), msg);
         self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
-        self.mem.store_u32(self.ring_off + sring::REQ_PROD, self.req_prod_pvt);
+        self.mem
+            .store_u32(self.ring_off + sring::REQ_PROD, self.req_prod_pvt);
         self.req_ch.notify();
     }
 
@@ -186,14 +200,24 @@ impl FrontStream {
         loop {
             let prod = self.mem.load_u32(self.ring_off + sring::RSP_PROD);
             while self.rsp_cons != prod {
-                let r = Response::decode(&self.mem.read_msg(self.ring_off + ring_slot_offset(self.rsp_cons)));
+                let r = Response::decode(
+                    &self
+                        .mem
+                        .read_msg(self.ring_off + ring_slot_offset(self.rsp_cons)),
+                );
                 self.rsp_cons = self.rsp_cons.wrapping_add(1);
                 if r.id == id {
-                    self.mem.store_u32(self.ring_off + sring::RSP_EVENT, self.rsp_cons.wrapping_add(1));
+                    self.mem.store_u32(
+                        self.ring_off + sring::RSP_EVENT,
+                        self.rsp_cons.wrapping_add(1),
+                    );
                     return Ok(Some(r));
                 }
             }
-            self.mem.store_u32(self.ring_off + sring::RSP_EVENT, self.rsp_cons.wrapping_add(1));
+            self.mem.store_u32(
+                self.ring_off + sring::RSP_EVENT,
+                self.rsp_cons.wrapping_add(1),
+            );
             if self.mem.load_u32(self.ring_off + sring::RSP_PROD) != self.rsp_cons {
                 continue;
             }
@@ -205,7 +229,9 @@ impl FrontStream {
 
     /// Sends a request; an error unless it is answered with status 0.
     pub fn request(&mut self, req: Request) -> anyhow::Result<Response> {
-        let r = self.try_request(req)?.ok_or_else(|| anyhow!("no response to {req:?} within {RESPONSE_TIMEOUT:?}"))?;
+        let r = self
+            .try_request(req)?
+            .ok_or_else(|| anyhow!("no response to {req:?} within {RESPONSE_TIMEOUT:?}"))?;
         if r.status != 0 {
             bail!("{req:?} failed with status {}", r.status);
         }
@@ -241,7 +267,8 @@ impl FrontStream {
         let mut cons = self.mem.load_u32(base + evt_page::IN_CONS);
         let mut n = 0;
         while cons != prod {
-            let (id, ty, pos, delay) = decode_event(&self.mem.read_msg(base + evt_slot_offset(cons)));
+            let (id, ty, pos, delay) =
+                decode_event(&self.mem.read_msg(base + evt_slot_offset(cons)));
             cons = cons.wrapping_add(1);
             let expected = self.next_evt_id;
             self.next_evt_id = self.next_evt_id.wrapping_add(1);
@@ -268,11 +295,9 @@ impl FrontStream {
         self.acc_frames += delta;
         let p = self.period_frames;
         match self.rule {
-            Some(PeriodRule::Upstream) => {
-                if self.acc_frames > p {
-                    self.acc_frames %= p;
-                    self.period_elapsed();
-                }
+            Some(PeriodRule::Upstream) if self.acc_frames > p => {
+                self.acc_frames %= p;
+                self.period_elapsed();
             }
             Some(PeriodRule::Exact) => {
                 while self.acc_frames >= p {
@@ -280,7 +305,7 @@ impl FrontStream {
                     self.period_elapsed();
                 }
             }
-            None => {}
+            _ => {}
         }
     }
 

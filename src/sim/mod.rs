@@ -111,27 +111,49 @@ pub struct Guest {
 pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
     let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
     let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
-    let be = conn.read(&format!("{fe}/{}", keys::BACKEND))?.context("no backend path")?;
+    let be = conn
+        .read(&format!("{fe}/{}", keys::BACKEND))?
+        .context("no backend path")?;
     let st = |s: XenbusState| s.as_str();
-    conn.wait_for_value(&format!("{be}/state"), st(XenbusState::InitWait), HANDSHAKE_TIMEOUT)
-        .context("backend never reached InitWait")?;
+    conn.wait_for_value(
+        &format!("{be}/state"),
+        st(XenbusState::InitWait),
+        HANDSHAKE_TIMEOUT,
+    )
+    .context("backend never reached InitWait")?;
     let playback = FrontStream::new(&mut conn)?;
     let capture = FrontStream::new(&mut conn)?;
     for (idx, s) in [(0, &playback), (1, &capture)] {
         let p = format!("{fe}/0/{idx}");
         conn.write(&format!("{p}/{}", keys::RING_REF), &s.ring_gref.to_string())?;
         conn.write(&format!("{p}/{}", keys::EVT_CHNL), &s.req_port.to_string())?;
-        conn.write(&format!("{p}/{}", keys::EVT_RING_REF), &s.evt_gref.to_string())?;
-        conn.write(&format!("{p}/{}", keys::EVT_EVT_CHNL), &s.evt_port.to_string())?;
+        conn.write(
+            &format!("{p}/{}", keys::EVT_RING_REF),
+            &s.evt_gref.to_string(),
+        )?;
+        conn.write(
+            &format!("{p}/{}", keys::EVT_EVT_CHNL),
+            &s.evt_port.to_string(),
+        )?;
     }
     if o.delay_report {
         conn.write(&format!("{fe}/{}", keys::FEATURE_DELAY_REPORT), "1")?;
     }
     conn.write(&format!("{fe}/state"), st(XenbusState::Initialised))?;
-    conn.wait_for_value(&format!("{be}/state"), st(XenbusState::Connected), HANDSHAKE_TIMEOUT)
-        .context("backend never reached Connected")?;
+    conn.wait_for_value(
+        &format!("{be}/state"),
+        st(XenbusState::Connected),
+        HANDSHAKE_TIMEOUT,
+    )
+    .context("backend never reached Connected")?;
     conn.write(&format!("{fe}/state"), st(XenbusState::Connected))?;
-    Ok(Guest { conn, fe, be, playback, capture })
+    Ok(Guest {
+        conn,
+        fe,
+        be,
+        playback,
+        capture,
+    })
 }
 
 pub fn open_req(o: &SimOptions, s: &FrontStream, format: PcmFormat) -> OpenReq {
@@ -149,7 +171,11 @@ pub fn open_req(o: &SimOptions, s: &FrontStream, format: PcmFormat) -> OpenReq {
 /// Runs the guest as configured and returns its report.
 pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
     let mut g = connect(o)?;
-    let mut report = Report { domain: o.domain.clone(), domid: g.conn.domid, ..Default::default() };
+    let mut report = Report {
+        domain: o.domain.clone(),
+        domid: g.conn.domid,
+        ..Default::default()
+    };
     if let Some(m) = o.misbehave {
         report.misbehave = Some(misbehave::run(m, o, &mut g)?);
         return Ok(report);
@@ -162,24 +188,42 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         (Some(p), _) => {
             let w = signal::read_wav(p)?;
             if w.channels != o.channels as u32 || w.rate != o.rate {
-                bail!("{}: {} Hz x{} does not match --rate/--channels", p.display(), w.rate, w.channels);
+                bail!(
+                    "{}: {} Hz x{} does not match --rate/--channels",
+                    p.display(),
+                    w.rate,
+                    w.channels
+                );
             }
             Some(w.samples)
         }
-        (None, Some(sig)) => Some(signal::generate(sig, o.rate, o.channels as u32, (o.seconds * o.rate as f64) as usize)),
+        (None, Some(sig)) => Some(signal::generate(
+            sig,
+            o.rate,
+            o.channels as u32,
+            (o.seconds * o.rate as f64) as usize,
+        )),
         (None, None) => None,
     };
-    let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * o.rate as f64) as u64);
+    let capture_frames = o
+        .capture_wav
+        .as_ref()
+        .map(|_| (o.capture_seconds * o.rate as f64) as u64);
 
-    let Guest { playback, capture, .. } = &mut g;
+    let Guest {
+        playback, capture, ..
+    } = &mut g;
     std::thread::scope(|sc| -> anyhow::Result<()> {
         let p = source.map(|src| sc.spawn(|| play(o, playback, src)));
         let c = capture_frames.map(|n| sc.spawn(move || record(o, capture, n)));
         if let Some(p) = p {
-            p.join().map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
+            p.join()
+                .map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
         }
         if let Some(c) = c {
-            let samples = c.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))??;
+            let samples = c
+                .join()
+                .map_err(|_| anyhow::anyhow!("capture thread panicked"))??;
             if let Some(path) = &o.capture_wav {
                 signal::write_wav_s16(path, o.rate, o.channels as u32, &samples)?;
             }
@@ -206,7 +250,11 @@ fn as_bytes(samples: &[i16]) -> Vec<u8> {
 /// whenever one is free, drain, stop, close.
 fn play(o: &SimOptions, s: &mut FrontStream, src: Vec<i16>) -> anyhow::Result<()> {
     let fmt = PcmFormat::S16Le;
-    s.open(open_req(o, s, fmt), fmt.sample_bytes() as u32 * o.channels as u32, o.period_rule)?;
+    s.open(
+        open_req(o, s, fmt),
+        fmt.sample_bytes() as u32 * o.channels as u32,
+        o.period_rule,
+    )?;
     let data = as_bytes(&src);
     let frame = s.frame_bytes as u64;
     let period = s.period_frames * frame;
@@ -228,9 +276,15 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: Vec<i16>) -> anyhow::Result<()
             // One WRITE per contiguous region, as the frontend copies per
             // period; a region that wraps is sent as two.
             let first = (s.buffer_bytes - off).min(n as u32);
-            s.request(Request::Write(crate::sndif::RwReq { offset: off, length: first }))?;
+            s.request(Request::Write(crate::sndif::RwReq {
+                offset: off,
+                length: first,
+            }))?;
             if (first as u64) < n {
-                s.request(Request::Write(crate::sndif::RwReq { offset: 0, length: n as u32 - first }))?;
+                s.request(Request::Write(crate::sndif::RwReq {
+                    offset: 0,
+                    length: n as u32 - first,
+                }))?;
             }
             appl += n;
         }
@@ -259,7 +313,11 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: Vec<i16>) -> anyhow::Result<()
 /// An ALSA capture application: start, READ each period as it fills.
 fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Vec<i16>> {
     let fmt = PcmFormat::S16Le;
-    s.open(open_req(o, s, fmt), fmt.sample_bytes() as u32 * o.channels as u32, o.period_rule)?;
+    s.open(
+        open_req(o, s, fmt),
+        fmt.sample_bytes() as u32 * o.channels as u32,
+        o.period_rule,
+    )?;
     let frame = s.frame_bytes as u64;
     let period = s.period_frames * frame;
     let want = frames * frame;
@@ -279,7 +337,10 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
         }
         while hw - appl >= period && appl < want {
             let off = (appl % s.buffer_bytes as u64) as u32;
-            s.request(Request::Read(crate::sndif::RwReq { offset: off, length: period as u32 }))?;
+            s.request(Request::Read(crate::sndif::RwReq {
+                offset: off,
+                length: period as u32,
+            }))?;
             s.buffer_read(appl, &mut chunk);
             out.extend_from_slice(&chunk);
             appl += period;
@@ -289,5 +350,8 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
     s.request(Request::Trigger(trigger::STOP))?;
     s.request(Request::Close)?;
     out.truncate(want as usize);
-    Ok(out.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())
+    Ok(out
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect())
 }

@@ -29,7 +29,11 @@ pub fn generate(signal: Signal, rate: u32, channels: u32, frames: usize) -> Vec<
                     seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                     let s = ((seed >> 16) as i16) / 2;
                     // Keep channels distinct so a swap would be caught.
-                    if c % 2 == 1 { s.wrapping_neg() / 2 } else { s }
+                    if c % 2 == 1 {
+                        s.wrapping_neg() / 2
+                    } else {
+                        s
+                    }
                 }
             };
             out.push(v);
@@ -41,7 +45,9 @@ pub fn generate(signal: Signal, rate: u32, channels: u32, frames: usize) -> Vec<
 /// Writes interleaved S16 samples as a WAV file.
 pub fn write_wav_s16(path: &Path, rate: u32, channels: u32, samples: &[i16]) -> anyhow::Result<()> {
     let data_len = (samples.len() * 2) as u32;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?);
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+    );
     f.write_all(b"RIFF")?;
     f.write_all(&(36 + data_len).to_le_bytes())?;
     f.write_all(b"WAVEfmt ")?;
@@ -87,20 +93,40 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Wav> {
         let len = u32_at(pos + 4) as usize;
         let body = pos + 8;
         if id == b"fmt " && body + 16 <= b.len() {
-            fmt = Some((u16_at(body), u16_at(body + 2) as u32, u32_at(body + 4), u16_at(body + 14)));
+            fmt = Some((
+                u16_at(body),
+                u16_at(body + 2) as u32,
+                u32_at(body + 4),
+                u16_at(body + 14),
+            ));
         } else if id == b"data" {
             let (tag, channels, rate, bits) = fmt.context("data before fmt")?;
-            let end = if len == 0 || body.saturating_add(len) > b.len() { b.len() } else { body + len };
+            let end = if len == 0 || body.saturating_add(len) > b.len() {
+                b.len()
+            } else {
+                body + len
+            };
             let data = &b[body..end];
             let samples = match (tag, bits) {
-                (1, 16) => data.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect(),
+                (1, 16) => data
+                    .chunks_exact(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
                 (3, 32) | (0xfffe, 32) => data
                     .chunks_exact(4)
-                    .map(|c| (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * 32768.0).round().clamp(-32768.0, 32767.0) as i16)
+                    .map(|c| {
+                        (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * 32768.0)
+                            .round()
+                            .clamp(-32768.0, 32767.0) as i16
+                    })
                     .collect(),
                 _ => bail!("unsupported WAV encoding (tag {tag}, {bits} bits)"),
             };
-            return Ok(Wav { rate, channels, samples });
+            return Ok(Wav {
+                rate,
+                channels,
+                samples,
+            });
         }
         pos = body.saturating_add(len + (len & 1));
     }
@@ -110,13 +136,25 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Wav> {
 /// Where `sent` (interleaved) first appears in `got`, found by its first
 /// `window` frames; then how many of its frames arrived identical (±tol),
 /// counted until the first mismatch.
-pub fn find_and_compare(sent: &[i16], got: &[i16], channels: usize, window: usize, tol: i32) -> Option<(usize, usize)> {
+pub fn find_and_compare(
+    sent: &[i16],
+    got: &[i16],
+    channels: usize,
+    window: usize,
+    tol: i32,
+) -> Option<(usize, usize)> {
     let w = window * channels;
     if sent.len() < w || got.len() < w {
         return None;
     }
-    let close = |a: &[i16], b: &[i16]| a.iter().zip(b).all(|(x, y)| (*x as i32 - *y as i32).abs() <= tol);
-    let start = (0..=(got.len() - w) / channels).map(|f| f * channels).find(|&o| close(&sent[..w], &got[o..o + w]))?;
+    let close = |a: &[i16], b: &[i16]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (*x as i32 - *y as i32).abs() <= tol)
+    };
+    let start = (0..=(got.len() - w) / channels)
+        .map(|f| f * channels)
+        .find(|&o| close(&sent[..w], &got[o..o + w]))?;
     let n = sent
         .chunks_exact(channels)
         .zip(got[start..].chunks_exact(channels))

@@ -27,7 +27,10 @@ pub struct Proc(pub Child, pub &'static str);
 
 impl Proc {
     pub fn interrupt_and_wait(&mut self, timeout: Duration) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGINT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::SIGINT,
+        );
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -75,7 +78,10 @@ impl PwEnv {
     }
 
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
-        self.cmd(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+        self.cmd(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"))
     }
 
     pub fn spawn_logged(&mut self, name: &'static str, program: &str, args: &[&str]) -> PathBuf {
@@ -98,9 +104,14 @@ impl PwEnv {
         for sub in ["run", "config/pipewire/pipewire.conf.d", "state", "data"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("run"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
         std::fs::write(
-            dir.path().join("config/pipewire/pipewire.conf.d/null-sink.conf"),
+            dir.path()
+                .join("config/pipewire/pipewire.conf.d/null-sink.conf"),
             r#"context.objects = [
   { factory = adapter
     args = { factory.name = support.null-audio-sink node.name = "test-sink"
@@ -111,14 +122,22 @@ impl PwEnv {
 "#,
         )
         .unwrap();
-        let mut env = PwEnv { dir, procs: Vec::new() };
+        let mut env = PwEnv {
+            dir,
+            procs: Vec::new(),
+        };
         env.spawn_logged("pipewire", "pipewire", &[]);
-        wait_until("the PipeWire socket", Duration::from_secs(10), || env.runtime().join("pipewire-0").exists());
+        wait_until("the PipeWire socket", Duration::from_secs(10), || {
+            env.runtime().join("pipewire-0").exists()
+        });
         env.spawn_logged("wireplumber", "dbus-run-session", &["--", "wireplumber"]);
-        wait_until("the null sink", Duration::from_secs(15), || env.node_exists("test-sink"));
+        wait_until("the null sink", Duration::from_secs(15), || {
+            env.node_exists("test-sink")
+        });
         // WirePlumber is up when it has registered its own client.
         wait_until("WirePlumber", Duration::from_secs(15), || {
-            String::from_utf8_lossy(&env.run("pw-cli", &["ls", "Client"]).stdout).contains("\"WirePlumber\"")
+            String::from_utf8_lossy(&env.run("pw-cli", &["ls", "Client"]).stdout)
+                .contains("\"WirePlumber\"")
         });
         env
     }
@@ -144,7 +163,9 @@ impl PwEnv {
         let log = self.spawn_logged("backend", BIN, &["serve", "--transport", &spec]);
         let l2 = log.clone();
         wait_until("the backend to serve", Duration::from_secs(15), || {
-            std::fs::read_to_string(&l2).unwrap_or_default().contains("serving vsnd devices")
+            std::fs::read_to_string(&l2)
+                .unwrap_or_default()
+                .contains("serving vsnd devices")
         });
         (sock, log)
     }
@@ -153,7 +174,12 @@ impl PwEnv {
     pub fn record_monitor(&mut self, wav: &Path) -> Proc {
         let child = self
             .cmd("pw-record")
-            .args(["--target", "test-sink", "-P", "{ stream.capture.sink = true node.name = monitor-recorder }"])
+            .args([
+                "--target",
+                "test-sink",
+                "-P",
+                "{ stream.capture.sink = true node.name = monitor-recorder }",
+            ])
             .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
             .arg(wav)
             .stdout(Stdio::null())
@@ -161,9 +187,11 @@ impl PwEnv {
             .spawn()
             .expect("pw-record");
         let p = Proc(child, "pw-record");
-        wait_until("the monitor recorder to be linked", Duration::from_secs(10), || {
-            self.links().contains("monitor-recorder")
-        });
+        wait_until(
+            "the monitor recorder to be linked",
+            Duration::from_secs(10),
+            || self.links().contains("monitor-recorder"),
+        );
         p
     }
 
@@ -182,7 +210,11 @@ impl PwEnv {
             .find_map(|l| l.strip_prefix("sim-guest: "))
             .map(|j| serde_json::from_str(j).expect("report JSON"))
             .unwrap_or(serde_json::Value::Null);
-        (out.status.success(), report, String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            report,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -197,7 +229,12 @@ impl Drop for PwEnv {
 
 /// The S16 pattern a simulated guest sends for `--play pattern`.
 pub fn pattern(seconds: f64) -> Vec<i16> {
-    xen_vsnd::sim::signal::generate(xen_vsnd::sim::signal::Signal::Pattern, 48000, 2, (seconds * 48000.0) as usize)
+    xen_vsnd::sim::signal::generate(
+        xen_vsnd::sim::signal::Signal::Pattern,
+        48000,
+        2,
+        (seconds * 48000.0) as usize,
+    )
 }
 
 /// Where `sent` starts in `wav` and how many of its frames arrived intact.
@@ -213,7 +250,9 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
     let end = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < end {
-        let recorded = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples.len() / 2).unwrap_or(0);
+        let recorded = xen_vsnd::sim::signal::read_wav(wav)
+            .map(|w| w.samples.len() / 2)
+            .unwrap_or(0);
         if arrived(sent, wav).is_some_and(|(start, _)| recorded >= start + frames) {
             break;
         }
@@ -225,7 +264,14 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
 /// Asserts every frame of `sent` arrived, in order and unchanged, in `wav`.
 pub fn assert_arrived_intact(sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
-    let (start, n) = arrived(sent, wav)
-        .unwrap_or_else(|| panic!("the signal's first 64 frames never appear in {}", wav.display()));
-    assert_eq!(n, frames, "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start})");
+    let (start, n) = arrived(sent, wav).unwrap_or_else(|| {
+        panic!(
+            "the signal's first 64 frames never appear in {}",
+            wav.display()
+        )
+    });
+    assert_eq!(
+        n, frames,
+        "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start})"
+    );
 }

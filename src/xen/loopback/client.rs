@@ -28,9 +28,17 @@ pub struct GuestConn {
 impl GuestConn {
     /// Connects as a new guest called `name` with `pages` pages of grantable
     /// memory and a vsnd device configured by `vsnd` (frontend-relative keys).
-    pub fn connect(path: &Path, name: &str, pages: u32, vsnd: Vec<(String, String)>) -> anyhow::Result<GuestConn> {
+    pub fn connect(
+        path: &Path,
+        name: &str,
+        pages: u32,
+        vsnd: Vec<(String, String)>,
+    ) -> anyhow::Result<GuestConn> {
         let sock = proto::connect(path)?;
-        let memfd = nix::sys::memfd::memfd_create(c"xen-vsnd-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
+        let memfd = nix::sys::memfd::memfd_create(
+            c"xen-vsnd-guest",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )?;
         let len = pages as usize * PAGE_SIZE;
         nix::unistd::ftruncate(&memfd, len as i64)?;
         // SAFETY: a fresh shared mapping of the whole memfd, unmapped on drop.
@@ -53,7 +61,11 @@ impl GuestConn {
                 }),
             ))
         };
-        let hello = GuestMsg::Hello { name: name.to_string(), pages, vsnd };
+        let hello = GuestMsg::Hello {
+            name: name.to_string(),
+            pages,
+            vsnd,
+        };
         proto::send(sock.as_raw_fd(), &hello, &[memfd.as_raw_fd()])?;
         let mut c = GuestConn {
             sock,
@@ -79,7 +91,9 @@ impl GuestConn {
             self.wait_readable(deadline)?;
             match proto::recv::<HvMsg>(self.sock.as_raw_fd())? {
                 None => bail!("hypervisor closed the connection"),
-                Some((HvMsg::WatchFired { path, token }, _)) => self.watch_queue.push_back(WatchEvent { path, token }),
+                Some((HvMsg::WatchFired { path, token }, _)) => {
+                    self.watch_queue.push_back(WatchEvent { path, token })
+                }
                 Some((m, _)) => return Ok(m),
             }
         }
@@ -88,7 +102,8 @@ impl GuestConn {
     fn wait_readable(&self, deadline: Instant) -> anyhow::Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
         if poll(&mut fds, ms)? == 0 {
             bail!("timed out waiting for the hypervisor");
         }
@@ -111,30 +126,41 @@ impl GuestConn {
     }
 
     pub fn write(&mut self, path: &str, value: &str) -> anyhow::Result<()> {
-        self.call(GuestMsg::Write { path: path.into(), value: value.into() }).map(|_| ())
+        self.call(GuestMsg::Write {
+            path: path.into(),
+            value: value.into(),
+        })
+        .map(|_| ())
     }
 
     pub fn watch(&mut self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.call(GuestMsg::Watch { path: path.into(), token: token.into() }).map(|_| ())
+        self.call(GuestMsg::Watch {
+            path: path.into(),
+            token: token.into(),
+        })
+        .map(|_| ())
     }
 
     /// Next watch event, waiting until `deadline`.
     pub fn next_watch(&mut self, deadline: Instant) -> anyhow::Result<WatchEvent> {
-        loop {
-            if let Some(e) = self.watch_queue.pop_front() {
-                return Ok(e);
-            }
-            self.wait_readable(deadline)?;
-            match proto::recv::<HvMsg>(self.sock.as_raw_fd())? {
-                None => bail!("hypervisor closed the connection"),
-                Some((HvMsg::WatchFired { path, token }, _)) => return Ok(WatchEvent { path, token }),
-                Some((m, _)) => bail!("unsolicited {m:?}"),
-            }
+        if let Some(e) = self.watch_queue.pop_front() {
+            return Ok(e);
+        }
+        self.wait_readable(deadline)?;
+        match proto::recv::<HvMsg>(self.sock.as_raw_fd())? {
+            None => bail!("hypervisor closed the connection"),
+            Some((HvMsg::WatchFired { path, token }, _)) => Ok(WatchEvent { path, token }),
+            Some((m, _)) => bail!("unsolicited {m:?}"),
         }
     }
 
     /// Waits until `path` reads `want` (via a watch on it), bounded.
-    pub fn wait_for_value(&mut self, path: &str, want: &str, timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_for_value(
+        &mut self,
+        path: &str,
+        want: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         self.watch(path, "wait")?;
         loop {
@@ -156,7 +182,8 @@ impl GuestConn {
             }
             None => bail!("guest memory exhausted"),
         };
-        self.memory.copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
+        self.memory
+            .copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
         Ok(g)
     }
 
@@ -175,9 +202,19 @@ impl GuestConn {
     pub fn alloc_evtchn(&mut self) -> anyhow::Result<(u32, EventFdChannel)> {
         let to_backend = new_eventfd()?;
         let to_guest = new_eventfd()?;
-        proto::send(self.sock.as_raw_fd(), &GuestMsg::AllocUnbound, &[to_backend.as_raw_fd(), to_guest.as_raw_fd()])?;
+        proto::send(
+            self.sock.as_raw_fd(),
+            &GuestMsg::AllocUnbound,
+            &[to_backend.as_raw_fd(), to_guest.as_raw_fd()],
+        )?;
         match self.reply(Duration::from_secs(5))? {
-            HvMsg::Port(p) => Ok((p, EventFdChannel { wait: to_guest, notify: to_backend })),
+            HvMsg::Port(p) => Ok((
+                p,
+                EventFdChannel {
+                    wait: to_guest,
+                    notify: to_backend,
+                },
+            )),
             HvMsg::Error(e) => Err(anyhow!(e)),
             o => bail!("unexpected {o:?}"),
         }
@@ -190,7 +227,8 @@ pub fn wait_channel(ch: &dyn EventChannel, deadline: Instant) -> anyhow::Result<
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ch.fd()) };
     let left = deadline.saturating_duration_since(Instant::now());
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+    let ms =
+        PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
     if poll(&mut fds, ms)? == 0 {
         return Ok(false);
     }

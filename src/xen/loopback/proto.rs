@@ -16,12 +16,28 @@ pub enum GuestMsg {
     /// First message. Carries the guest's memfd (its grantable memory of
     /// `pages` pages) and, as a toolstack would write it, the vsnd device's
     /// frontend keys relative to `device/vsnd/0`.
-    Hello { name: String, pages: u32, vsnd: Vec<(String, String)> },
-    Read { path: String },
-    Write { path: String, value: String },
-    Directory { path: String },
-    Rm { path: String },
-    Watch { path: String, token: String },
+    Hello {
+        name: String,
+        pages: u32,
+        vsnd: Vec<(String, String)>,
+    },
+    Read {
+        path: String,
+    },
+    Write {
+        path: String,
+        value: String,
+    },
+    Directory {
+        path: String,
+    },
+    Rm {
+        path: String,
+    },
+    Watch {
+        path: String,
+        token: String,
+    },
     /// Allocates an unbound port; carries two eventfds: [to_backend, to_guest].
     AllocUnbound,
 }
@@ -76,7 +92,12 @@ pub fn recv<T: for<'de> Deserialize<'de>>(fd: RawFd) -> anyhow::Result<Option<(T
 /// A connected SOCK_SEQPACKET socket.
 pub fn connect(path: &std::path::Path) -> anyhow::Result<OwnedFd> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let addr = UnixAddr::new(path)?;
     nix::sys::socket::connect(fd.as_raw_fd(), &addr)
         .with_context(|| format!("connect to {}", path.display()))?;
