@@ -192,3 +192,79 @@ fn constants_match_the_c_header() {
     assert_eq!(errno::EBUSY, libc::EBUSY);
     assert_eq!(errno::ENOSYS, libc::ENOSYS);
 }
+
+const IOCTLS: &str = r#"
+#include <stdio.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <xen/xen.h>
+#include <xen/io/xs_wire.h>
+typedef uint16_t domid_t;
+#include <xen/sys/evtchn.h>
+#include <xen/sys/gntdev.h>
+int main(void) {
+    printf("%lu %lu %lu %lu %lu\n", (unsigned long)IOCTL_EVTCHN_BIND_INTERDOMAIN,
+           (unsigned long)IOCTL_EVTCHN_UNBIND, (unsigned long)IOCTL_EVTCHN_NOTIFY,
+           (unsigned long)IOCTL_GNTDEV_MAP_GRANT_REF, (unsigned long)IOCTL_GNTDEV_UNMAP_GRANT_REF);
+    printf("%d %d %d %d %d %d %d %d %d\n", XS_DIRECTORY, XS_READ, XS_WATCH, XS_UNWATCH, XS_WRITE,
+           XS_RM, XS_WATCH_EVENT, XS_ERROR, XENSTORE_PAYLOAD_MAX);
+    return 0;
+}
+"#;
+
+#[test]
+fn linux_transport_numbers_match_the_c_headers() {
+    use xen_vsnd::xen::linux::{ioctl, xs};
+    let dir = tempfile::tempdir().unwrap();
+    let (src, exe) = (dir.path().join("ioc.c"), dir.path().join("ioc"));
+    std::fs::write(&src, IOCTLS).unwrap();
+    let out = Command::new("cc")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("a C compiler");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap();
+    let mut lines = text.lines();
+    let ioctls: Vec<u64> = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(
+        ioctls,
+        [
+            ioctl::EVTCHN_BIND_INTERDOMAIN,
+            ioctl::EVTCHN_UNBIND,
+            ioctl::EVTCHN_NOTIFY,
+            ioctl::GNTDEV_MAP_GRANT_REF,
+            ioctl::GNTDEV_UNMAP_GRANT_REF
+        ]
+    );
+    let wire: Vec<usize> = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(
+        wire,
+        [
+            xs::DIRECTORY as usize,
+            xs::READ as usize,
+            xs::WATCH as usize,
+            xs::UNWATCH as usize,
+            xs::WRITE as usize,
+            xs::RM as usize,
+            xs::WATCH_EVENT as usize,
+            xs::ERROR as usize,
+            xs::PAYLOAD_MAX
+        ]
+    );
+}
