@@ -183,9 +183,12 @@ fn run_loop(
     let mainloop = pw::main_loop::MainLoopRc::new(None).context("PipeWire main loop")?;
     let context = pw::context::ContextRc::new(&mainloop, None).context("PipeWire context")?;
     let props = remote.map(|r| pw::properties::properties! { *pw::keys::REMOTE_NAME => r });
-    let core = context
-        .connect_rc(props)
-        .context("connecting to the PipeWire daemon")?;
+    let core = context.connect_rc(props).map_err(|e| {
+        anyhow!(
+            "connecting to the PipeWire daemon: {e} (is PipeWire running for this user? \
+             XDG_RUNTIME_DIR/PIPEWIRE_RUNTIME_DIR and PIPEWIRE_REMOTE select the daemon)"
+        )
+    })?;
     let _core_listener = core
         .add_listener_local()
         .error(|id, seq, res, msg| tracing::warn!(id, seq, res, "PipeWire: {msg}"))
