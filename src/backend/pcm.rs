@@ -525,3 +525,378 @@ impl Drop for PcmStream {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostStream;
+    use crate::sndif::config::parse_card;
+    use crate::sndif::config::tests::libxl_dump;
+    use crate::sndif::wire::GREFS_PER_DIR_PAGE;
+    use crate::sndif::PAGE_SIZE;
+    use crate::xen::shared::test_pages;
+    use std::sync::Mutex;
+
+    /// A guest that granted grefs 1..N; every mapping is fresh zeroed memory.
+    struct FakeGrants(u32);
+    impl GrantMapper for FakeGrants {
+        fn map(&self, _domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
+            anyhow::ensure!(grefs.iter().all(|g| *g != 0 && *g < self.0), "bad gref");
+            Ok(test_pages(grefs.len() * PAGE_SIZE))
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeHost(Mutex<Vec<Vec<f32>>>);
+    struct FakeStream(Arc<FakeHost>);
+    impl HostStream for FakeStream {
+        fn set_active(&self, _: bool) {}
+        fn set_volume(&self, gains: Vec<f32>) {
+            self.0 .0.lock().unwrap().push(gains);
+        }
+    }
+    impl HostBackend for Arc<FakeHost> {
+        fn supports(&self, _: PcmFormat) -> bool {
+            true
+        }
+        fn open(&self, _: StreamSpec, _: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+            Ok(Box::new(FakeStream(self.clone())))
+        }
+    }
+
+    struct NullChannel;
+    impl EventChannel for NullChannel {
+        fn notify(&self) -> bool {
+            true
+        }
+        fn fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn consume(&self) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+    }
+
+    fn stream() -> (PcmStream, Arc<FakeGrants>, Arc<FakeHost>) {
+        let card = parse_card(&libxl_dump()).unwrap();
+        let ident = Arc::new(StreamIdentity {
+            domid: 7,
+            domain: "vm".into(),
+            devid: 0,
+            card_long_name: card.long_name.clone(),
+            pcm_index: 0,
+            pcm_name: "dev0".into(),
+            cfg: card.pcms[0].streams[0].clone(),
+        });
+        let grants = Arc::new(FakeGrants(64));
+        let host = Arc::new(FakeHost::default());
+        let s = PcmStream::new(
+            ident,
+            grants.clone(),
+            Arc::new(host.clone()),
+            Arc::new(test_pages(PAGE_SIZE)),
+            Arc::new(NullChannel),
+            false,
+        );
+        (s, grants, host)
+    }
+
+    fn send(s: &mut PcmStream, r: Request) -> Response {
+        s.handle(&r.encode(1))
+    }
+
+    fn open_req(buffer_sz: u32) -> OpenReq {
+        OpenReq {
+            rate: 48000,
+            format: PcmFormat::S16Le.wire(),
+            channels: 2,
+            buffer_sz,
+            gref_directory: 1,
+            period_sz: 1024,
+        }
+    }
+
+    #[test]
+    fn node_names_and_properties() {
+        let (s, _, _) = stream();
+        assert_eq!(s.ident.node_name(), "xen-vsnd.vm.0.0.playback");
+        assert_eq!(s.ident.description(), "vm: Xen PV Sound dev0 (playback)");
+        let spec = s.ident.spec();
+        assert!(spec
+            .props
+            .contains(&("xen.unique-id".into(), "pw0-play".into())));
+        assert!(spec.props.contains(&("xen.domid".into(), "7".into())));
+    }
+
+    #[test]
+    fn open_validates_against_the_card() {
+        let (mut s, _, _) = stream();
+        let bad = [
+            OpenReq {
+                format: 22,
+                ..open_req(4096)
+            },
+            OpenReq {
+                format: PcmFormat::F32Le.wire(),
+                ..open_req(4096)
+            },
+            OpenReq {
+                rate: 96000,
+                ..open_req(4096)
+            },
+            OpenReq {
+                channels: 0,
+                ..open_req(4096)
+            },
+            OpenReq {
+                channels: 3,
+                ..open_req(4096)
+            },
+            open_req(0),
+            open_req(65536 + 4096),
+            open_req(4098),
+            OpenReq {
+                period_sz: 8192,
+                ..open_req(4096)
+            },
+            OpenReq {
+                period_sz: 1022,
+                ..open_req(4096)
+            },
+            OpenReq {
+                gref_directory: 0,
+                ..open_req(4096)
+            },
+        ];
+        for o in bad {
+            assert_eq!(
+                send(&mut s, Request::Open(o)).status,
+                -errno::EINVAL,
+                "{o:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_before_open_are_refused() {
+        let (mut s, _, _) = stream();
+        for r in [
+            Request::Trigger(trigger::START),
+            Request::Write(RwReq {
+                offset: 0,
+                length: 4,
+            }),
+            Request::SetVolume(RwReq {
+                offset: 0,
+                length: 8,
+            }),
+            Request::GetVolume(RwReq {
+                offset: 0,
+                length: 8,
+            }),
+            Request::Mute(RwReq {
+                offset: 0,
+                length: 2,
+            }),
+        ] {
+            assert_eq!(send(&mut s, r).status, -errno::EINVAL, "{r:?}");
+        }
+        assert_eq!(
+            send(&mut s, Request::Close).status,
+            0,
+            "CLOSE is idempotent"
+        );
+        assert_eq!(send(&mut s, Request::Unknown(77)).status, -errno::ENOSYS);
+    }
+
+    #[test]
+    fn directory_chain_is_followed_and_checked() {
+        let (s, _, _) = stream();
+        // A fake directory page maps as zeroes: next = 0 and grefs 0, which
+        // the buffer map then refuses; a chain needing two pages is short.
+        assert!(s.read_directory(1, 4).is_ok());
+        assert!(s.read_directory(1, GREFS_PER_DIR_PAGE + 1).is_err());
+        assert!(s.read_directory(0, 1).is_err(), "unmappable directory page");
+    }
+
+    #[test]
+    fn hw_param_query_narrows_to_the_card() {
+        let (mut s, _, _) = stream();
+        let q = HwParam {
+            formats: u64::MAX,
+            rates: (8000, 192000),
+            channels: (1, 8),
+            buffer_frames: (1, u32::MAX),
+            period_frames: (1, u32::MAX),
+        };
+        let r = send(&mut s, Request::HwParamQuery(q));
+        assert_eq!(r.status, 0);
+        let h = r.hw_param.unwrap();
+        assert_eq!(
+            h.formats,
+            PcmFormat::S16Le.mask_bit() | PcmFormat::S32Le.mask_bit()
+        );
+        assert_eq!(h.rates, (44100, 48000));
+        assert_eq!(h.channels, (1, 2));
+        assert_eq!(h.buffer_frames, (32, 65536 / 2));
+        assert_eq!(h.period_frames, (16, 65536 / 4));
+        let none = HwParam {
+            rates: (96000, 192000),
+            ..q
+        };
+        let r = send(&mut s, Request::HwParamQuery(none));
+        assert_eq!((r.status, r.hw_param), (-errno::EINVAL, None));
+    }
+
+    #[test]
+    fn volume_and_mute_round_trip() {
+        let (mut s, _, host) = stream();
+        // Zeroed fake directory pages list gref 0, so OPEN cannot map a
+        // buffer here: install the opened state by hand, as `open` does.
+        let geom = s.validate_open(&open_req(4096)).ok().unwrap();
+        let buffer = Arc::new(test_pages(PAGE_SIZE));
+        let shared = Arc::new(DmaShared::default());
+        let engine = DmaEngine::new(
+            geom,
+            buffer.clone(),
+            EventRing::new(s.evt_page.clone()),
+            s.evt_channel.clone(),
+            shared.clone(),
+            false,
+        );
+        let h = s.host.open(s.ident.spec(), engine).unwrap();
+        s.opened = Some(Opened {
+            geom,
+            buffer: buffer.clone(),
+            shared,
+            host: h,
+            volume_mdb: vec![0; 2],
+            muted: vec![false; 2],
+        });
+
+        buffer.copy_in(100, &(-6000i32).to_le_bytes());
+        buffer.copy_in(104, &(3000i32).to_le_bytes());
+        assert_eq!(
+            send(
+                &mut s,
+                Request::SetVolume(RwReq {
+                    offset: 100,
+                    length: 8
+                })
+            )
+            .status,
+            0
+        );
+        let g = host.0.lock().unwrap().last().cloned().unwrap();
+        assert!((g[0] - 0.501).abs() < 0.001 && g[1] == 1.0, "{g:?}");
+        assert_eq!(
+            send(
+                &mut s,
+                Request::GetVolume(RwReq {
+                    offset: 200,
+                    length: 8
+                })
+            )
+            .status,
+            0
+        );
+        let mut back = [0u8; 8];
+        buffer.copy_out(200, &mut back);
+        assert_eq!(back[..4], (-6000i32).to_le_bytes());
+        assert_eq!(back[4..], 0i32.to_le_bytes(), "gain above 0 dB is clamped");
+        buffer.copy_in(300, &[0, 1]);
+        assert_eq!(
+            send(
+                &mut s,
+                Request::Mute(RwReq {
+                    offset: 300,
+                    length: 2
+                })
+            )
+            .status,
+            0
+        );
+        assert_eq!(host.0.lock().unwrap().last().unwrap()[1], 0.0);
+        assert_eq!(
+            send(
+                &mut s,
+                Request::Unmute(RwReq {
+                    offset: 300,
+                    length: 2
+                })
+            )
+            .status,
+            0
+        );
+        assert_eq!(host.0.lock().unwrap().last().unwrap()[1], 1.0);
+        assert_eq!(
+            send(
+                &mut s,
+                Request::SetVolume(RwReq {
+                    offset: 4090,
+                    length: 8
+                })
+            )
+            .status,
+            -errno::EINVAL
+        );
+        assert_eq!(
+            send(
+                &mut s,
+                Request::SetVolume(RwReq {
+                    offset: 0,
+                    length: 4
+                })
+            )
+            .status,
+            -errno::EINVAL
+        );
+        assert_eq!(
+            send(
+                &mut s,
+                Request::Write(RwReq {
+                    offset: u32::MAX,
+                    length: 2
+                })
+            )
+            .status,
+            -errno::EINVAL
+        );
+        assert_eq!(
+            send(
+                &mut s,
+                Request::Read(RwReq {
+                    offset: 0,
+                    length: 2
+                })
+            )
+            .status,
+            -errno::EINVAL,
+            "READ on playback"
+        );
+        assert_eq!(
+            send(
+                &mut s,
+                Request::Write(RwReq {
+                    offset: 0,
+                    length: 4096
+                })
+            )
+            .status,
+            0
+        );
+        assert_eq!(
+            s.shared().unwrap().guest_bytes.load(Ordering::Relaxed),
+            4096
+        );
+        assert_eq!(send(&mut s, Request::Trigger(9)).status, -errno::EINVAL);
+        assert_eq!(send(&mut s, Request::Trigger(trigger::START)).status, 0);
+        assert!(s.shared().unwrap().running.load(Ordering::Relaxed));
+        assert_eq!(send(&mut s, Request::Trigger(trigger::PAUSE)).status, 0);
+        assert!(!s.shared().unwrap().running.load(Ordering::Relaxed));
+        assert_eq!(
+            send(&mut s, Request::Open(open_req(4096))).status,
+            -errno::EBUSY
+        );
+    }
+}
