@@ -165,3 +165,177 @@ fn a_guest_reconnects_after_disconnecting() {
         "{text}"
     );
 }
+
+#[test]
+fn frontend_close_and_reconnect_in_the_same_domain() {
+    let mut env = PwEnv::start();
+    let (sock, log) = env.start_backend();
+    let (ok, report, err) = env.sim(
+        &sock,
+        &[
+            "--domain",
+            "reload-vm",
+            "--play",
+            "tone",
+            "--seconds",
+            "0.5",
+            "--reconnects",
+            "2",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(report["reconnects"], 2);
+    assert_eq!(
+        report["playback"]["frames"], 24000,
+        "the last round played in full"
+    );
+    assert_eq!(report["playback"]["xruns"], 0);
+    let text = std::fs::read_to_string(log).unwrap();
+    assert_eq!(
+        text.matches("disconnecting: frontend state Closing")
+            .count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("connected domid=1 devid=0 streams=2").count(),
+        3,
+        "{text}"
+    );
+}
+
+#[test]
+fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
+    let mut env = PwEnv::start();
+    let (sock, log) = env.start_backend();
+    let wav = env.dir.path().join("monitor.wav");
+    let mut rec = env.record_monitor(&wav);
+    let spawn = |env: &PwEnv, args: &[&str]| {
+        let mut c = env.cmd(BIN);
+        c.args(["sim-guest", "--connect"]).arg(&sock).args(args);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let good = spawn(
+        &env,
+        &[
+            "--domain",
+            "steady-vm",
+            "--play",
+            "pattern",
+            "--seconds",
+            "4",
+        ],
+    );
+    let mut doomed = Proc(
+        spawn(
+            &env,
+            &["--domain", "doomed-vm", "--play", "tone", "--seconds", "30"],
+        ),
+        "doomed",
+    );
+    wait_until("both guests to play", Duration::from_secs(10), || {
+        let l = env.links();
+        l.contains("xen-vsnd.doomed-vm.0.0.playback:output_FL")
+            && l.contains("xen-vsnd.steady-vm.0.0.playback:output_FL")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    doomed.0.kill().unwrap();
+    doomed.0.wait().unwrap();
+    wait_until(
+        "the dead guest's node to go away",
+        Duration::from_secs(10),
+        || !env.node_exists("xen-vsnd.doomed-vm.0.0.playback"),
+    );
+    let out = good.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = pattern(4.0);
+    finish_recording(&mut rec, &sent, &wav);
+    // The dead guest's tone was mixed in for a while: compare only after it
+    // stopped, i.e. the steady guest's tail must be intact and gap-free.
+    let got = xen_vsnd::sim::signal::read_wav(&wav).unwrap();
+    let tail = &sent[sent.len() - 48000 * 2..];
+    let (_, n) = xen_vsnd::sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
+        .expect("tail of the steady guest");
+    assert_eq!(n, 48000, "the steady guest's last second arrived intact");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("disconnecting: backend directory removed"),
+        "{text}"
+    );
+    // The backend still serves a new guest.
+    let (ok, report, err) = env.sim(
+        &sock,
+        &[
+            "--domain",
+            "doomed-vm",
+            "--play",
+            "tone",
+            "--seconds",
+            "0.3",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(report["playback"]["frames"], 14400);
+}
+
+#[test]
+fn guest_volume_reaches_the_node() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend();
+    let mut c = env.cmd(BIN);
+    c.args(["sim-guest", "--connect"]).arg(&sock);
+    c.args([
+        "--domain",
+        "quiet-vm",
+        "--play",
+        "tone",
+        "--seconds",
+        "3",
+        "--set-volume-mdb",
+        "-6000",
+    ]);
+    let sim = c.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let name = "xen-vsnd.quiet-vm.0.0.playback";
+    let mut volumes = Vec::new();
+    wait_until(
+        "the node's channel volumes to follow the guest",
+        Duration::from_secs(10),
+        || {
+            let dump = env.dump();
+            volumes = dump
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|o| o["info"]["props"]["node.name"] == name)
+                .flat_map(|o| {
+                    o["info"]["params"]["Props"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|p| p["channelVolumes"].as_array().cloned())
+                .flatten()
+                .filter_map(|v| v.as_f64())
+                .collect();
+            volumes.len() == 2 && volumes.iter().all(|v| (v - 0.501).abs() < 0.01)
+        },
+    );
+    let out = sim.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("sim-guest: "))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["volume_mdb"], serde_json::json!([-6000, -6000]));
+}

@@ -164,9 +164,17 @@ impl PipeWireHost {
     }
 }
 
+/// The guest's channel gains, kept so they can be applied again once the
+/// stream has negotiated (a control set before that is lost).
+type Gains = Rc<RefCell<Option<Vec<f32>>>>;
+
 struct Entry {
     stream: pw::stream::StreamRc,
     _listener: pw::stream::StreamListener<Rt>,
+    /// A second listener for main-thread events, so that they never touch
+    /// the real-time callback's state.
+    _control: pw::stream::StreamListener<Gains>,
+    gains: Gains,
 }
 
 /// State owned by the real-time process callback.
@@ -225,6 +233,7 @@ fn run_loop(
                 let _ = e
                     .stream
                     .set_control(spa::sys::SPA_PROP_channelVolumes, &gains);
+                *e.gains.borrow_mut() = Some(gains);
             }
         }
     });
@@ -272,6 +281,19 @@ fn open_stream(
         .process(process)
         .register()
         .context("stream listener")?;
+    let gains: Gains = Rc::default();
+    let control = stream
+        .add_local_listener_with_user_data(gains.clone())
+        .state_changed(|stream, gains, _old, new| {
+            use pw::stream::StreamState::{Paused, Streaming};
+            if matches!(new, Paused | Streaming) {
+                if let Some(g) = gains.borrow().as_ref() {
+                    let _ = stream.set_control(spa::sys::SPA_PROP_channelVolumes, g);
+                }
+            }
+        })
+        .register()
+        .context("stream control listener")?;
 
     let mut info = AudioInfoRaw::new();
     info.set_format(format);
@@ -305,6 +327,8 @@ fn open_stream(
         )
         .context("pw_stream_connect")?;
     Ok(Entry {
+        _control: control,
+        gains,
         stream,
         _listener: listener,
     })

@@ -67,6 +67,8 @@ pub struct FrontStream {
     acc_frames: u64,
     pub rule: Option<PeriodRule>,
     pub report: StreamReport,
+    /// Per-channel volume read back with GET_VOLUME.
+    pub volume_mdb: Option<Vec<i32>>,
 }
 
 impl FrontStream {
@@ -106,6 +108,7 @@ impl FrontStream {
             acc_frames: 0,
             rule: None,
             report: StreamReport::default(),
+            volume_mdb: None,
         })
     }
 
@@ -247,6 +250,29 @@ impl FrontStream {
         self.acc_frames = 0;
         self.next_evt_id = 0;
         self.rule = Some(rule);
+        Ok(())
+    }
+
+    /// SET_VOLUME for every channel, then GET_VOLUME into `volume_mdb`. The
+    /// values travel through the first bytes of the stream's buffer, as
+    /// sndif.h specifies, before any audio is written there.
+    pub fn set_volume(&mut self, mdb: i32, channels: usize) -> anyhow::Result<()> {
+        let raw: Vec<u8> = (0..channels).flat_map(|_| mdb.to_le_bytes()).collect();
+        self.buffer_write(0, &raw);
+        let rw = crate::sndif::RwReq {
+            offset: 0,
+            length: raw.len() as u32,
+        };
+        self.request(Request::SetVolume(rw))?;
+        self.buffer_write(0, &vec![0u8; raw.len()]);
+        self.request(Request::GetVolume(rw))?;
+        let mut back = vec![0u8; raw.len()];
+        self.buffer_read(0, &mut back);
+        self.volume_mdb = Some(
+            back.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        );
         Ok(())
     }
 

@@ -65,6 +65,14 @@ pub struct SimOptions {
     /// Behave as a hostile guest in one way and report how the backend reacted.
     #[arg(long, value_enum)]
     pub misbehave: Option<misbehave::Misbehave>,
+    /// After playing, close the frontend and connect again this many times
+    /// (as unloading and reloading the guest driver does), playing each time.
+    #[arg(long, default_value_t = 0)]
+    pub reconnects: u32,
+    /// Set the playback volume (0.001 dB steps) with SET_VOLUME after OPEN,
+    /// and read it back with GET_VOLUME.
+    #[arg(long, allow_hyphen_values = true)]
+    pub set_volume_mdb: Option<i32>,
     /// buffer-size the "toolstack" writes for the card (bytes).
     #[arg(long, default_value_t = 65536)]
     pub card_buffer_size: u32,
@@ -77,6 +85,10 @@ pub struct Report {
     pub playback: Option<StreamReport>,
     pub capture: Option<StreamReport>,
     pub misbehave: Option<misbehave::Outcome>,
+    /// Frontend close/re-handshake rounds completed (`--reconnects`).
+    pub reconnects: u32,
+    /// What GET_VOLUME returned after `--set-volume-mdb`.
+    pub volume_mdb: Option<Vec<i32>>,
 }
 
 /// What libxl writes for `vsnd = [[ 'CARD, ...', 'PCM, name=dev0', 'STREAM,
@@ -107,22 +119,28 @@ pub struct Guest {
     pub capture: FrontStream,
 }
 
-/// Connects and performs the xenbus handshake up to Connected.
-pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
-    let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
-    let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
-    let be = conn
-        .read(&format!("{fe}/{}", keys::BACKEND))?
-        .context("no backend path")?;
-    let st = |s: XenbusState| s.as_str();
-    conn.wait_for_value(
-        &format!("{be}/state"),
-        st(XenbusState::InitWait),
-        HANDSHAKE_TIMEOUT,
-    )
-    .context("backend never reached InitWait")?;
-    let playback = FrontStream::new(&mut conn)?;
-    let capture = FrontStream::new(&mut conn)?;
+fn state_key(dir: &str) -> String {
+    format!("{dir}/{}", keys::STATE)
+}
+
+/// Waits until the backend's state is `st` (bounded).
+fn wait_backend(conn: &mut GuestConn, be: &str, st: XenbusState) -> anyhow::Result<()> {
+    conn.wait_for_value(&state_key(be), st.as_str(), HANDSHAKE_TIMEOUT)
+        .with_context(|| format!("backend never reached {st:?}"))
+}
+
+/// The frontend's half of the handshake once the backend is in InitWait:
+/// rings, event pages and channels for both streams, published in
+/// xenstore; then Initialised, and Connected after the backend.
+fn handshake(
+    o: &SimOptions,
+    conn: &mut GuestConn,
+    fe: &str,
+    be: &str,
+) -> anyhow::Result<(FrontStream, FrontStream)> {
+    wait_backend(conn, be, XenbusState::InitWait)?;
+    let playback = FrontStream::new(conn)?;
+    let capture = FrontStream::new(conn)?;
     for (idx, s) in [(0, &playback), (1, &capture)] {
         let p = format!("{fe}/0/{idx}");
         conn.write(&format!("{p}/{}", keys::RING_REF), &s.ring_gref.to_string())?;
@@ -139,14 +157,20 @@ pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
     if o.delay_report {
         conn.write(&format!("{fe}/{}", keys::FEATURE_DELAY_REPORT), "1")?;
     }
-    conn.write(&format!("{fe}/state"), st(XenbusState::Initialised))?;
-    conn.wait_for_value(
-        &format!("{be}/state"),
-        st(XenbusState::Connected),
-        HANDSHAKE_TIMEOUT,
-    )
-    .context("backend never reached Connected")?;
-    conn.write(&format!("{fe}/state"), st(XenbusState::Connected))?;
+    conn.write(&state_key(fe), XenbusState::Initialised.as_str())?;
+    wait_backend(conn, be, XenbusState::Connected)?;
+    conn.write(&state_key(fe), XenbusState::Connected.as_str())?;
+    Ok((playback, capture))
+}
+
+/// Connects as a new domain and performs the xenbus handshake.
+pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
+    let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
+    let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
+    let be = conn
+        .read(&format!("{fe}/{}", keys::BACKEND))?
+        .context("no backend path")?;
+    let (playback, capture) = handshake(o, &mut conn, &fe, &be)?;
     Ok(Guest {
         conn,
         fe,
@@ -154,6 +178,23 @@ pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
         playback,
         capture,
     })
+}
+
+impl Guest {
+    /// What the Linux frontend does when its module is removed and loaded
+    /// again: Closing, wait for the backend to be back in InitWait, then a
+    /// new handshake with new rings and channels.
+    pub fn reconnect(&mut self, o: &SimOptions) -> anyhow::Result<()> {
+        self.conn
+            .write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
+        wait_backend(&mut self.conn, &self.be, XenbusState::InitWait)?;
+        self.conn
+            .write(&state_key(&self.fe), XenbusState::Initialising.as_str())?;
+        let (p, c) = handshake(o, &mut self.conn, &self.fe, &self.be)?;
+        self.playback = p;
+        self.capture = c;
+        Ok(())
+    }
 }
 
 pub fn open_req(o: &SimOptions, s: &FrontStream, format: PcmFormat) -> OpenReq {
@@ -180,10 +221,6 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         report.misbehave = Some(misbehave::run(m, o, &mut g)?);
         return Ok(report);
     }
-    let frame = 2 * o.channels as u32;
-    let buffer = o.period * o.periods * frame;
-    g.playback.alloc_buffer(&mut g.conn, buffer)?;
-    g.capture.alloc_buffer(&mut g.conn, buffer)?;
     let source: Option<Vec<i16>> = match (&o.play_wav, o.play) {
         (Some(p), _) => {
             let w = signal::read_wav(p)?;
@@ -205,14 +242,46 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         )),
         (None, None) => None,
     };
+    let mut captured = Vec::new();
+    for round in 0..=o.reconnects {
+        if round > 0 {
+            g.reconnect(o)?;
+        }
+        run_streams(o, &mut g, source.as_deref(), &mut captured)?;
+        report.reconnects = round;
+    }
+    if let Some(path) = &o.capture_wav {
+        signal::write_wav_s16(path, o.rate, o.channels as u32, &captured)?;
+        report.capture = Some(g.capture.report.clone());
+    }
+    if source.is_some() {
+        report.playback = Some(g.playback.report.clone());
+    }
+    report.volume_mdb = g.playback.volume_mdb.clone();
+    if o.linger > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(o.linger));
+    }
+    Ok(report)
+}
+
+/// One session of the two applications: playback and capture at once.
+fn run_streams(
+    o: &SimOptions,
+    g: &mut Guest,
+    source: Option<&[i16]>,
+    captured: &mut Vec<i16>,
+) -> anyhow::Result<()> {
+    let frame = 2 * o.channels as u32;
+    let buffer = o.period * o.periods * frame;
+    g.playback.alloc_buffer(&mut g.conn, buffer)?;
+    g.capture.alloc_buffer(&mut g.conn, buffer)?;
     let capture_frames = o
         .capture_wav
         .as_ref()
         .map(|_| (o.capture_seconds * o.rate as f64) as u64);
-
     let Guest {
         playback, capture, ..
-    } = &mut g;
+    } = g;
     std::thread::scope(|sc| -> anyhow::Result<()> {
         let p = source.map(|src| sc.spawn(|| play(o, playback, src)));
         let c = capture_frames.map(|n| sc.spawn(move || record(o, capture, n)));
@@ -221,25 +290,13 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
                 .map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
         }
         if let Some(c) = c {
-            let samples = c
-                .join()
-                .map_err(|_| anyhow::anyhow!("capture thread panicked"))??;
-            if let Some(path) = &o.capture_wav {
-                signal::write_wav_s16(path, o.rate, o.channels as u32, &samples)?;
-            }
+            captured.extend(
+                c.join()
+                    .map_err(|_| anyhow::anyhow!("capture thread panicked"))??,
+            );
         }
         Ok(())
-    })?;
-    if o.play.is_some() || o.play_wav.is_some() {
-        report.playback = Some(g.playback.report.clone());
-    }
-    if capture_frames.is_some() {
-        report.capture = Some(g.capture.report.clone());
-    }
-    if o.linger > 0.0 {
-        std::thread::sleep(Duration::from_secs_f64(o.linger));
-    }
-    Ok(report)
+    })
 }
 
 fn as_bytes(samples: &[i16]) -> Vec<u8> {
@@ -248,14 +305,17 @@ fn as_bytes(samples: &[i16]) -> Vec<u8> {
 
 /// An ALSA application in copy mode: prefill, start, then write a period
 /// whenever one is free, drain, stop, close.
-fn play(o: &SimOptions, s: &mut FrontStream, src: Vec<i16>) -> anyhow::Result<()> {
+fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16]) -> anyhow::Result<()> {
     let fmt = PcmFormat::S16Le;
     s.open(
         open_req(o, s, fmt),
         fmt.sample_bytes() as u32 * o.channels as u32,
         o.period_rule,
     )?;
-    let data = as_bytes(&src);
+    if let Some(mdb) = o.set_volume_mdb {
+        s.set_volume(mdb, o.channels as usize)?;
+    }
+    let data = as_bytes(src);
     let frame = s.frame_bytes as u64;
     let period = s.period_frames * frame;
     let total = data.len() as u64 - data.len() as u64 % frame;

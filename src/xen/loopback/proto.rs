@@ -71,8 +71,12 @@ pub fn recv<T: for<'de> Deserialize<'de>>(fd: RawFd) -> anyhow::Result<Option<(T
     let mut cbuf = nix::cmsg_space!([RawFd; 4]);
     let (n, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cbuf), MsgFlags::MSG_CMSG_CLOEXEC)
-            .context("recvmsg")?;
+        let msg = match recvmsg::<()>(fd, &mut iov, Some(&mut cbuf), MsgFlags::MSG_CMSG_CLOEXEC) {
+            // A peer that exits with data still queued resets the socket:
+            // that is a close, not an error.
+            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
+            r => r.context("recvmsg")?,
+        };
         let mut fds = Vec::new();
         for c in msg.cmsgs().context("control messages")? {
             if let ControlMessageOwned::ScmRights(list) = c {
