@@ -339,3 +339,26 @@ fn guest_volume_reaches_the_node() {
     .unwrap();
     assert_eq!(report["volume_mdb"], serde_json::json!([-6000, -6000]));
 }
+
+#[test]
+fn delay_is_reported_only_to_guests_that_opt_in() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend();
+    // A 44.1 kHz guest in a 48 kHz graph: PipeWire's resampler holds frames,
+    // which the stream's time report counts, so the delay cannot be zero.
+    // (The null sink itself reports no device latency.)
+    let args = ["--play", "tone", "--seconds", "1", "--rate", "44100"];
+    let (ok, with, err) = env.sim(
+        &sock,
+        &[&["--domain", "aware-vm", "--delay-report"][..], &args].concat(),
+    );
+    assert!(ok, "{err}");
+    let d = with["playback"]["max_delay_frames"].as_u64().unwrap();
+    assert!(d > 0 && d < 44100, "delay {d} frames");
+    let (ok, without, err) = env.sim(&sock, &[&["--domain", "plain-vm"][..], &args].concat());
+    assert!(ok, "{err}");
+    assert_eq!(
+        without["playback"]["max_delay_frames"], 0,
+        "reserved bytes must stay zero without opt-in"
+    );
+}

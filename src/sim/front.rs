@@ -39,6 +39,8 @@ pub struct StreamReport {
     pub final_position_bytes: u64,
     /// Last delay the backend reported with the extension (frames).
     pub last_delay_frames: u32,
+    /// Largest delay reported during the stream (frames).
+    pub max_delay_frames: u32,
 }
 
 pub struct FrontStream {
@@ -314,6 +316,7 @@ impl FrontStream {
     fn on_cur_pos(&mut self, pos: u64, delay: u32) {
         self.report.events += 1;
         self.report.last_delay_frames = delay;
+        self.report.max_delay_frames = self.report.max_delay_frames.max(delay);
         self.report.final_position_bytes = pos;
         let delta = pos.saturating_sub(self.last_pos_bytes) / self.frame_bytes as u64;
         self.last_pos_bytes = pos;
