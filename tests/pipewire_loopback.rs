@@ -56,7 +56,7 @@ fn guest_capture_receives_what_pipewire_plays() {
         Duration::from_secs(10),
         || env.links().contains("xen-vsnd.cap-vm.0.0.capture:input_FL"),
     );
-    let play = env.run("pw-play", &["--target", "test-sink", src.to_str().unwrap()]);
+    let play = env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]);
     assert!(play.status.success(), "pw-play failed");
     let out = sim.wait_with_output().unwrap();
     assert!(out.status.success());

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_xen-vsnd");
+/// The graph driver: `pw-modules/null-sink.conf`.
+pub const SINK: &str = "null-sink";
 
 /// Polls `cond` until it holds or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -98,7 +100,7 @@ impl PwEnv {
         log
     }
 
-    /// Starts PipeWire with a null sink ("test-sink") and WirePlumber.
+    /// Starts PipeWire with the null sink of pw-modules/ and WirePlumber.
     pub fn start() -> PwEnv {
         let dir = tempfile::tempdir().unwrap();
         for sub in ["run", "config/pipewire/pipewire.conf.d", "state", "data"] {
@@ -112,14 +114,7 @@ impl PwEnv {
         std::fs::write(
             dir.path()
                 .join("config/pipewire/pipewire.conf.d/null-sink.conf"),
-            r#"context.objects = [
-  { factory = adapter
-    args = { factory.name = support.null-audio-sink node.name = "test-sink"
-             node.description = "Test Sink" media.class = "Audio/Sink"
-             object.linger = true audio.position = [ FL FR ]
-             monitor.channel-volumes = true node.driver = true } }
-]
-"#,
+            include_str!("../../pw-modules/null-sink.conf"),
         )
         .unwrap();
         let mut env = PwEnv {
@@ -132,7 +127,7 @@ impl PwEnv {
         });
         env.spawn_logged("wireplumber", "dbus-run-session", &["--", "wireplumber"]);
         wait_until("the null sink", Duration::from_secs(15), || {
-            env.node_exists("test-sink")
+            env.node_exists(SINK)
         });
         // WirePlumber is up when it has registered its own client.
         wait_until("WirePlumber", Duration::from_secs(15), || {
@@ -176,7 +171,7 @@ impl PwEnv {
             .cmd("pw-record")
             .args([
                 "--target",
-                "test-sink",
+                SINK,
                 "-P",
                 "{ stream.capture.sink = true node.name = monitor-recorder }",
             ])
