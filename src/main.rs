@@ -51,10 +51,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve {
-            transport,
-            pipewire_remote,
-        } => serve(&transport, pipewire_remote),
+        Cmd::Serve { transport, pipewire_remote } => serve(&transport, pipewire_remote),
         Cmd::SimGuest(o) => sim_guest(&o),
     };
     if let Err(e) = r {

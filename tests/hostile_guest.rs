@@ -13,29 +13,9 @@ const CASES: &[(&str, &[&str])] = &[
     ("write-past-end", &[]),
     ("buffer-too-big", &[]),
     // Two directory pages are needed for these: a 4 MiB buffer.
-    (
-        "dir-short",
-        &[
-            "--card-buffer-size",
-            "4194304",
-            "--period",
-            "65536",
-            "--periods",
-            "16",
-        ],
-    ),
+    ("dir-short", &["--card-buffer-size", "4194304", "--period", "65536", "--periods", "16"]),
     ("dir-long", &[]),
-    (
-        "dir-loop",
-        &[
-            "--card-buffer-size",
-            "4194304",
-            "--period",
-            "65536",
-            "--periods",
-            "16",
-        ],
-    ),
+    ("dir-loop", &["--card-buffer-size", "4194304", "--period", "65536", "--periods", "16"]),
     ("bad-gref", &[]),
     ("unknown-op", &[]),
     ("open-twice", &[]),
@@ -53,25 +33,10 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor(&wav);
     let seconds = 8.0;
-    let good = {
-        let mut c = env.cmd(BIN);
-        c.args(["sim-guest", "--connect"]).arg(&sock);
-        c.args([
-            "--domain",
-            "good-vm",
-            "--play",
-            "pattern",
-            "--seconds",
-            &seconds.to_string(),
-        ]);
-        c.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let good = env
+        .spawn_sim(&sock, &["--domain", "good-vm", "--play", "pattern", "--seconds", &seconds.to_string()]);
     wait_until("the good guest to play", Duration::from_secs(10), || {
-        env.links()
-            .contains("xen-vsnd.good-vm.0.0.playback:output_FL")
+        env.links().contains("xen-vsnd.good-vm.0.0.playback:output_FL")
     });
 
     // All hostile guests at once, while the good one plays.
@@ -92,12 +57,8 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
 
-    let good_out = good.wait_with_output().unwrap();
-    assert!(
-        good_out.status.success(),
-        "good guest failed: {}",
-        String::from_utf8_lossy(&good_out.stderr)
-    );
+    let (good_ok, good_report, good_err) = finish_sim(good);
+    assert!(good_ok, "good guest failed: {good_err}");
     let sent = pattern(seconds);
     finish_recording(&mut rec, &sent, &wav);
 
@@ -108,10 +69,7 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
         eprintln!("{kind}: {m}");
         let refused = m["status"].as_i64().is_some_and(|s| s < 0) || m["stream_closed"] == true;
         if kind == "notify-flood" {
-            assert_eq!(
-                m["still_served"], true,
-                "{kind}: stream no longer served after a flood: {m}"
-            );
+            assert_eq!(m["still_served"], true, "{kind}: stream no longer served after a flood: {m}");
         } else {
             assert!(refused, "{kind}: backend accepted it: {m}");
         }
@@ -124,30 +82,17 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
             .lines()
             .filter(|l| l.contains("guest error") && l.contains(&format!("domid={domid} ")))
             .count();
-        assert_eq!(
-            lines, 1,
-            "{kind} (domid {domid}): {lines} log lines\n{text}"
-        );
+        assert_eq!(lines, 1, "{kind} (domid {domid}): {lines} log lines\n{text}");
     }
     assert!(!text.contains("panicked"), "{text}");
 
     // The good guest lost nothing.
-    let good_report: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&good_out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("sim-guest: "))
-            .unwrap(),
-    )
-    .unwrap();
     assert_eq!(good_report["playback"]["xruns"], 0, "{good_report}");
     assert_eq!(good_report["playback"]["bad_event_ids"], 0);
     assert_arrived_intact(&sent, &wav);
 
     // And the backend still serves new guests.
-    let (ok, report, err) = env.sim(
-        &sock,
-        &["--domain", "after-vm", "--play", "tone", "--seconds", "0.3"],
-    );
+    let (ok, report, err) = env.sim(&sock, &["--domain", "after-vm", "--play", "tone", "--seconds", "0.3"]);
     assert!(ok, "{err}");
     assert_eq!(report["playback"]["frames"], 14400);
 }

@@ -12,10 +12,7 @@ fn guest_playback_arrives_at_the_sink_sample_exact() {
     let (sock, _log) = env.start_backend();
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor(&wav);
-    let (ok, report, err) = env.sim(
-        &sock,
-        &["--domain", "play-vm", "--play", "pattern", "--seconds", "2"],
-    );
+    let (ok, report, err) = env.sim(&sock, &["--domain", "play-vm", "--play", "pattern", "--seconds", "2"]);
     assert!(ok, "sim-guest failed: {err}");
     finish_recording(&mut rec, &pattern(2.0), &wav);
     let p = &report["playback"];
@@ -36,38 +33,19 @@ fn guest_capture_receives_what_pipewire_plays() {
     let sent = pattern(2.0);
     xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
     let cap = env.dir.path().join("captured.wav");
-    let sim = {
-        let mut c = env.cmd(BIN);
-        c.args(["sim-guest", "--connect"]).arg(&sock);
-        c.args([
-            "--domain",
-            "cap-vm",
-            "--capture-seconds",
-            "5",
-            "--capture-wav",
-        ])
-        .arg(&cap);
-        c.stdout(std::process::Stdio::piped()).spawn().unwrap()
-    };
+    let sim = env.spawn_sim(
+        &sock,
+        &["--domain", "cap-vm", "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()],
+    );
     // WirePlumber links the guest's capture node to the sink's monitor
     // (there is no source): play into the sink and the guest hears it.
-    wait_until(
-        "the guest capture node to be linked",
-        Duration::from_secs(10),
-        || env.links().contains("xen-vsnd.cap-vm.0.0.capture:input_FL"),
-    );
+    wait_until("the guest capture node to be linked", Duration::from_secs(10), || {
+        env.links().contains("xen-vsnd.cap-vm.0.0.capture:input_FL")
+    });
     let play = env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]);
     assert!(play.status.success(), "pw-play failed");
-    let out = sim.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("sim-guest: "))
-            .unwrap(),
-    )
-    .unwrap();
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "{err}");
     assert_eq!(report["capture"]["xruns"], 0);
     assert_eq!(report["capture"]["bad_event_ids"], 0);
     assert_eq!(report["capture"]["early_interrupts"], 0);
@@ -85,55 +63,27 @@ fn node_props<'a>(dump: &'a serde_json::Value, name: &str) -> Option<&'a serde_j
 fn nodes_carry_the_names_and_properties_users_see() {
     let mut env = PwEnv::start();
     let (sock, _log) = env.start_backend();
-    let mut sim = {
-        let mut c = env.cmd(BIN);
-        c.args(["sim-guest", "--connect"]).arg(&sock);
-        c.args([
-            "--domain",
-            "work-vm",
-            "--play",
-            "tone",
-            "--seconds",
-            "4",
-            "--capture-wav",
-        ]);
-        c.arg(env.dir.path().join("c.wav"))
-            .args(["--capture-seconds", "4"]);
-        Proc(
-            c.stdout(std::process::Stdio::null()).spawn().unwrap(),
-            "sim",
-        )
-    };
+    let cap = env.dir.path().join("c.wav");
+    let args = ["--domain", "work-vm", "--play", "tone", "--seconds", "4", "--capture-seconds", "4"];
+    let mut sim =
+        Proc(env.spawn_sim(&sock, &[&args[..], &["--capture-wav", cap.to_str().unwrap()]].concat()), "sim");
     wait_until("both guest nodes", Duration::from_secs(10), || {
-        env.node_exists("xen-vsnd.work-vm.0.0.playback")
-            && env.node_exists("xen-vsnd.work-vm.0.0.capture")
+        env.node_exists("xen-vsnd.work-vm.0.0.playback") && env.node_exists("xen-vsnd.work-vm.0.0.capture")
     });
     let dump = env.dump();
-    let play =
-        node_props(&dump, "xen-vsnd.work-vm.0.0.playback").expect("playback node in pw-dump");
+    let play = node_props(&dump, "xen-vsnd.work-vm.0.0.playback").expect("playback node in pw-dump");
     assert_eq!(play["media.class"], "Stream/Output/Audio");
-    assert_eq!(
-        play["node.description"],
-        "work-vm: Xen PV Sound dev0 (playback)"
-    );
+    assert_eq!(play["node.description"], "work-vm: Xen PV Sound dev0 (playback)");
     assert_eq!(play["application.name"], "work-vm");
     assert_eq!(play["xen.unique-id"], "work-vm-play");
     assert_eq!(play["xen.domain"], "work-vm");
     assert!(play["xen.domid"].as_u64().is_some() || play["xen.domid"].as_str().is_some());
     let cap = node_props(&dump, "xen-vsnd.work-vm.0.0.capture").expect("capture node in pw-dump");
     assert_eq!(cap["media.class"], "Stream/Input/Audio");
-    assert_eq!(
-        cap["node.description"],
-        "work-vm: Xen PV Sound dev0 (capture)"
-    );
+    assert_eq!(cap["node.description"], "work-vm: Xen PV Sound dev0 (capture)");
     assert_eq!(cap["xen.unique-id"], "work-vm-cap");
     // WirePlumber linked the guest's playback to the sink like any application.
-    assert!(
-        env.links()
-            .contains("xen-vsnd.work-vm.0.0.playback:output_FL"),
-        "{}",
-        env.links()
-    );
+    assert!(env.links().contains("xen-vsnd.work-vm.0.0.playback:output_FL"), "{}", env.links());
     sim.interrupt_and_wait(Duration::from_secs(5));
 }
 
@@ -142,10 +92,7 @@ fn a_guest_reconnects_after_disconnecting() {
     let mut env = PwEnv::start();
     let (sock, log) = env.start_backend();
     for round in 0..3 {
-        let (ok, report, err) = env.sim(
-            &sock,
-            &["--domain", "again", "--play", "tone", "--seconds", "0.5"],
-        );
+        let (ok, report, err) = env.sim(&sock, &["--domain", "again", "--play", "tone", "--seconds", "0.5"]);
         assert!(ok, "round {round}: {err}");
         assert_eq!(report["playback"]["frames"], 24000, "round {round}");
         // The backend tears the streams down when the domain goes away.
@@ -154,54 +101,23 @@ fn a_guest_reconnects_after_disconnecting() {
         });
     }
     let text = std::fs::read_to_string(log).unwrap();
-    assert_eq!(
-        text.matches("loopback: guest again connected").count(),
-        3,
-        "{text}"
-    );
-    assert_eq!(
-        text.matches("backend directory removed").count(),
-        3,
-        "{text}"
-    );
+    assert_eq!(text.matches("loopback: guest again connected").count(), 3, "{text}");
+    assert_eq!(text.matches("backend directory removed").count(), 3, "{text}");
 }
 
 #[test]
 fn frontend_close_and_reconnect_in_the_same_domain() {
     let mut env = PwEnv::start();
     let (sock, log) = env.start_backend();
-    let (ok, report, err) = env.sim(
-        &sock,
-        &[
-            "--domain",
-            "reload-vm",
-            "--play",
-            "tone",
-            "--seconds",
-            "0.5",
-            "--reconnects",
-            "2",
-        ],
-    );
+    let (ok, report, err) =
+        env.sim(&sock, &["--domain", "reload-vm", "--play", "tone", "--seconds", "0.5", "--reconnects", "2"]);
     assert!(ok, "{err}");
     assert_eq!(report["reconnects"], 2);
-    assert_eq!(
-        report["playback"]["frames"], 24000,
-        "the last round played in full"
-    );
+    assert_eq!(report["playback"]["frames"], 24000, "the last round played in full");
     assert_eq!(report["playback"]["xruns"], 0);
     let text = std::fs::read_to_string(log).unwrap();
-    assert_eq!(
-        text.matches("disconnecting: frontend state Closing")
-            .count(),
-        2,
-        "{text}"
-    );
-    assert_eq!(
-        text.matches("connected domid=1 devid=0 streams=2").count(),
-        3,
-        "{text}"
-    );
+    assert_eq!(text.matches("disconnecting: frontend state Closing").count(), 2, "{text}");
+    assert_eq!(text.matches("connected domid=1 devid=0 streams=2").count(), 3, "{text}");
 }
 
 #[test]
@@ -210,32 +126,9 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
     let (sock, log) = env.start_backend();
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor(&wav);
-    let spawn = |env: &PwEnv, args: &[&str]| {
-        let mut c = env.cmd(BIN);
-        c.args(["sim-guest", "--connect"]).arg(&sock).args(args);
-        c.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let good = spawn(
-        &env,
-        &[
-            "--domain",
-            "steady-vm",
-            "--play",
-            "pattern",
-            "--seconds",
-            "4",
-        ],
-    );
-    let mut doomed = Proc(
-        spawn(
-            &env,
-            &["--domain", "doomed-vm", "--play", "tone", "--seconds", "30"],
-        ),
-        "doomed",
-    );
+    let good = env.spawn_sim(&sock, &["--domain", "steady-vm", "--play", "pattern", "--seconds", "4"]);
+    let mut doomed =
+        Proc(env.spawn_sim(&sock, &["--domain", "doomed-vm", "--play", "tone", "--seconds", "30"]), "doomed");
     wait_until("both guests to play", Duration::from_secs(10), || {
         let l = env.links();
         l.contains("xen-vsnd.doomed-vm.0.0.playback:output_FL")
@@ -244,17 +137,11 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
     std::thread::sleep(Duration::from_millis(500));
     doomed.0.kill().unwrap();
     doomed.0.wait().unwrap();
-    wait_until(
-        "the dead guest's node to go away",
-        Duration::from_secs(10),
-        || !env.node_exists("xen-vsnd.doomed-vm.0.0.playback"),
-    );
-    let out = good.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wait_until("the dead guest's node to go away", Duration::from_secs(10), || {
+        !env.node_exists("xen-vsnd.doomed-vm.0.0.playback")
+    });
+    let (ok, _, err) = finish_sim(good);
+    assert!(ok, "{err}");
     let sent = pattern(4.0);
     finish_recording(&mut rec, &sent, &wav);
     // The dead guest's tone was mixed in for a while: compare only after it
@@ -265,22 +152,9 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
         .expect("tail of the steady guest");
     assert_eq!(n, 48000, "the steady guest's last second arrived intact");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        text.contains("disconnecting: backend directory removed"),
-        "{text}"
-    );
+    assert!(text.contains("disconnecting: backend directory removed"), "{text}");
     // The backend still serves a new guest.
-    let (ok, report, err) = env.sim(
-        &sock,
-        &[
-            "--domain",
-            "doomed-vm",
-            "--play",
-            "tone",
-            "--seconds",
-            "0.3",
-        ],
-    );
+    let (ok, report, err) = env.sim(&sock, &["--domain", "doomed-vm", "--play", "tone", "--seconds", "0.3"]);
     assert!(ok, "{err}");
     assert_eq!(report["playback"]["frames"], 14400);
 }
@@ -289,54 +163,28 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
 fn guest_volume_reaches_the_node() {
     let mut env = PwEnv::start();
     let (sock, _log) = env.start_backend();
-    let mut c = env.cmd(BIN);
-    c.args(["sim-guest", "--connect"]).arg(&sock);
-    c.args([
-        "--domain",
-        "quiet-vm",
-        "--play",
-        "tone",
-        "--seconds",
-        "3",
-        "--set-volume-mdb",
-        "-6000",
-    ]);
-    let sim = c.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let sim = env.spawn_sim(
+        &sock,
+        &["--domain", "quiet-vm", "--play", "tone", "--seconds", "3", "--set-volume-mdb", "-6000"],
+    );
     let name = "xen-vsnd.quiet-vm.0.0.playback";
     let mut volumes = Vec::new();
-    wait_until(
-        "the node's channel volumes to follow the guest",
-        Duration::from_secs(10),
-        || {
-            let dump = env.dump();
-            volumes = dump
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|o| o["info"]["props"]["node.name"] == name)
-                .flat_map(|o| {
-                    o["info"]["params"]["Props"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .filter_map(|p| p["channelVolumes"].as_array().cloned())
-                .flatten()
-                .filter_map(|v| v.as_f64())
-                .collect();
-            volumes.len() == 2 && volumes.iter().all(|v| (v - 0.501).abs() < 0.01)
-        },
-    );
-    let out = sim.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("sim-guest: "))
-            .unwrap(),
-    )
-    .unwrap();
+    wait_until("the node's channel volumes to follow the guest", Duration::from_secs(10), || {
+        let dump = env.dump();
+        volumes = dump
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["info"]["props"]["node.name"] == name)
+            .flat_map(|o| o["info"]["params"]["Props"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["channelVolumes"].as_array().cloned())
+            .flatten()
+            .filter_map(|v| v.as_f64())
+            .collect();
+        volumes.len() == 2 && volumes.iter().all(|v| (v - 0.501).abs() < 0.01)
+    });
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "{err}");
     assert_eq!(report["volume_mdb"], serde_json::json!([-6000, -6000]));
 }
 
@@ -348,17 +196,11 @@ fn delay_is_reported_only_to_guests_that_opt_in() {
     // which the stream's time report counts, so the delay cannot be zero.
     // (The null sink itself reports no device latency.)
     let args = ["--play", "tone", "--seconds", "1", "--rate", "44100"];
-    let (ok, with, err) = env.sim(
-        &sock,
-        &[&["--domain", "aware-vm", "--delay-report"][..], &args].concat(),
-    );
+    let (ok, with, err) = env.sim(&sock, &[&["--domain", "aware-vm", "--delay-report"][..], &args].concat());
     assert!(ok, "{err}");
     let d = with["playback"]["max_delay_frames"].as_u64().unwrap();
     assert!(d > 0 && d < 44100, "delay {d} frames");
     let (ok, without, err) = env.sim(&sock, &[&["--domain", "plain-vm"][..], &args].concat());
     assert!(ok, "{err}");
-    assert_eq!(
-        without["playback"]["max_delay_frames"], 0,
-        "reserved bytes must stay zero without opt-in"
-    );
+    assert_eq!(without["playback"]["max_delay_frames"], 0, "reserved bytes must stay zero without opt-in");
 }

@@ -48,17 +48,10 @@ struct StoreSource<'a> {
 
 impl ConfigSource for StoreSource<'_> {
     fn read(&self, rel: &str) -> Option<String> {
-        self.store
-            .read(&format!("{}/{rel}", self.base))
-            .ok()
-            .flatten()
+        self.store.read(&format!("{}/{rel}", self.base)).ok().flatten()
     }
     fn list(&self, rel: &str) -> Vec<String> {
-        let p = if rel.is_empty() {
-            self.base.to_string()
-        } else {
-            format!("{}/{rel}", self.base)
-        };
+        let p = if rel.is_empty() { self.base.to_string() } else { format!("{}/{rel}", self.base) };
         self.store.directory(&p).unwrap_or_default()
     }
 }
@@ -68,27 +61,14 @@ pub fn sanitize_name(s: &str) -> String {
     let out: String = s
         .chars()
         .take(64)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
         .collect();
     out
 }
 
 impl Device {
     pub fn new(domid: DomId, devid: u32, be: String, fe: String) -> Device {
-        Device {
-            domid,
-            devid,
-            be,
-            fe,
-            phase: Phase::Fresh,
-            streams: Vec::new(),
-        }
+        Device { domid, devid, be, fe, phase: Phase::Fresh, streams: Vec::new() }
     }
 
     fn read(&self, s: &Services, path: &str) -> Option<String> {
@@ -96,10 +76,7 @@ impl Device {
     }
 
     fn set_state(&self, s: &Services, st: XenbusState) {
-        if let Err(e) = s
-            .store
-            .write(&format!("{}/{}", self.be, keys::STATE), st.as_str())
-        {
+        if let Err(e) = s.store.write(&format!("{}/{}", self.be, keys::STATE), st.as_str()) {
             tracing::warn!(domid = self.domid, "writing backend state: {e:#}");
         }
     }
@@ -107,10 +84,7 @@ impl Device {
     /// Reacts to the current xenstore state. Returns false when the device is
     /// gone (its backend directory was removed) and should be dropped.
     pub fn step(&mut self, s: &Services) -> bool {
-        if self
-            .read(s, &format!("{}/{}", self.be, keys::FRONTEND))
-            .is_none()
-        {
+        if self.read(s, &format!("{}/{}", self.be, keys::FRONTEND)).is_none() {
             self.teardown("backend directory removed");
             return false;
         }
@@ -120,12 +94,8 @@ impl Device {
             .unwrap_or(XenbusState::Closed);
         match (self.phase, fe_state) {
             (Phase::Fresh, _) => {
-                let _ = s
-                    .store
-                    .write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
-                let _ = s
-                    .store
-                    .write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
+                let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
+                let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
                 self.set_state(s, XenbusState::InitWait);
                 self.phase = Phase::InitWait;
                 tracing::info!(
@@ -148,14 +118,8 @@ impl Device {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        domid = self.domid,
-                        devid = self.devid,
-                        "cannot connect frontend: {e:#}"
-                    );
-                    let _ = s
-                        .store
-                        .write(&format!("{}/error", self.be), &format!("{e:#}"));
+                    tracing::warn!(domid = self.domid, devid = self.devid, "cannot connect frontend: {e:#}");
+                    let _ = s.store.write(&format!("{}/error", self.be), &format!("{e:#}"));
                     self.set_state(s, XenbusState::Closed);
                     self.phase = Phase::Failed;
                 }
@@ -166,10 +130,7 @@ impl Device {
                 self.set_state(s, XenbusState::InitWait);
                 self.phase = Phase::InitWait;
             }
-            (
-                Phase::Failed,
-                XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown,
-            ) => {
+            (Phase::Failed, XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown) => {
                 self.set_state(s, XenbusState::InitWait);
                 self.phase = Phase::InitWait;
             }
@@ -180,11 +141,7 @@ impl Device {
 
     fn teardown(&mut self, why: &str) {
         if !self.streams.is_empty() {
-            tracing::info!(
-                domid = self.domid,
-                devid = self.devid,
-                "disconnecting: {why}"
-            );
+            tracing::info!(domid = self.domid, devid = self.devid, "disconnecting: {why}");
         }
         self.streams.clear();
     }
@@ -198,25 +155,16 @@ impl Device {
     }
 
     fn read_u32(&self, s: &Services, path: &str) -> anyhow::Result<u32> {
-        let v = self
-            .read(s, path)
-            .ok_or_else(|| anyhow!("{path} missing"))?;
-        v.trim()
-            .parse::<u32>()
-            .map_err(|_| anyhow!("{path}: not a number: {v:?}"))
+        let v = self.read(s, path).ok_or_else(|| anyhow!("{path} missing"))?;
+        v.trim().parse::<u32>().map_err(|_| anyhow!("{path}: not a number: {v:?}"))
     }
 
     fn connect(&mut self, s: &Services) -> anyhow::Result<()> {
-        let card = parse_card(&StoreSource {
-            store: s.store.as_ref(),
-            base: &self.fe,
-        })
-        .map_err(|e| anyhow!(e))?;
-        let report_delay = self
-            .read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT))
-            .as_deref()
-            .map(str::trim)
-            == Some("1");
+        let card =
+            parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))?;
+        let report_delay =
+            self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
+                == Some("1");
         let domain = self
             .read(s, &format!("/local/domain/{}/name", self.domid))
             .map(|n| sanitize_name(&n))
@@ -226,18 +174,10 @@ impl Device {
         for (pcm, sc) in card.streams() {
             let sp = format!("{}/{}/{}", self.fe, pcm.index, sc.index);
             let ctx = || format!("stream {sp}");
-            let ring_ref = self
-                .read_u32(s, &format!("{sp}/{}", keys::RING_REF))
-                .with_context(ctx)?;
-            let port = self
-                .read_u32(s, &format!("{sp}/{}", keys::EVT_CHNL))
-                .with_context(ctx)?;
-            let evt_ref = self
-                .read_u32(s, &format!("{sp}/{}", keys::EVT_RING_REF))
-                .with_context(ctx)?;
-            let evt_port = self
-                .read_u32(s, &format!("{sp}/{}", keys::EVT_EVT_CHNL))
-                .with_context(ctx)?;
+            let ring_ref = self.read_u32(s, &format!("{sp}/{}", keys::RING_REF)).with_context(ctx)?;
+            let port = self.read_u32(s, &format!("{sp}/{}", keys::EVT_CHNL)).with_context(ctx)?;
+            let evt_ref = self.read_u32(s, &format!("{sp}/{}", keys::EVT_RING_REF)).with_context(ctx)?;
+            let evt_port = self.read_u32(s, &format!("{sp}/{}", keys::EVT_EVT_CHNL)).with_context(ctx)?;
             let ring_page = s.grants.map(self.domid, &[ring_ref]).with_context(ctx)?;
             let evt_page = Arc::new(s.grants.map(self.domid, &[evt_ref]).with_context(ctx)?);
             let req_ch = s.evtchn.bind(self.domid, port).with_context(ctx)?;
@@ -251,19 +191,9 @@ impl Device {
                 pcm_name: pcm.name.clone(),
                 cfg: sc.clone(),
             });
-            let pcm_stream = PcmStream::new(
-                ident,
-                s.grants.clone(),
-                s.host.clone(),
-                evt_page,
-                evt_ch,
-                report_delay,
-            );
-            streams.push(StreamService::spawn(
-                pcm_stream,
-                BackRing::new(ring_page),
-                req_ch,
-            )?);
+            let pcm_stream =
+                PcmStream::new(ident, s.grants.clone(), s.host.clone(), evt_page, evt_ch, report_delay);
+            streams.push(StreamService::spawn(pcm_stream, BackRing::new(ring_page), req_ch)?);
         }
         self.streams = streams;
         Ok(())

@@ -25,21 +25,13 @@ pub fn run(
     host: Arc<dyn HostBackend>,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let s = Services {
-        store: transport.store,
-        grants: transport.grants,
-        evtchn: transport.evtchn,
-        host,
-    };
+    let s = Services { store: transport.store, grants: transport.grants, evtchn: transport.evtchn, host };
     let root = format!("/local/domain/{}/backend/vsnd", transport.own_domid);
     s.store.watch(&root, ROOT_TOKEN)?;
     tracing::info!("serving vsnd devices under {root}");
     let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
     while !shutdown.load(Ordering::Relaxed) {
-        match transport
-            .watch_events
-            .recv_timeout(Duration::from_millis(200))
-        {
+        match transport.watch_events.recv_timeout(Duration::from_millis(200)) {
             Ok(_) => while transport.watch_events.try_recv().is_ok() {},
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
@@ -65,11 +57,7 @@ fn rescan(s: &Services, root: &str, devices: &mut BTreeMap<(u32, u32), Device>) 
         let Ok(domid) = dom.parse::<u32>() else {
             continue;
         };
-        for dev in s
-            .store
-            .directory(&format!("{root}/{dom}"))
-            .unwrap_or_default()
-        {
+        for dev in s.store.directory(&format!("{root}/{dom}")).unwrap_or_default() {
             let Ok(devid) = dev.parse::<u32>() else {
                 continue;
             };
@@ -77,12 +65,7 @@ fn rescan(s: &Services, root: &str, devices: &mut BTreeMap<(u32, u32), Device>) 
                 continue;
             }
             let be = format!("{root}/{dom}/{dev}");
-            let Some(fe) = s
-                .store
-                .read(&format!("{be}/{}", keys::FRONTEND))
-                .ok()
-                .flatten()
-            else {
+            let Some(fe) = s.store.read(&format!("{be}/{}", keys::FRONTEND)).ok().flatten() else {
                 continue;
             };
             // The frontend path is toolstack-written; still, insist it is the

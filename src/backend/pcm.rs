@@ -30,13 +30,7 @@ pub struct StreamIdentity {
 
 impl StreamIdentity {
     pub fn node_name(&self) -> String {
-        format!(
-            "xen-vsnd.{}.{}.{}.{}",
-            self.domain,
-            self.devid,
-            self.pcm_index,
-            self.stream_suffix()
-        )
+        format!("xen-vsnd.{}.{}.{}.{}", self.domain, self.devid, self.pcm_index, self.stream_suffix())
     }
 
     fn stream_suffix(&self) -> String {
@@ -50,18 +44,9 @@ impl StreamIdentity {
     }
 
     pub fn description(&self) -> String {
-        let pcm = if self.pcm_name.is_empty() {
-            format!("pcm{}", self.pcm_index)
-        } else {
-            self.pcm_name.clone()
-        };
-        format!(
-            "{}: {} {} ({})",
-            self.domain,
-            self.card_long_name,
-            pcm,
-            self.cfg.kind.as_str()
-        )
+        let pcm =
+            if self.pcm_name.is_empty() { format!("pcm{}", self.pcm_index) } else { self.pcm_name.clone() };
+        format!("{}: {} {} ({})", self.domain, self.card_long_name, pcm, self.cfg.kind.as_str())
     }
 
     pub fn spec(&self) -> StreamSpec {
@@ -180,12 +165,7 @@ impl PcmStream {
                 status
             }
         };
-        Response {
-            id,
-            operation,
-            status,
-            hw_param,
-        }
+        Response { id, operation, status, hw_param }
     }
 
     /// The geometry an OPEN asks for, checked against config and host.
@@ -195,10 +175,7 @@ impl PcmStream {
             return refuse(-errno::EINVAL, format!("OPEN: unknown format {}", o.format));
         };
         if !p.formats.contains(&format) || !self.host.supports(format) {
-            return refuse(
-                -errno::EINVAL,
-                format!("OPEN: format {} not offered", format.name()),
-            );
+            return refuse(-errno::EINVAL, format!("OPEN: format {} not offered", format.name()));
         }
         if !p.rates.contains(&o.rate) {
             return refuse(-errno::EINVAL, format!("OPEN: rate {} not offered", o.rate));
@@ -244,39 +221,30 @@ impl PcmStream {
             if !seen.insert(dir) {
                 return refuse(-errno::EINVAL, "OPEN: page directory loops");
             }
-            let page = self.grants.map(self.ident.domid, &[dir]).map_err(|e| {
-                Refusal(-errno::EINVAL, format!("OPEN: directory page {dir}: {e:#}"))
-            })?;
+            let page = self
+                .grants
+                .map(self.ident.domid, &[dir])
+                .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: directory page {dir}: {e:#}")))?;
             // Copy the page out once; the guest may keep changing it.
             let mut raw = vec![0u8; crate::sndif::PAGE_SIZE];
             page.copy_out(0, &mut raw);
-            let word = |i: usize| {
-                u32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]])
-            };
+            let word =
+                |i: usize| u32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]);
             let next = word(0);
             let take = GREFS_PER_DIR_PAGE.min(count - grefs.len());
             grefs.extend((1..=take).map(word));
             if grefs.len() == count {
                 if next != 0 {
-                    return refuse(
-                        -errno::EINVAL,
-                        "OPEN: page directory longer than the buffer",
-                    );
+                    return refuse(-errno::EINVAL, "OPEN: page directory longer than the buffer");
                 }
                 return Ok(grefs);
             }
             if next == 0 {
-                return refuse(
-                    -errno::EINVAL,
-                    "OPEN: page directory shorter than the buffer",
-                );
+                return refuse(-errno::EINVAL, "OPEN: page directory shorter than the buffer");
             }
             dir = next;
         }
-        refuse(
-            -errno::EINVAL,
-            "OPEN: page directory shorter than the buffer",
-        )
+        refuse(-errno::EINVAL, "OPEN: page directory shorter than the buffer")
     }
 
     fn open(&mut self, o: &OpenReq) -> Result<(), Refusal> {
@@ -309,14 +277,8 @@ impl PcmStream {
             rate = geom.rate, channels = geom.channels, format = geom.format.name(),
             buffer = geom.buffer_bytes, period = geom.period_bytes, "opened"
         );
-        self.opened = Some(Opened {
-            geom,
-            buffer,
-            shared,
-            host,
-            volume_mdb: vec![0; n],
-            muted: vec![false; n],
-        });
+        self.opened =
+            Some(Opened { geom, buffer, shared, host, volume_mdb: vec![0; n], muted: vec![false; n] });
         Ok(())
     }
 
@@ -339,9 +301,7 @@ impl PcmStream {
     }
 
     fn opened(&self, what: &str) -> Result<&Opened, Refusal> {
-        self.opened
-            .as_ref()
-            .ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
+        self.opened.as_ref().ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
     }
 
     fn check_range(o: &Opened, rw: RwReq, what: &str) -> Result<(), Refusal> {
@@ -359,22 +319,13 @@ impl PcmStream {
 
     /// WRITE (playback) / READ (capture): the guest filled / drained a region.
     fn transfer(&mut self, rw: RwReq, dir: StreamKind) -> Result<(), Refusal> {
-        let what = if dir == StreamKind::Playback {
-            "WRITE"
-        } else {
-            "READ"
-        };
+        let what = if dir == StreamKind::Playback { "WRITE" } else { "READ" };
         if self.ident.cfg.kind != dir {
-            return refuse(
-                -errno::EINVAL,
-                format!("{what} on a {} stream", self.ident.cfg.kind.as_str()),
-            );
+            return refuse(-errno::EINVAL, format!("{what} on a {} stream", self.ident.cfg.kind.as_str()));
         }
         let o = self.opened(what)?;
         Self::check_range(o, rw, what)?;
-        o.shared
-            .guest_bytes
-            .fetch_add(rw.length as u64, Ordering::AcqRel);
+        o.shared.guest_bytes.fetch_add(rw.length as u64, Ordering::AcqRel);
         Ok(())
     }
 
@@ -402,21 +353,11 @@ impl PcmStream {
             }
         }
         formats &= q.formats;
-        let rates: Vec<u32> = p
-            .rates
-            .iter()
-            .copied()
-            .filter(|r| *r >= q.rates.0 && *r <= q.rates.1)
-            .collect();
-        let ch = (
-            q.channels.0.max(p.channels_min),
-            q.channels.1.min(p.channels_max),
-        );
+        let rates: Vec<u32> =
+            p.rates.iter().copied().filter(|r| *r >= q.rates.0 && *r <= q.rates.1).collect();
+        let ch = (q.channels.0.max(p.channels_min), q.channels.1.min(p.channels_max));
         if formats == 0 || rates.is_empty() || ch.0 > ch.1 {
-            return refuse(
-                -errno::EINVAL,
-                "HW_PARAM_QUERY: no configuration satisfies the request",
-            );
+            return refuse(-errno::EINVAL, "HW_PARAM_QUERY: no configuration satisfies the request");
         }
         let min_sample = PcmFormat::all()
             .filter(|f| formats & f.mask_bit() != 0)
@@ -424,19 +365,10 @@ impl PcmStream {
             .min()
             .unwrap_or(1);
         let max_frames = p.buffer_size.min(limits::MAX_BUFFER_SIZE) / (min_sample * ch.0);
-        let buf = (
-            q.buffer_frames.0.max(2 * MIN_PERIOD_FRAMES),
-            q.buffer_frames.1.min(max_frames),
-        );
-        let per = (
-            q.period_frames.0.max(MIN_PERIOD_FRAMES),
-            q.period_frames.1.min(max_frames / 2),
-        );
+        let buf = (q.buffer_frames.0.max(2 * MIN_PERIOD_FRAMES), q.buffer_frames.1.min(max_frames));
+        let per = (q.period_frames.0.max(MIN_PERIOD_FRAMES), q.period_frames.1.min(max_frames / 2));
         if buf.0 > buf.1 || per.0 > per.1 {
-            return refuse(
-                -errno::EINVAL,
-                "HW_PARAM_QUERY: buffer/period sizes impossible",
-            );
+            return refuse(-errno::EINVAL, "HW_PARAM_QUERY: buffer/period sizes impossible");
         }
         Ok(HwParam {
             formats,
@@ -452,22 +384,14 @@ impl PcmStream {
             .volume_mdb
             .iter()
             .zip(&o.muted)
-            .map(|(mdb, m)| {
-                if *m {
-                    0.0
-                } else {
-                    10f32.powf(*mdb as f32 / 20_000.0).min(1.0)
-                }
-            })
+            .map(|(mdb, m)| if *m { 0.0 } else { 10f32.powf(*mdb as f32 / 20_000.0).min(1.0) })
             .collect();
         o.host.set_volume(gains);
     }
 
     fn set_volume(&mut self, rw: RwReq) -> Result<(), Refusal> {
-        let o = self
-            .opened
-            .as_mut()
-            .ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
+        let o =
+            self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
         Self::check_range(o, rw, "SET_VOLUME")?;
         let n = o.volume_mdb.len();
         if (rw.length as usize) < n * 4 {
@@ -477,8 +401,7 @@ impl PcmStream {
         o.buffer.copy_out(rw.offset as usize, &mut raw);
         for (i, v) in o.volume_mdb.iter_mut().enumerate() {
             // Volumes above 0 dB are clamped: the backend only attenuates.
-            *v = i32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]])
-                .min(0);
+            *v = i32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]).min(0);
         }
         Self::apply_volume(o);
         Ok(())
@@ -488,10 +411,7 @@ impl PcmStream {
         let o = self.opened("GET_VOLUME")?;
         Self::check_range(o, rw, "GET_VOLUME")?;
         if (rw.length as usize) < o.volume_mdb.len() * 4 {
-            return refuse(
-                -errno::EINVAL,
-                "GET_VOLUME: buffer smaller than the channels",
-            );
+            return refuse(-errno::EINVAL, "GET_VOLUME: buffer smaller than the channels");
         }
         let raw: Vec<u8> = o.volume_mdb.iter().flat_map(|v| v.to_le_bytes()).collect();
         o.buffer.copy_in(rw.offset as usize, &raw);
@@ -499,10 +419,7 @@ impl PcmStream {
     }
 
     fn mute(&mut self, rw: RwReq, mute: bool) -> Result<(), Refusal> {
-        let o = self
-            .opened
-            .as_mut()
-            .ok_or_else(|| Refusal(-errno::EINVAL, "MUTE before OPEN".into()))?;
+        let o = self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "MUTE before OPEN".into()))?;
         Self::check_range(o, rw, "MUTE")?;
         let n = o.muted.len();
         if (rw.length as usize) < n {
@@ -622,9 +539,7 @@ mod tests {
         assert_eq!(s.ident.node_name(), "xen-vsnd.vm.0.0.playback");
         assert_eq!(s.ident.description(), "vm: Xen PV Sound dev0 (playback)");
         let spec = s.ident.spec();
-        assert!(spec
-            .props
-            .contains(&("xen.unique-id".into(), "pw0-play".into())));
+        assert!(spec.props.contains(&("xen.unique-id".into(), "pw0-play".into())));
         assert!(spec.props.contains(&("xen.domid".into(), "7".into())));
     }
 
@@ -632,48 +547,20 @@ mod tests {
     fn open_validates_against_the_card() {
         let (mut s, _, _) = stream();
         let bad = [
-            OpenReq {
-                format: 22,
-                ..open_req(4096)
-            },
-            OpenReq {
-                format: PcmFormat::F32Le.wire(),
-                ..open_req(4096)
-            },
-            OpenReq {
-                rate: 96000,
-                ..open_req(4096)
-            },
-            OpenReq {
-                channels: 0,
-                ..open_req(4096)
-            },
-            OpenReq {
-                channels: 3,
-                ..open_req(4096)
-            },
+            OpenReq { format: 22, ..open_req(4096) },
+            OpenReq { format: PcmFormat::F32Le.wire(), ..open_req(4096) },
+            OpenReq { rate: 96000, ..open_req(4096) },
+            OpenReq { channels: 0, ..open_req(4096) },
+            OpenReq { channels: 3, ..open_req(4096) },
             open_req(0),
             open_req(65536 + 4096),
             open_req(4098),
-            OpenReq {
-                period_sz: 8192,
-                ..open_req(4096)
-            },
-            OpenReq {
-                period_sz: 1022,
-                ..open_req(4096)
-            },
-            OpenReq {
-                gref_directory: 0,
-                ..open_req(4096)
-            },
+            OpenReq { period_sz: 8192, ..open_req(4096) },
+            OpenReq { period_sz: 1022, ..open_req(4096) },
+            OpenReq { gref_directory: 0, ..open_req(4096) },
         ];
         for o in bad {
-            assert_eq!(
-                send(&mut s, Request::Open(o)).status,
-                -errno::EINVAL,
-                "{o:?}"
-            );
+            assert_eq!(send(&mut s, Request::Open(o)).status, -errno::EINVAL, "{o:?}");
         }
     }
 
@@ -682,30 +569,14 @@ mod tests {
         let (mut s, _, _) = stream();
         for r in [
             Request::Trigger(trigger::START),
-            Request::Write(RwReq {
-                offset: 0,
-                length: 4,
-            }),
-            Request::SetVolume(RwReq {
-                offset: 0,
-                length: 8,
-            }),
-            Request::GetVolume(RwReq {
-                offset: 0,
-                length: 8,
-            }),
-            Request::Mute(RwReq {
-                offset: 0,
-                length: 2,
-            }),
+            Request::Write(RwReq { offset: 0, length: 4 }),
+            Request::SetVolume(RwReq { offset: 0, length: 8 }),
+            Request::GetVolume(RwReq { offset: 0, length: 8 }),
+            Request::Mute(RwReq { offset: 0, length: 2 }),
         ] {
             assert_eq!(send(&mut s, r).status, -errno::EINVAL, "{r:?}");
         }
-        assert_eq!(
-            send(&mut s, Request::Close).status,
-            0,
-            "CLOSE is idempotent"
-        );
+        assert_eq!(send(&mut s, Request::Close).status, 0, "CLOSE is idempotent");
         assert_eq!(send(&mut s, Request::Unknown(77)).status, -errno::ENOSYS);
     }
 
@@ -732,18 +603,12 @@ mod tests {
         let r = send(&mut s, Request::HwParamQuery(q));
         assert_eq!(r.status, 0);
         let h = r.hw_param.unwrap();
-        assert_eq!(
-            h.formats,
-            PcmFormat::S16Le.mask_bit() | PcmFormat::S32Le.mask_bit()
-        );
+        assert_eq!(h.formats, PcmFormat::S16Le.mask_bit() | PcmFormat::S32Le.mask_bit());
         assert_eq!(h.rates, (44100, 48000));
         assert_eq!(h.channels, (1, 2));
         assert_eq!(h.buffer_frames, (32, 65536 / 2));
         assert_eq!(h.period_frames, (16, 65536 / 4));
-        let none = HwParam {
-            rates: (96000, 192000),
-            ..q
-        };
+        let none = HwParam { rates: (96000, 192000), ..q };
         let r = send(&mut s, Request::HwParamQuery(none));
         assert_eq!((r.status, r.hw_param), (-errno::EINVAL, None));
     }
@@ -776,127 +641,40 @@ mod tests {
 
         buffer.copy_in(100, &(-6000i32).to_le_bytes());
         buffer.copy_in(104, &(3000i32).to_le_bytes());
-        assert_eq!(
-            send(
-                &mut s,
-                Request::SetVolume(RwReq {
-                    offset: 100,
-                    length: 8
-                })
-            )
-            .status,
-            0
-        );
+        assert_eq!(send(&mut s, Request::SetVolume(RwReq { offset: 100, length: 8 })).status, 0);
         let g = host.0.lock().unwrap().last().cloned().unwrap();
         assert!((g[0] - 0.501).abs() < 0.001 && g[1] == 1.0, "{g:?}");
-        assert_eq!(
-            send(
-                &mut s,
-                Request::GetVolume(RwReq {
-                    offset: 200,
-                    length: 8
-                })
-            )
-            .status,
-            0
-        );
+        assert_eq!(send(&mut s, Request::GetVolume(RwReq { offset: 200, length: 8 })).status, 0);
         let mut back = [0u8; 8];
         buffer.copy_out(200, &mut back);
         assert_eq!(back[..4], (-6000i32).to_le_bytes());
         assert_eq!(back[4..], 0i32.to_le_bytes(), "gain above 0 dB is clamped");
         buffer.copy_in(300, &[0, 1]);
-        assert_eq!(
-            send(
-                &mut s,
-                Request::Mute(RwReq {
-                    offset: 300,
-                    length: 2
-                })
-            )
-            .status,
-            0
-        );
+        assert_eq!(send(&mut s, Request::Mute(RwReq { offset: 300, length: 2 })).status, 0);
         assert_eq!(host.0.lock().unwrap().last().unwrap()[1], 0.0);
-        assert_eq!(
-            send(
-                &mut s,
-                Request::Unmute(RwReq {
-                    offset: 300,
-                    length: 2
-                })
-            )
-            .status,
-            0
-        );
+        assert_eq!(send(&mut s, Request::Unmute(RwReq { offset: 300, length: 2 })).status, 0);
         assert_eq!(host.0.lock().unwrap().last().unwrap()[1], 1.0);
         assert_eq!(
-            send(
-                &mut s,
-                Request::SetVolume(RwReq {
-                    offset: 4090,
-                    length: 8
-                })
-            )
-            .status,
+            send(&mut s, Request::SetVolume(RwReq { offset: 4090, length: 8 })).status,
+            -errno::EINVAL
+        );
+        assert_eq!(send(&mut s, Request::SetVolume(RwReq { offset: 0, length: 4 })).status, -errno::EINVAL);
+        assert_eq!(
+            send(&mut s, Request::Write(RwReq { offset: u32::MAX, length: 2 })).status,
             -errno::EINVAL
         );
         assert_eq!(
-            send(
-                &mut s,
-                Request::SetVolume(RwReq {
-                    offset: 0,
-                    length: 4
-                })
-            )
-            .status,
-            -errno::EINVAL
-        );
-        assert_eq!(
-            send(
-                &mut s,
-                Request::Write(RwReq {
-                    offset: u32::MAX,
-                    length: 2
-                })
-            )
-            .status,
-            -errno::EINVAL
-        );
-        assert_eq!(
-            send(
-                &mut s,
-                Request::Read(RwReq {
-                    offset: 0,
-                    length: 2
-                })
-            )
-            .status,
+            send(&mut s, Request::Read(RwReq { offset: 0, length: 2 })).status,
             -errno::EINVAL,
             "READ on playback"
         );
-        assert_eq!(
-            send(
-                &mut s,
-                Request::Write(RwReq {
-                    offset: 0,
-                    length: 4096
-                })
-            )
-            .status,
-            0
-        );
-        assert_eq!(
-            s.shared().unwrap().guest_bytes.load(Ordering::Relaxed),
-            4096
-        );
+        assert_eq!(send(&mut s, Request::Write(RwReq { offset: 0, length: 4096 })).status, 0);
+        assert_eq!(s.shared().unwrap().guest_bytes.load(Ordering::Relaxed), 4096);
         assert_eq!(send(&mut s, Request::Trigger(9)).status, -errno::EINVAL);
         assert_eq!(send(&mut s, Request::Trigger(trigger::START)).status, 0);
         assert!(s.shared().unwrap().running.load(Ordering::Relaxed));
         assert_eq!(send(&mut s, Request::Trigger(trigger::PAUSE)).status, 0);
         assert!(!s.shared().unwrap().running.load(Ordering::Relaxed));
-        assert_eq!(
-            send(&mut s, Request::Open(open_req(4096))).status,
-            -errno::EBUSY
-        );
+        assert_eq!(send(&mut s, Request::Open(open_req(4096))).status, -errno::EBUSY);
     }
 }

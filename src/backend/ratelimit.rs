@@ -11,11 +11,7 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     pub fn new(interval: Duration) -> LogLimiter {
-        LogLimiter {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
+        LogLimiter { interval, last: None, suppressed: 0 }
     }
 
     /// Returns `Some(suppressed_since_last)` when a line may be logged now.

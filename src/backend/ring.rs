@@ -25,11 +25,7 @@ impl BackRing {
     /// Starts serving at the indices the frontend initialised.
     pub fn new(page: SharedPages) -> BackRing {
         let rsp = page.load_u32(sring::RSP_PROD);
-        BackRing {
-            page,
-            req_cons: rsp,
-            rsp_prod_pvt: rsp,
-        }
+        BackRing { page, req_cons: rsp, rsp_prod_pvt: rsp }
     }
 
     /// Takes the requests published so far (at most one ring's worth).
@@ -39,10 +35,7 @@ impl BackRing {
         // Requests may only occupy slots whose responses were consumed.
         let in_flight = self.req_cons.wrapping_sub(self.rsp_prod_pvt);
         if pending > REQ_RING_SIZE || pending.wrapping_add(in_flight) > REQ_RING_SIZE {
-            return Err(RingOverflow {
-                req_prod: prod,
-                req_cons: self.req_cons,
-            });
+            return Err(RingOverflow { req_prod: prod, req_cons: self.req_cons });
         }
         while self.req_cons != prod {
             out.push(self.page.read_msg(ring_slot_offset(self.req_cons)));
@@ -52,8 +45,7 @@ impl BackRing {
     }
 
     pub fn push_response(&mut self, msg: &[u8; MSG_SIZE]) {
-        self.page
-            .write_msg(ring_slot_offset(self.rsp_prod_pvt), msg);
+        self.page.write_msg(ring_slot_offset(self.rsp_prod_pvt), msg);
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
     }
 
@@ -71,8 +63,7 @@ impl BackRing {
     /// Re-arms `req_event` and reports whether more requests raced in
     /// (RING_FINAL_CHECK_FOR_REQUESTS).
     pub fn final_check(&mut self) -> bool {
-        self.page
-            .store_u32(sring::REQ_EVENT, self.req_cons.wrapping_add(1));
+        self.page.store_u32(sring::REQ_EVENT, self.req_cons.wrapping_add(1));
         fence(Ordering::SeqCst);
         self.page.load_u32(sring::REQ_PROD) != self.req_cons
     }
@@ -89,8 +80,7 @@ mod tests {
         let page = test_pages(4096);
         let mut ring = BackRing::new(page);
         for i in 0..3u32 {
-            ring.page
-                .write_msg(ring_slot_offset(i), &Request::Close.encode(i as u16));
+            ring.page.write_msg(ring_slot_offset(i), &Request::Close.encode(i as u16));
         }
         ring.page.store_u32(sring::REQ_PROD, 3);
         ring.page.store_u32(sring::RSP_EVENT, 1);
@@ -99,15 +89,7 @@ mod tests {
         assert_eq!(v.len(), 3);
         for m in &v {
             let (id, op, _) = Request::decode(m);
-            ring.push_response(
-                &Response {
-                    id,
-                    operation: op,
-                    status: 0,
-                    hw_param: None,
-                }
-                .encode(),
-            );
+            ring.push_response(&Response { id, operation: op, status: 0, hw_param: None }.encode());
         }
         assert!(ring.publish_responses());
         assert_eq!(ring.page.load_u32(sring::RSP_PROD), 3);

@@ -32,10 +32,7 @@ impl StreamService {
             .name(name)
             .spawn(move || serve(pcm, ring, channel, stop_wait))
             .context("spawning stream thread")?;
-        Ok(StreamService {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(StreamService { stop, thread: Some(thread) })
     }
 }
 
@@ -72,16 +69,10 @@ fn serve(mut pcm: PcmStream, mut ring: BackRing, channel: Arc<dyn EventChannel>,
     // SAFETY: the channel outlives this function (we hold an Arc).
     let ch_fd = unsafe { BorrowedFd::borrow_raw(channel.fd()) };
     let mut batch = Vec::with_capacity(crate::sndif::REQ_RING_SIZE as usize);
-    let mut flood = FloodMeter {
-        window: Instant::now(),
-        idle_wakeups: 0,
-    };
+    let mut flood = FloodMeter { window: Instant::now(), idle_wakeups: 0 };
     let mut broken = false;
     loop {
-        let mut fds = [
-            PollFd::new(ch_fd, PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = [PollFd::new(ch_fd, PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(1000u16)) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -90,15 +81,10 @@ fn serve(mut pcm: PcmStream, mut ring: BackRing, channel: Arc<dyn EventChannel>,
                 break;
             }
         }
-        if fds[1]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLIN))
-        {
+        if fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
             break;
         }
-        let notified = fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(PollFlags::POLLIN));
+        let notified = fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
         if notified {
             let _ = channel.consume();
         }

@@ -18,11 +18,7 @@ impl EventRing {
     /// after each OPEN. The producer index continues from the page.
     pub fn new(page: Arc<SharedPages>) -> EventRing {
         let prod = page.load_u32(evt_page::IN_PROD);
-        EventRing {
-            page,
-            prod,
-            next_id: 0,
-        }
+        EventRing { page, prod, next_id: 0 }
     }
 
     /// Pushes one CUR_POS; false when the guest's ring is full (or its

@@ -78,14 +78,7 @@ impl DmaEngine {
         shared: Arc<DmaShared>,
         report_delay: bool,
     ) -> DmaEngine {
-        DmaEngine {
-            geom,
-            buffer,
-            events,
-            evtchn,
-            shared,
-            report_delay,
-        }
+        DmaEngine { geom, buffer, events, evtchn, shared, report_delay }
     }
 
     pub fn frame_bytes(&self) -> usize {
@@ -194,14 +187,7 @@ mod tests {
         }
     }
 
-    fn engine(
-        report_delay: bool,
-    ) -> (
-        DmaEngine,
-        Arc<SharedPages>,
-        Arc<SharedPages>,
-        Arc<CountingChannel>,
-    ) {
+    fn engine(report_delay: bool) -> (DmaEngine, Arc<SharedPages>, Arc<SharedPages>, Arc<CountingChannel>) {
         let geom = Geometry {
             format: PcmFormat::S16Le,
             rate: 48000,

@@ -22,24 +22,10 @@ use std::time::Duration;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Cmd {
-    Open {
-        id: u64,
-        spec: StreamSpec,
-        engine: Box<DmaEngine>,
-        reply: mpsc::SyncSender<anyhow::Result<()>>,
-    },
-    Close {
-        id: u64,
-        reply: mpsc::SyncSender<()>,
-    },
-    Active {
-        id: u64,
-        active: bool,
-    },
-    Volume {
-        id: u64,
-        gains: Vec<f32>,
-    },
+    Open { id: u64, spec: StreamSpec, engine: Box<DmaEngine>, reply: mpsc::SyncSender<anyhow::Result<()>> },
+    Close { id: u64, reply: mpsc::SyncSender<()> },
+    Active { id: u64, active: bool },
+    Volume { id: u64, gains: Vec<f32> },
 }
 
 pub struct PipeWireHost {
@@ -78,17 +64,8 @@ fn positions(n: u32) -> [u32; spa::param::audio::MAX_CHANNELS] {
     let layout: &[u32] = match n {
         1 => &[SPA_AUDIO_CHANNEL_MONO],
         2 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR],
-        3 => &[
-            SPA_AUDIO_CHANNEL_FL,
-            SPA_AUDIO_CHANNEL_FR,
-            SPA_AUDIO_CHANNEL_LFE,
-        ],
-        4 => &[
-            SPA_AUDIO_CHANNEL_FL,
-            SPA_AUDIO_CHANNEL_FR,
-            SPA_AUDIO_CHANNEL_RL,
-            SPA_AUDIO_CHANNEL_RR,
-        ],
+        3 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_LFE],
+        4 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_RL, SPA_AUDIO_CHANNEL_RR],
         6 => &[
             SPA_AUDIO_CHANNEL_FL,
             SPA_AUDIO_CHANNEL_FR,
@@ -110,10 +87,7 @@ fn positions(n: u32) -> [u32; spa::param::audio::MAX_CHANNELS] {
         _ => &[],
     };
     for (i, slot) in p.iter_mut().enumerate().take(n as usize) {
-        *slot = layout
-            .get(i)
-            .copied()
-            .unwrap_or(SPA_AUDIO_CHANNEL_AUX0 + i as u32);
+        *slot = layout.get(i).copied().unwrap_or(SPA_AUDIO_CHANNEL_AUX0 + i as u32);
     }
     p
 }
@@ -131,11 +105,7 @@ pub fn node_latency_frames(period_frames: u32) -> u32 {
 fn delay_frames(t: &pw::stream::Time, stream_rate: u32, frame_bytes: usize) -> u32 {
     let raw = t.as_raw();
     let (num, denom) = (raw.rate.num as i128, raw.rate.denom as i128);
-    let graph = if denom > 0 {
-        (raw.delay as i128 * num * stream_rate as i128) / denom
-    } else {
-        0
-    };
+    let graph = if denom > 0 { (raw.delay as i128 * num * stream_rate as i128) / denom } else { 0 };
     let queued = (raw.queued as usize / frame_bytes.max(1)) as i128;
     (graph + queued + raw.buffered as i128).clamp(0, u32::MAX as i128) as u32
 }
@@ -144,8 +114,7 @@ impl PipeWireHost {
     /// Starts the PipeWire thread and connects to the daemon (`remote`:
     /// `PIPEWIRE_REMOTE` style name, or the default).
     pub fn start(remote: Option<String>) -> anyhow::Result<PipeWireHost> {
-        let (ready_tx, ready_rx) =
-            mpsc::sync_channel::<anyhow::Result<pw::channel::Sender<Cmd>>>(1);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<anyhow::Result<pw::channel::Sender<Cmd>>>(1);
         std::thread::Builder::new()
             .name("pipewire".into())
             .spawn(move || {
@@ -154,13 +123,9 @@ impl PipeWireHost {
                 }
             })
             .context("spawning the PipeWire thread")?;
-        let tx = ready_rx
-            .recv_timeout(REPLY_TIMEOUT)
-            .map_err(|_| anyhow!("PipeWire thread did not start"))??;
-        Ok(PipeWireHost {
-            tx,
-            next_id: AtomicU64::new(1),
-        })
+        let tx =
+            ready_rx.recv_timeout(REPLY_TIMEOUT).map_err(|_| anyhow!("PipeWire thread did not start"))??;
+        Ok(PipeWireHost { tx, next_id: AtomicU64::new(1) })
     }
 }
 
@@ -205,12 +170,7 @@ fn run_loop(
     let streams: Rc<RefCell<HashMap<u64, Entry>>> = Rc::default();
     let core2 = core.clone();
     let _attached = rx.attach(mainloop.loop_(), move |cmd| match cmd {
-        Cmd::Open {
-            id,
-            spec,
-            engine,
-            reply,
-        } => {
+        Cmd::Open { id, spec, engine, reply } => {
             let r = open_stream(&core2, spec, engine).map(|e| {
                 streams.borrow_mut().insert(id, e);
             });
@@ -230,9 +190,7 @@ fn run_loop(
         }
         Cmd::Volume { id, gains } => {
             if let Some(e) = streams.borrow().get(&id) {
-                let _ = e
-                    .stream
-                    .set_control(spa::sys::SPA_PROP_channelVolumes, &gains);
+                let _ = e.stream.set_control(spa::sys::SPA_PROP_channelVolumes, &gains);
                 *e.gains.borrow_mut() = Some(gains);
             }
         }
@@ -242,14 +200,9 @@ fn run_loop(
     Ok(())
 }
 
-fn open_stream(
-    core: &pw::core::CoreRc,
-    spec: StreamSpec,
-    engine: Box<DmaEngine>,
-) -> anyhow::Result<Entry> {
+fn open_stream(core: &pw::core::CoreRc, spec: StreamSpec, engine: Box<DmaEngine>) -> anyhow::Result<Entry> {
     let g = engine.geom;
-    let format =
-        spa_format(g.format).ok_or_else(|| anyhow!("format {} unsupported", g.format.name()))?;
+    let format = spa_format(g.format).ok_or_else(|| anyhow!("format {} unsupported", g.format.name()))?;
     let (class, category) = match spec.kind {
         StreamKind::Playback => ("Stream/Output/Audio", "Playback"),
         StreamKind::Capture => ("Stream/Input/Audio", "Capture"),
@@ -270,12 +223,8 @@ fn open_stream(
     for (k, v) in &spec.props {
         props.insert(k.as_str(), v.as_str());
     }
-    let stream =
-        pw::stream::StreamRc::new(core.clone(), &spec.node_name, props).context("pw_stream_new")?;
-    let rt = Rt {
-        engine,
-        kind: spec.kind,
-    };
+    let stream = pw::stream::StreamRc::new(core.clone(), &spec.node_name, props).context("pw_stream_new")?;
+    let rt = Rt { engine, kind: spec.kind };
     let listener = stream
         .add_local_listener_with_user_data(rt)
         .process(process)
@@ -326,12 +275,7 @@ fn open_stream(
             &mut params,
         )
         .context("pw_stream_connect")?;
-    Ok(Entry {
-        _control: control,
-        gains,
-        stream,
-        _listener: listener,
-    })
+    Ok(Entry { _control: control, gains, stream, _listener: listener })
 }
 
 /// The real-time cycle. No allocation, no locks, no logging.
@@ -342,10 +286,7 @@ fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
     let requested = buffer.requested() as usize;
     let stride = rt.engine.frame_bytes();
     let rate = rt.engine.geom.rate;
-    let delay = stream
-        .time()
-        .map(|t| delay_frames(&t, rate, stride))
-        .unwrap_or(0);
+    let delay = stream.time().map(|t| delay_frames(&t, rate, stride)).unwrap_or(0);
     let datas = buffer.datas_mut();
     let Some(d) = datas.first_mut() else { return };
     match rt.kind {
@@ -353,13 +294,8 @@ fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
             let frames = {
                 let Some(slice) = d.data() else { return };
                 let max = slice.len() / stride.max(1);
-                let frames = if requested == 0 {
-                    max
-                } else {
-                    requested.min(max)
-                };
-                rt.engine
-                    .playback_cycle(&mut slice[..frames * stride], delay);
+                let frames = if requested == 0 { max } else { requested.min(max) };
+                rt.engine.playback_cycle(&mut slice[..frames * stride], delay);
                 frames
             };
             let chunk = d.chunk_mut();
@@ -388,10 +324,7 @@ struct PwStream {
 
 impl HostStream for PwStream {
     fn set_active(&self, active: bool) {
-        let _ = self.tx.send(Cmd::Active {
-            id: self.id,
-            active,
-        });
+        let _ = self.tx.send(Cmd::Active { id: self.id, active });
     }
     fn set_volume(&self, gains: Vec<f32>) {
         let _ = self.tx.send(Cmd::Volume { id: self.id, gains });
@@ -404,10 +337,7 @@ impl Drop for PwStream {
         if self.tx.send(Cmd::Close { id: self.id, reply }).is_ok()
             && done.recv_timeout(REPLY_TIMEOUT).is_err()
         {
-            tracing::error!(
-                id = self.id,
-                "PipeWire thread did not close the stream in time"
-            );
+            tracing::error!(id = self.id, "PipeWire thread did not close the stream in time");
         }
     }
 }
@@ -422,20 +352,12 @@ impl HostBackend for PipeWireHost {
         let (reply, rx) = mpsc::sync_channel(1);
         let name = spec.node_name.clone();
         self.tx
-            .send(Cmd::Open {
-                id,
-                spec,
-                engine: Box::new(engine),
-                reply,
-            })
+            .send(Cmd::Open { id, spec, engine: Box::new(engine), reply })
             .map_err(|_| anyhow!("PipeWire thread is gone"))?;
         rx.recv_timeout(REPLY_TIMEOUT)
             .map_err(|_| anyhow!("PipeWire thread did not answer"))?
             .with_context(|| format!("creating node {name}"))?;
-        Ok(Box::new(PwStream {
-            id,
-            tx: self.tx.clone(),
-        }))
+        Ok(Box::new(PwStream { id, tx: self.tx.clone() }))
     }
 }
 

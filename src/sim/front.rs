@@ -117,13 +117,9 @@ impl FrontStream {
     /// Grants the buffer pages and a directory chain describing them.
     pub fn alloc_buffer(&mut self, conn: &mut GuestConn, bytes: u32) -> anyhow::Result<()> {
         let n = (bytes as usize).div_ceil(PAGE_SIZE);
-        self.buffer_grefs = (0..n)
-            .map(|_| conn.grant_page())
-            .collect::<anyhow::Result<_>>()?;
+        self.buffer_grefs = (0..n).map(|_| conn.grant_page()).collect::<anyhow::Result<_>>()?;
         let ndirs = n.div_ceil(GREFS_PER_DIR_PAGE).max(1);
-        self.dir_grefs = (0..ndirs)
-            .map(|_| conn.grant_page())
-            .collect::<anyhow::Result<_>>()?;
+        self.dir_grefs = (0..ndirs).map(|_| conn.grant_page()).collect::<anyhow::Result<_>>()?;
         self.write_directory(&self.dir_grefs.clone(), &self.buffer_grefs.clone(), 0);
         self.buffer_bytes = bytes;
         Ok(())
@@ -136,10 +132,7 @@ impl FrontStream {
             let off = *d as usize * PAGE_SIZE;
             let next = dirs.get(i + 1).copied().unwrap_or(last_next);
             self.mem.copy_in(off, &next.to_le_bytes());
-            let chunk = grefs
-                .iter()
-                .skip(i * GREFS_PER_DIR_PAGE)
-                .take(GREFS_PER_DIR_PAGE);
+            let chunk = grefs.iter().skip(i * GREFS_PER_DIR_PAGE).take(GREFS_PER_DIR_PAGE);
             for (j, g) in chunk.enumerate() {
                 self.mem.copy_in(off + 4 + j * 4, &g.to_le_bytes());
             }
@@ -150,10 +143,7 @@ impl FrontStream {
     fn buffer_addr(&self, pos: u64) -> (usize, usize) {
         let off = (pos % self.buffer_bytes as u64) as usize;
         let page = off / PAGE_SIZE;
-        (
-            self.buffer_grefs[page] as usize * PAGE_SIZE + off % PAGE_SIZE,
-            PAGE_SIZE - off % PAGE_SIZE,
-        )
+        (self.buffer_grefs[page] as usize * PAGE_SIZE + off % PAGE_SIZE, PAGE_SIZE - off % PAGE_SIZE)
     }
 
     /// Copies `data` into the buffer at stream byte `pos`, across pages.
@@ -179,11 +169,9 @@ impl FrontStream {
 
     /// Puts raw bytes in the next request slot and publishes it.
     pub fn push_raw(&mut self, msg: &[u8; 64]) {
-        self.mem
-            .write_msg(self.ring_off + ring_slot_offset(self.req_prod_pvt), msg);
+        self.mem.write_msg(self.ring_off + ring_slot_offset(self.req_prod_pvt), msg);
         self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
-        self.mem
-            .store_u32(self.ring_off + sring::REQ_PROD, self.req_prod_pvt);
+        self.mem.store_u32(self.ring_off + sring::REQ_PROD, self.req_prod_pvt);
         self.req_ch.notify();
     }
 
@@ -205,24 +193,14 @@ impl FrontStream {
         loop {
             let prod = self.mem.load_u32(self.ring_off + sring::RSP_PROD);
             while self.rsp_cons != prod {
-                let r = Response::decode(
-                    &self
-                        .mem
-                        .read_msg(self.ring_off + ring_slot_offset(self.rsp_cons)),
-                );
+                let r = Response::decode(&self.mem.read_msg(self.ring_off + ring_slot_offset(self.rsp_cons)));
                 self.rsp_cons = self.rsp_cons.wrapping_add(1);
                 if r.id == id {
-                    self.mem.store_u32(
-                        self.ring_off + sring::RSP_EVENT,
-                        self.rsp_cons.wrapping_add(1),
-                    );
+                    self.mem.store_u32(self.ring_off + sring::RSP_EVENT, self.rsp_cons.wrapping_add(1));
                     return Ok(Some(r));
                 }
             }
-            self.mem.store_u32(
-                self.ring_off + sring::RSP_EVENT,
-                self.rsp_cons.wrapping_add(1),
-            );
+            self.mem.store_u32(self.ring_off + sring::RSP_EVENT, self.rsp_cons.wrapping_add(1));
             if self.mem.load_u32(self.ring_off + sring::RSP_PROD) != self.rsp_cons {
                 continue;
             }
@@ -261,20 +239,14 @@ impl FrontStream {
     pub fn set_volume(&mut self, mdb: i32, channels: usize) -> anyhow::Result<()> {
         let raw: Vec<u8> = (0..channels).flat_map(|_| mdb.to_le_bytes()).collect();
         self.buffer_write(0, &raw);
-        let rw = crate::sndif::RwReq {
-            offset: 0,
-            length: raw.len() as u32,
-        };
+        let rw = crate::sndif::RwReq { offset: 0, length: raw.len() as u32 };
         self.request(Request::SetVolume(rw))?;
         self.buffer_write(0, &vec![0u8; raw.len()]);
         self.request(Request::GetVolume(rw))?;
         let mut back = vec![0u8; raw.len()];
         self.buffer_read(0, &mut back);
-        self.volume_mdb = Some(
-            back.chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        );
+        self.volume_mdb =
+            Some(back.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
         Ok(())
     }
 
@@ -295,8 +267,7 @@ impl FrontStream {
         let mut cons = self.mem.load_u32(base + evt_page::IN_CONS);
         let mut n = 0;
         while cons != prod {
-            let (id, ty, pos, delay) =
-                decode_event(&self.mem.read_msg(base + evt_slot_offset(cons)));
+            let (id, ty, pos, delay) = decode_event(&self.mem.read_msg(base + evt_slot_offset(cons)));
             cons = cons.wrapping_add(1);
             let expected = self.next_evt_id;
             self.next_evt_id = self.next_evt_id.wrapping_add(1);

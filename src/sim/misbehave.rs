@@ -72,20 +72,14 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
             s.alloc_buffer(&mut g.conn, buffer)?;
             s.request(Request::Open(open_req(o, s, fmt)))?;
             status = reply(
-                s.try_request(Request::Write(RwReq {
-                    offset: buffer - 4,
-                    length: period,
-                }))?,
+                s.try_request(Request::Write(RwReq { offset: buffer - 4, length: period }))?,
                 &mut closed,
             );
         }
         Misbehave::BufferTooBig => {
             let big = o.card_buffer_size + period;
             s.alloc_buffer(&mut g.conn, big)?;
-            status = reply(
-                s.try_request(Request::Open(open_req(o, s, fmt)))?,
-                &mut closed,
-            );
+            status = reply(s.try_request(Request::Open(open_req(o, s, fmt)))?, &mut closed);
         }
         Misbehave::DirShort | Misbehave::DirLong | Misbehave::DirLoop | Misbehave::BadGref => {
             // Short and loop need a buffer of more than 1023 pages (two
@@ -105,10 +99,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
                     s.write_directory(&dirs, &bogus, 0);
                 }
             }
-            status = reply(
-                s.try_request(Request::Open(open_req(o, s, fmt)))?,
-                &mut closed,
-            );
+            status = reply(s.try_request(Request::Open(open_req(o, s, fmt)))?, &mut closed);
             // Repair the chain so the follow-up OPEN below is well formed.
             s.write_directory(&dirs, &grefs, 0);
         }
@@ -119,18 +110,12 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
         Misbehave::OpenTwice => {
             s.alloc_buffer(&mut g.conn, buffer)?;
             s.request(Request::Open(open_req(o, s, fmt)))?;
-            status = reply(
-                s.try_request(Request::Open(open_req(o, s, fmt)))?,
-                &mut closed,
-            );
+            status = reply(s.try_request(Request::Open(open_req(o, s, fmt)))?, &mut closed);
             s.request(Request::Close)?;
         }
         Misbehave::TriggerBeforeOpen => {
             s.alloc_buffer(&mut g.conn, buffer)?;
-            status = reply(
-                s.try_request(Request::Trigger(trigger::START))?,
-                &mut closed,
-            );
+            status = reply(s.try_request(Request::Trigger(trigger::START))?, &mut closed);
         }
         Misbehave::BadFormat | Misbehave::BadRate | Misbehave::BadChannels => {
             s.alloc_buffer(&mut g.conn, buffer)?;
@@ -158,10 +143,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
     let still_served = if closed {
         false
     } else {
-        match s
-            .try_request(Request::Open(open_req(o, s, fmt)))
-            .context("follow-up OPEN")?
-        {
+        match s.try_request(Request::Open(open_req(o, s, fmt))).context("follow-up OPEN")? {
             None => {
                 closed = true;
                 false
@@ -169,12 +151,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
             Some(r) => r.status == 0 && s.request(Request::Close).is_ok(),
         }
     };
-    Ok(Outcome {
-        kind,
-        status,
-        stream_closed: closed,
-        still_served,
-    })
+    Ok(Outcome { kind, status, stream_closed: closed, still_served })
 }
 
 fn reply(r: Option<crate::sndif::Response>, closed: &mut bool) -> Option<i32> {

@@ -145,14 +145,8 @@ fn handshake(
         let p = format!("{fe}/0/{idx}");
         conn.write(&format!("{p}/{}", keys::RING_REF), &s.ring_gref.to_string())?;
         conn.write(&format!("{p}/{}", keys::EVT_CHNL), &s.req_port.to_string())?;
-        conn.write(
-            &format!("{p}/{}", keys::EVT_RING_REF),
-            &s.evt_gref.to_string(),
-        )?;
-        conn.write(
-            &format!("{p}/{}", keys::EVT_EVT_CHNL),
-            &s.evt_port.to_string(),
-        )?;
+        conn.write(&format!("{p}/{}", keys::EVT_RING_REF), &s.evt_gref.to_string())?;
+        conn.write(&format!("{p}/{}", keys::EVT_EVT_CHNL), &s.evt_port.to_string())?;
     }
     if o.delay_report {
         conn.write(&format!("{fe}/{}", keys::FEATURE_DELAY_REPORT), "1")?;
@@ -167,17 +161,9 @@ fn handshake(
 pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
     let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
     let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
-    let be = conn
-        .read(&format!("{fe}/{}", keys::BACKEND))?
-        .context("no backend path")?;
+    let be = conn.read(&format!("{fe}/{}", keys::BACKEND))?.context("no backend path")?;
     let (playback, capture) = handshake(o, &mut conn, &fe, &be)?;
-    Ok(Guest {
-        conn,
-        fe,
-        be,
-        playback,
-        capture,
-    })
+    Ok(Guest { conn, fe, be, playback, capture })
 }
 
 impl Guest {
@@ -185,11 +171,9 @@ impl Guest {
     /// again: Closing, wait for the backend to be back in InitWait, then a
     /// new handshake with new rings and channels.
     pub fn reconnect(&mut self, o: &SimOptions) -> anyhow::Result<()> {
-        self.conn
-            .write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
+        self.conn.write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
         wait_backend(&mut self.conn, &self.be, XenbusState::InitWait)?;
-        self.conn
-            .write(&state_key(&self.fe), XenbusState::Initialising.as_str())?;
+        self.conn.write(&state_key(&self.fe), XenbusState::Initialising.as_str())?;
         let (p, c) = handshake(o, &mut self.conn, &self.fe, &self.be)?;
         self.playback = p;
         self.capture = c;
@@ -212,11 +196,7 @@ pub fn open_req(o: &SimOptions, s: &FrontStream, format: PcmFormat) -> OpenReq {
 /// Runs the guest as configured and returns its report.
 pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
     let mut g = connect(o)?;
-    let mut report = Report {
-        domain: o.domain.clone(),
-        domid: g.conn.domid,
-        ..Default::default()
-    };
+    let mut report = Report { domain: o.domain.clone(), domid: g.conn.domid, ..Default::default() };
     if let Some(m) = o.misbehave {
         report.misbehave = Some(misbehave::run(m, o, &mut g)?);
         return Ok(report);
@@ -225,21 +205,13 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         (Some(p), _) => {
             let w = signal::read_wav(p)?;
             if w.channels != o.channels as u32 || w.rate != o.rate {
-                bail!(
-                    "{}: {} Hz x{} does not match --rate/--channels",
-                    p.display(),
-                    w.rate,
-                    w.channels
-                );
+                bail!("{}: {} Hz x{} does not match --rate/--channels", p.display(), w.rate, w.channels);
             }
             Some(w.samples)
         }
-        (None, Some(sig)) => Some(signal::generate(
-            sig,
-            o.rate,
-            o.channels as u32,
-            (o.seconds * o.rate as f64) as usize,
-        )),
+        (None, Some(sig)) => {
+            Some(signal::generate(sig, o.rate, o.channels as u32, (o.seconds * o.rate as f64) as usize))
+        }
         (None, None) => None,
     };
     let mut captured = Vec::new();
@@ -275,28 +247,25 @@ fn run_streams(
     let buffer = o.period * o.periods * frame;
     g.playback.alloc_buffer(&mut g.conn, buffer)?;
     g.capture.alloc_buffer(&mut g.conn, buffer)?;
-    let capture_frames = o
-        .capture_wav
-        .as_ref()
-        .map(|_| (o.capture_seconds * o.rate as f64) as u64);
-    let Guest {
-        playback, capture, ..
-    } = g;
+    let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * o.rate as f64) as u64);
+    let Guest { playback, capture, .. } = g;
     std::thread::scope(|sc| -> anyhow::Result<()> {
         let p = source.map(|src| sc.spawn(|| play(o, playback, src)));
         let c = capture_frames.map(|n| sc.spawn(move || record(o, capture, n)));
         if let Some(p) = p {
-            p.join()
-                .map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
+            p.join().map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
         }
         if let Some(c) = c {
-            captured.extend(
-                c.join()
-                    .map_err(|_| anyhow::anyhow!("capture thread panicked"))??,
-            );
+            captured.extend(c.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))??);
         }
         Ok(())
     })
+}
+
+/// OPEN in the simulated applications' format: S16_LE at the chosen rate.
+fn open_s16(o: &SimOptions, s: &mut FrontStream) -> anyhow::Result<()> {
+    let fmt = PcmFormat::S16Le;
+    s.open(open_req(o, s, fmt), fmt.sample_bytes() as u32 * o.channels as u32, o.period_rule)
 }
 
 fn as_bytes(samples: &[i16]) -> Vec<u8> {
@@ -306,12 +275,7 @@ fn as_bytes(samples: &[i16]) -> Vec<u8> {
 /// An ALSA application in copy mode: prefill, start, then write a period
 /// whenever one is free, drain, stop, close.
 fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16]) -> anyhow::Result<()> {
-    let fmt = PcmFormat::S16Le;
-    s.open(
-        open_req(o, s, fmt),
-        fmt.sample_bytes() as u32 * o.channels as u32,
-        o.period_rule,
-    )?;
+    open_s16(o, s)?;
     if let Some(mdb) = o.set_volume_mdb {
         s.set_volume(mdb, o.channels as usize)?;
     }
@@ -336,15 +300,9 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16]) -> anyhow::Result<()> 
             // One WRITE per contiguous region, as the frontend copies per
             // period; a region that wraps is sent as two.
             let first = (s.buffer_bytes - off).min(n as u32);
-            s.request(Request::Write(crate::sndif::RwReq {
-                offset: off,
-                length: first,
-            }))?;
+            s.request(Request::Write(crate::sndif::RwReq { offset: off, length: first }))?;
             if (first as u64) < n {
-                s.request(Request::Write(crate::sndif::RwReq {
-                    offset: 0,
-                    length: n as u32 - first,
-                }))?;
+                s.request(Request::Write(crate::sndif::RwReq { offset: 0, length: n as u32 - first }))?;
             }
             appl += n;
         }
@@ -372,12 +330,7 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16]) -> anyhow::Result<()> 
 
 /// An ALSA capture application: start, READ each period as it fills.
 fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Vec<i16>> {
-    let fmt = PcmFormat::S16Le;
-    s.open(
-        open_req(o, s, fmt),
-        fmt.sample_bytes() as u32 * o.channels as u32,
-        o.period_rule,
-    )?;
+    open_s16(o, s)?;
     let frame = s.frame_bytes as u64;
     let period = s.period_frames * frame;
     let want = frames * frame;
@@ -397,10 +350,7 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
         }
         while hw - appl >= period && appl < want {
             let off = (appl % s.buffer_bytes as u64) as u32;
-            s.request(Request::Read(crate::sndif::RwReq {
-                offset: off,
-                length: period as u32,
-            }))?;
+            s.request(Request::Read(crate::sndif::RwReq { offset: off, length: period as u32 }))?;
             s.buffer_read(appl, &mut chunk);
             out.extend_from_slice(&chunk);
             appl += period;
@@ -410,8 +360,5 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
     s.request(Request::Trigger(trigger::STOP))?;
     s.request(Request::Close)?;
     out.truncate(want as usize);
-    Ok(out
-        .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]))
-        .collect())
+    Ok(out.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())
 }

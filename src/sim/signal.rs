@@ -79,9 +79,7 @@ pub struct Wav {
 /// writers such as pw-record leave when they are stopped.
 pub fn read_wav(path: &Path) -> anyhow::Result<Wav> {
     let mut b = Vec::new();
-    std::fs::File::open(path)
-        .with_context(|| format!("open {}", path.display()))?
-        .read_to_end(&mut b)?;
+    std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?.read_to_end(&mut b)?;
     if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
         bail!("{}: not a WAV file", path.display());
     }
@@ -93,25 +91,13 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Wav> {
         let len = u32_at(pos + 4) as usize;
         let body = pos + 8;
         if id == b"fmt " && body + 16 <= b.len() {
-            fmt = Some((
-                u16_at(body),
-                u16_at(body + 2) as u32,
-                u32_at(body + 4),
-                u16_at(body + 14),
-            ));
+            fmt = Some((u16_at(body), u16_at(body + 2) as u32, u32_at(body + 4), u16_at(body + 14)));
         } else if id == b"data" {
             let (tag, channels, rate, bits) = fmt.context("data before fmt")?;
-            let end = if len == 0 || body.saturating_add(len) > b.len() {
-                b.len()
-            } else {
-                body + len
-            };
+            let end = if len == 0 || body.saturating_add(len) > b.len() { b.len() } else { body + len };
             let data = &b[body..end];
             let samples = match (tag, bits) {
-                (1, 16) => data
-                    .chunks_exact(2)
-                    .map(|c| i16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
+                (1, 16) => data.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect(),
                 (3, 32) | (0xfffe, 32) => data
                     .chunks_exact(4)
                     .map(|c| {
@@ -122,11 +108,7 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Wav> {
                     .collect(),
                 _ => bail!("unsupported WAV encoding (tag {tag}, {bits} bits)"),
             };
-            return Ok(Wav {
-                rate,
-                channels,
-                samples,
-            });
+            return Ok(Wav { rate, channels, samples });
         }
         pos = body.saturating_add(len + (len & 1));
     }
@@ -147,11 +129,7 @@ pub fn find_and_compare(
     if sent.len() < w || got.len() < w {
         return None;
     }
-    let close = |a: &[i16], b: &[i16]| {
-        a.iter()
-            .zip(b)
-            .all(|(x, y)| (*x as i32 - *y as i32).abs() <= tol)
-    };
+    let close = |a: &[i16], b: &[i16]| a.iter().zip(b).all(|(x, y)| (*x as i32 - *y as i32).abs() <= tol);
     let start = (0..=(got.len() - w) / channels)
         .map(|f| f * channels)
         .find(|&o| close(&sent[..w], &got[o..o + w]))?;

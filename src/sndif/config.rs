@@ -41,15 +41,8 @@ impl Default for StreamParams {
     /// Linux frontend assumes for missing keys, narrowed to formats we carry.
     fn default() -> Self {
         StreamParams {
-            rates: vec![
-                8000, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000,
-            ],
-            formats: vec![
-                PcmFormat::S16Le,
-                PcmFormat::S24Le,
-                PcmFormat::S32Le,
-                PcmFormat::F32Le,
-            ],
+            rates: vec![8000, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000],
+            formats: vec![PcmFormat::S16Le, PcmFormat::S24Le, PcmFormat::S32Le, PcmFormat::F32Le],
             channels_min: 1,
             channels_max: 2,
             buffer_size: 65536,
@@ -98,9 +91,7 @@ pub struct CardConfig {
 impl CardConfig {
     /// All streams with their pcm, in xenstore order.
     pub fn streams(&self) -> impl Iterator<Item = (&PcmConfig, &StreamConfig)> {
-        self.pcms
-            .iter()
-            .flat_map(|p| p.streams.iter().map(move |s| (p, s)))
+        self.pcms.iter().flat_map(|p| p.streams.iter().map(move |s| (p, s)))
     }
 }
 
@@ -119,18 +110,11 @@ fn join(dir: &str, key: &str) -> String {
 }
 
 fn clean_name(s: String) -> String {
-    s.chars()
-        .filter(|c| !c.is_control())
-        .take(limits::MAX_NAME_LEN)
-        .collect::<String>()
-        .trim()
-        .to_string()
+    s.chars().filter(|c| !c.is_control()).take(limits::MAX_NAME_LEN).collect::<String>().trim().to_string()
 }
 
 fn parse_u32(key: &str, v: &str) -> Result<u32, String> {
-    v.trim()
-        .parse::<u32>()
-        .map_err(|_| format!("{key}: not a number: {v:?}"))
+    v.trim().parse::<u32>().map_err(|_| format!("{key}: not a number: {v:?}"))
 }
 
 /// Applies the overrides found in `dir` on top of `base`.
@@ -141,11 +125,7 @@ fn inherit(src: &dyn ConfigSource, dir: &str, base: &StreamParams) -> Result<Str
         for r in v.split([',', ';']).map(str::trim).filter(|t| !t.is_empty()) {
             let r = parse_u32(keys::SAMPLE_RATES, r)?;
             if !(limits::MIN_RATE..=limits::MAX_RATE).contains(&r) {
-                return Err(format!(
-                    "sample rate {r} outside {}..={}",
-                    limits::MIN_RATE,
-                    limits::MAX_RATE
-                ));
+                return Err(format!("sample rate {r} outside {}..={}", limits::MIN_RATE, limits::MAX_RATE));
             }
             if !rates.contains(&r) {
                 rates.push(r);
@@ -176,32 +156,18 @@ fn check(p: &StreamParams, what: &str) -> Result<(), String> {
     if p.formats.is_empty() {
         return Err(format!("{what}: no sample formats"));
     }
-    if p.channels_min == 0
-        || p.channels_min > p.channels_max
-        || p.channels_max > limits::MAX_CHANNELS
-    {
-        return Err(format!(
-            "{what}: channels {}..{} invalid",
-            p.channels_min, p.channels_max
-        ));
+    if p.channels_min == 0 || p.channels_min > p.channels_max || p.channels_max > limits::MAX_CHANNELS {
+        return Err(format!("{what}: channels {}..{} invalid", p.channels_min, p.channels_max));
     }
     if p.buffer_size == 0 || p.buffer_size > limits::MAX_BUFFER_SIZE {
-        return Err(format!(
-            "{what}: buffer-size {} outside 1..={}",
-            p.buffer_size,
-            limits::MAX_BUFFER_SIZE
-        ));
+        return Err(format!("{what}: buffer-size {} outside 1..={}", p.buffer_size, limits::MAX_BUFFER_SIZE));
     }
     Ok(())
 }
 
 /// Numeric child directories in ascending order (xenstore lists in any order).
 fn indices(src: &dyn ConfigSource, dir: &str, max: usize, what: &str) -> Result<Vec<u32>, String> {
-    let mut v: Vec<u32> = src
-        .list(dir)
-        .iter()
-        .filter_map(|s| s.parse::<u32>().ok())
-        .collect();
+    let mut v: Vec<u32> = src.list(dir).iter().filter_map(|s| s.parse::<u32>().ok()).collect();
     v.sort_unstable();
     if v.len() > max {
         return Err(format!("{what}: {} entries, at most {max}", v.len()));
@@ -229,35 +195,17 @@ pub fn parse_card(src: &dyn ConfigSource) -> Result<CardConfig, String> {
                 other => return Err(format!("{what}: bad type {other:?}")),
             };
             let unique_id = clean_name(src.read(&join(&sdir, keys::UNIQUE_ID)).unwrap_or_default());
-            streams.push(StreamConfig {
-                index: si,
-                unique_id,
-                kind,
-                params,
-            });
+            streams.push(StreamConfig { index: si, unique_id, kind, params });
         }
-        let name = clean_name(
-            src.read(&join(&pdir, keys::DEVICE_NAME))
-                .unwrap_or_default(),
-        );
-        pcms.push(PcmConfig {
-            index: pi,
-            name,
-            streams,
-        });
+        let name = clean_name(src.read(&join(&pdir, keys::DEVICE_NAME)).unwrap_or_default());
+        pcms.push(PcmConfig { index: pi, name, streams });
     }
     if pcms.iter().all(|p| p.streams.is_empty()) {
         return Err("card has no streams".into());
     }
     Ok(CardConfig {
-        short_name: clean_name(
-            src.read(keys::SHORT_NAME)
-                .unwrap_or_else(|| "XenSnd".into()),
-        ),
-        long_name: clean_name(
-            src.read(keys::LONG_NAME)
-                .unwrap_or_else(|| "Xen PV Sound".into()),
-        ),
+        short_name: clean_name(src.read(keys::SHORT_NAME).unwrap_or_else(|| "XenSnd".into())),
+        long_name: clean_name(src.read(keys::LONG_NAME).unwrap_or_else(|| "Xen PV Sound".into())),
         pcms,
     })
 }
@@ -275,11 +223,7 @@ pub(crate) mod tests {
             self.0.get(rel).cloned()
         }
         fn list(&self, rel: &str) -> Vec<String> {
-            let prefix = if rel.is_empty() {
-                String::new()
-            } else {
-                format!("{rel}/")
-            };
+            let prefix = if rel.is_empty() { String::new() } else { format!("{rel}/") };
             let mut out: Vec<String> = self
                 .0
                 .keys()
@@ -311,11 +255,7 @@ pub(crate) mod tests {
             ("state", "3"),
             ("backend-id", "0"),
         ];
-        MapSource(
-            kv.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
+        MapSource(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     #[test]
@@ -327,19 +267,10 @@ pub(crate) mod tests {
         assert_eq!(c.pcms[0].name, "dev0");
         let s = &c.pcms[0].streams;
         assert_eq!(s.len(), 2);
-        assert_eq!(
-            (s[0].kind, s[0].unique_id.as_str()),
-            (StreamKind::Playback, "pw0-play")
-        );
-        assert_eq!(
-            (s[1].kind, s[1].unique_id.as_str()),
-            (StreamKind::Capture, "pw0-cap")
-        );
+        assert_eq!((s[0].kind, s[0].unique_id.as_str()), (StreamKind::Playback, "pw0-play"));
+        assert_eq!((s[1].kind, s[1].unique_id.as_str()), (StreamKind::Capture, "pw0-cap"));
         assert_eq!(s[0].params.rates, vec![44100, 48000]);
-        assert_eq!(
-            s[0].params.formats,
-            vec![PcmFormat::S16Le, PcmFormat::S32Le]
-        );
+        assert_eq!(s[0].params.formats, vec![PcmFormat::S16Le, PcmFormat::S32Le]);
         assert_eq!((s[0].params.channels_min, s[0].params.channels_max), (1, 2));
         assert_eq!(s[0].params.buffer_size, 65536);
     }

@@ -56,25 +56,17 @@ impl PcmFormat {
     }
 
     pub fn wire(self) -> u8 {
-        ALL.iter()
-            .find(|(f, _, _)| *f == self)
-            .map(|e| e.1)
-            .unwrap_or(0)
+        ALL.iter().find(|(f, _, _)| *f == self).map(|e| e.1).unwrap_or(0)
     }
 
     /// Parses the xenstore spelling (`s16_le`, `float_le`, ...).
     pub fn from_name(s: &str) -> Option<PcmFormat> {
         let s = s.trim();
-        ALL.iter()
-            .find(|(_, _, name)| name.eq_ignore_ascii_case(s))
-            .map(|(f, _, _)| *f)
+        ALL.iter().find(|(_, _, name)| name.eq_ignore_ascii_case(s)).map(|(f, _, _)| *f)
     }
 
     pub fn name(self) -> &'static str {
-        ALL.iter()
-            .find(|(f, _, _)| *f == self)
-            .map(|e| e.2)
-            .unwrap_or("?")
+        ALL.iter().find(|(f, _, _)| *f == self).map(|e| e.2).unwrap_or("?")
     }
 
     /// Bit in the `formats` mask of HW_PARAM_QUERY.
@@ -132,8 +124,7 @@ impl PcmFormat {
 pub fn parse_format_list(s: &str) -> Result<Vec<PcmFormat>, String> {
     let mut out = Vec::new();
     for item in s.split([',', ';']).map(str::trim).filter(|t| !t.is_empty()) {
-        let f =
-            PcmFormat::from_name(item).ok_or_else(|| format!("unknown sample format {item:?}"))?;
+        let f = PcmFormat::from_name(item).ok_or_else(|| format!("unknown sample format {item:?}"))?;
         if !out.contains(&f) {
             out.push(f);
         }

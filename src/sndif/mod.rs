@@ -10,9 +10,7 @@ pub mod wire;
 
 pub use config::{CardConfig, PcmConfig, StreamConfig, StreamKind, StreamParams};
 pub use format::PcmFormat;
-pub use wire::{
-    HwParam, OpenReq, Request, Response, RwReq, EVT_RING_LEN, PAGE_SIZE, REQ_RING_SIZE,
-};
+pub use wire::{HwParam, OpenReq, Request, Response, RwReq, EVT_RING_LEN, PAGE_SIZE, REQ_RING_SIZE};
 
 /// Protocol version this backend speaks (`XENSND_PROTOCOL_VERSION`).
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -137,14 +137,8 @@ impl HwParam {
     fn encode(&self, b: &mut [u8; MSG_SIZE], off: usize) {
         put_u32(b, off, self.formats as u32);
         put_u32(b, off + 4, (self.formats >> 32) as u32);
-        for (i, (lo, hi)) in [
-            self.rates,
-            self.channels,
-            self.buffer_frames,
-            self.period_frames,
-        ]
-        .into_iter()
-        .enumerate()
+        for (i, (lo, hi)) in
+            [self.rates, self.channels, self.buffer_frames, self.period_frames].into_iter().enumerate()
         {
             put_u32(b, off + 8 + i * 8, lo);
             put_u32(b, off + 12 + i * 8, hi);
@@ -174,10 +168,7 @@ impl Request {
     pub fn decode(b: &[u8; MSG_SIZE]) -> (u16, u8, Request) {
         let id = u16_at(b, req::ID);
         let operation = b[req::OPERATION];
-        let rw = RwReq {
-            offset: u32_at(b, req::RW_OFFSET),
-            length: u32_at(b, req::RW_LENGTH),
-        };
+        let rw = RwReq { offset: u32_at(b, req::RW_OFFSET), length: u32_at(b, req::RW_LENGTH) };
         let r = match operation {
             op::OPEN => Request::Open(OpenReq {
                 rate: u32_at(b, req::OPEN_RATE),
@@ -301,8 +292,7 @@ pub fn encode_cur_pos(id: u16, position: u64, delay_frames: Option<u32>) -> [u8;
     let mut b = [0u8; MSG_SIZE];
     b[event::ID..event::ID + 2].copy_from_slice(&id.to_le_bytes());
     b[event::TYPE] = evt::CUR_POS;
-    b[event::CUR_POS_POSITION..event::CUR_POS_POSITION + 8]
-        .copy_from_slice(&position.to_le_bytes());
+    b[event::CUR_POS_POSITION..event::CUR_POS_POSITION + 8].copy_from_slice(&position.to_le_bytes());
     if let Some(d) = delay_frames {
         put_u32(&mut b, event::CUR_POS_DELAY, d);
     }
@@ -313,12 +303,7 @@ pub fn encode_cur_pos(id: u16, position: u64, delay_frames: Option<u32>) -> [u8;
 pub fn decode_event(b: &[u8; MSG_SIZE]) -> (u16, u8, u64, u32) {
     let mut pos = [0u8; 8];
     pos.copy_from_slice(&b[event::CUR_POS_POSITION..event::CUR_POS_POSITION + 8]);
-    (
-        u16_at(b, event::ID),
-        b[event::TYPE],
-        u64::from_le_bytes(pos),
-        u32_at(b, event::CUR_POS_DELAY),
-    )
+    (u16_at(b, event::ID), b[event::TYPE], u64::from_le_bytes(pos), u32_at(b, event::CUR_POS_DELAY))
 }
 
 #[cfg(test)]
@@ -351,30 +336,12 @@ mod tests {
                 period_sz: 4096,
             }),
             Request::Close,
-            Request::Read(RwReq {
-                offset: 1,
-                length: 2,
-            }),
-            Request::Write(RwReq {
-                offset: 4096,
-                length: 1024,
-            }),
-            Request::SetVolume(RwReq {
-                offset: 0,
-                length: 8,
-            }),
-            Request::GetVolume(RwReq {
-                offset: 0,
-                length: 8,
-            }),
-            Request::Mute(RwReq {
-                offset: 0,
-                length: 2,
-            }),
-            Request::Unmute(RwReq {
-                offset: 0,
-                length: 2,
-            }),
+            Request::Read(RwReq { offset: 1, length: 2 }),
+            Request::Write(RwReq { offset: 4096, length: 1024 }),
+            Request::SetVolume(RwReq { offset: 0, length: 8 }),
+            Request::GetVolume(RwReq { offset: 0, length: 8 }),
+            Request::Mute(RwReq { offset: 0, length: 2 }),
+            Request::Unmute(RwReq { offset: 0, length: 2 }),
             Request::Trigger(3),
             Request::HwParamQuery(HwParam {
                 formats: 0x1_0000_0004,
@@ -399,19 +366,10 @@ mod tests {
             id: 7,
             operation: op::HW_PARAM_QUERY,
             status: -22,
-            hw_param: Some(HwParam {
-                formats: 4,
-                rates: (1, 2),
-                ..Default::default()
-            }),
+            hw_param: Some(HwParam { formats: 4, rates: (1, 2), ..Default::default() }),
         };
         assert_eq!(Response::decode(&r.encode()), r);
-        let w = Response {
-            id: 65535,
-            operation: op::WRITE,
-            status: 0,
-            hw_param: None,
-        };
+        let w = Response { id: 65535, operation: op::WRITE, status: 0, hw_param: None };
         assert_eq!(Response::decode(&w.encode()), w);
     }
 

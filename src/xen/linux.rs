@@ -3,9 +3,7 @@
 //! `/dev/xen/evtchn` (one open file per bound channel) and `/dev/xen/gntdev`.
 //! Selected with `serve --transport xen`; exercised by the real-Xen harness.
 
-use super::{
-    DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore,
-};
+use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore};
 use crate::sndif::PAGE_SIZE;
 use anyhow::{anyhow, bail, Context};
 use std::collections::HashMap;
@@ -63,10 +61,7 @@ fn open_xenbus() -> anyhow::Result<File> {
 }
 
 fn split_nul(b: &[u8]) -> Vec<String> {
-    b.split(|c| *c == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
+    b.split(|c| *c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
 impl XenBus {
@@ -75,47 +70,33 @@ impl XenBus {
         let mut reader = dev.try_clone()?;
         let pending: Arc<Mutex<HashMap<u32, mpsc::SyncSender<Reply>>>> = Arc::default();
         let p2 = pending.clone();
-        std::thread::Builder::new()
-            .name("xenbus".into())
-            .spawn(move || {
-                let mut hdr = [0u8; 16];
-                loop {
-                    if let Err(e) = reader.read_exact(&mut hdr) {
-                        tracing::error!("xenbus: read failed: {e}");
-                        break;
-                    }
-                    let w =
-                        |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
-                    let (ty, req_id, len) = (w(0), w(4), w(12) as usize);
-                    let mut body = vec![0u8; len.min(xs::PAYLOAD_MAX * 2)];
-                    if reader.read_exact(&mut body).is_err() {
-                        break;
-                    }
-                    if ty == xs::WATCH_EVENT {
-                        let parts = split_nul(&body);
-                        if parts.len() >= 2 {
-                            let _ = events.send(WatchEvent {
-                                path: parts[0].clone(),
-                                token: parts[1].clone(),
-                            });
-                        }
-                        continue;
-                    }
-                    let reply = if ty == xs::ERROR {
-                        Err(split_nul(&body).join(""))
-                    } else {
-                        Ok(body)
-                    };
-                    if let Some(tx) = p2.lock().unwrap_or_else(|e| e.into_inner()).remove(&req_id) {
-                        let _ = tx.send(reply);
-                    }
+        std::thread::Builder::new().name("xenbus".into()).spawn(move || {
+            let mut hdr = [0u8; 16];
+            loop {
+                if let Err(e) = reader.read_exact(&mut hdr) {
+                    tracing::error!("xenbus: read failed: {e}");
+                    break;
                 }
-            })?;
-        Ok(XenBus {
-            dev: Mutex::new(dev),
-            pending,
-            next_id: AtomicU32::new(1),
-        })
+                let w = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+                let (ty, req_id, len) = (w(0), w(4), w(12) as usize);
+                let mut body = vec![0u8; len.min(xs::PAYLOAD_MAX * 2)];
+                if reader.read_exact(&mut body).is_err() {
+                    break;
+                }
+                if ty == xs::WATCH_EVENT {
+                    let parts = split_nul(&body);
+                    if parts.len() >= 2 {
+                        let _ = events.send(WatchEvent { path: parts[0].clone(), token: parts[1].clone() });
+                    }
+                    continue;
+                }
+                let reply = if ty == xs::ERROR { Err(split_nul(&body).join("")) } else { Ok(body) };
+                if let Some(tx) = p2.lock().unwrap_or_else(|e| e.into_inner()).remove(&req_id) {
+                    let _ = tx.send(reply);
+                }
+            }
+        })?;
+        Ok(XenBus { dev: Mutex::new(dev), pending, next_id: AtomicU32::new(1) })
     }
 
     fn call(&self, ty: u32, parts: &[&[u8]]) -> anyhow::Result<Vec<u8>> {
@@ -125,29 +106,19 @@ impl XenBus {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
         let mut msg = Vec::with_capacity(16 + body.len());
         for v in [ty, id, 0, body.len() as u32] {
             msg.extend_from_slice(&v.to_le_bytes());
         }
         msg.extend_from_slice(&body);
         // The device wants each message in a single write.
-        self.dev
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write_all(&msg)
-            .context("xenbus write")?;
+        self.dev.lock().unwrap_or_else(|e| e.into_inner()).write_all(&msg).context("xenbus write")?;
         match rx.recv_timeout(REPLY_TIMEOUT) {
             Ok(Ok(b)) => Ok(b),
             Ok(Err(e)) => Err(anyhow!("xenstore: {e}")),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                 Err(anyhow!("xenstore did not answer"))
             }
         }
@@ -163,11 +134,7 @@ fn z(s: &str) -> Vec<u8> {
 impl XenStore for XenBus {
     fn read(&self, path: &str) -> anyhow::Result<Option<String>> {
         match self.call(xs::READ, &[&z(path)]) {
-            Ok(b) => Ok(Some(
-                String::from_utf8_lossy(&b)
-                    .trim_end_matches('\0')
-                    .to_string(),
-            )),
+            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim_end_matches('\0').to_string())),
             Err(e) if e.to_string().contains("ENOENT") => Ok(None),
             Err(e) => Err(e).with_context(|| format!("read {path}")),
         }
@@ -186,21 +153,15 @@ impl XenStore for XenBus {
     }
     fn rm(&self, path: &str) -> anyhow::Result<()> {
         match self.call(xs::RM, &[&z(path)]) {
-            Err(e) if !e.to_string().contains("ENOENT") => {
-                Err(e).with_context(|| format!("rm {path}"))
-            }
+            Err(e) if !e.to_string().contains("ENOENT") => Err(e).with_context(|| format!("rm {path}")),
             _ => Ok(()),
         }
     }
     fn watch(&self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.call(xs::WATCH, &[&z(path), &z(token)])
-            .map(|_| ())
-            .with_context(|| format!("watch {path}"))
+        self.call(xs::WATCH, &[&z(path), &z(token)]).map(|_| ()).with_context(|| format!("watch {path}"))
     }
     fn unwatch(&self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.call(xs::UNWATCH, &[&z(path), &z(token)])
-            .map(|_| ())
-            .with_context(|| format!("unwatch {path}"))
+        self.call(xs::UNWATCH, &[&z(path), &z(token)]).map(|_| ()).with_context(|| format!("unwatch {path}"))
     }
 }
 
@@ -224,11 +185,7 @@ impl EventChannel for EvtchnPort {
         let mut ports = [0u32; 8];
         // SAFETY: reading into a u32 array; the fd is non-blocking.
         let n = unsafe {
-            libc::read(
-                self.dev.as_raw_fd(),
-                ports.as_mut_ptr().cast(),
-                std::mem::size_of_val(&ports),
-            )
+            libc::read(self.dev.as_raw_fd(), ports.as_mut_ptr().cast(), std::mem::size_of_val(&ports))
         };
         if n <= 0 {
             return Ok(false);
@@ -261,18 +218,11 @@ impl EventChannels for Evtchn {
             .context("open /dev/xen/evtchn")?;
         let arg: [u32; 2] = [domid, remote_port];
         // SAFETY: IOCTL_EVTCHN_BIND_INTERDOMAIN reads {remote_domain, remote_port}.
-        let port =
-            unsafe { libc::ioctl(dev.as_raw_fd(), ioctl::EVTCHN_BIND_INTERDOMAIN as _, &arg) };
+        let port = unsafe { libc::ioctl(dev.as_raw_fd(), ioctl::EVTCHN_BIND_INTERDOMAIN as _, &arg) };
         if port < 0 {
-            bail!(
-                "binding port {remote_port} of domain {domid}: {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("binding port {remote_port} of domain {domid}: {}", std::io::Error::last_os_error());
         }
-        Ok(Arc::new(EvtchnPort {
-            dev,
-            local_port: port as u32,
-        }))
+        Ok(Arc::new(EvtchnPort { dev, local_port: port as u32 }))
     }
 }
 
@@ -295,11 +245,7 @@ impl GrantMapper for Gntdev {
         let fd = self.dev.as_raw_fd();
         // SAFETY: `arg` is laid out as the kernel struct and large enough.
         if unsafe { libc::ioctl(fd, ioctl::GNTDEV_MAP_GRANT_REF as _, arg.as_mut_ptr()) } != 0 {
-            bail!(
-                "mapping {} grants of domain {domid}: {}",
-                grefs.len(),
-                std::io::Error::last_os_error()
-            );
+            bail!("mapping {} grants of domain {domid}: {}", grefs.len(), std::io::Error::last_os_error());
         }
         let index = arg[2] as u64 | (arg[3] as u64) << 32;
         let len = grefs.len() * PAGE_SIZE;
@@ -345,15 +291,9 @@ impl GrantMapper for Gntdev {
 pub fn open() -> anyhow::Result<Transport> {
     let (tx, rx) = mpsc::channel();
     let bus = Arc::new(XenBus::start(tx)?);
-    let own_domid = bus
-        .read("domid")?
-        .and_then(|d| d.trim().parse().ok())
-        .unwrap_or(0);
-    let gnt = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/xen/gntdev")
-        .context("open /dev/xen/gntdev")?;
+    let own_domid = bus.read("domid")?.and_then(|d| d.trim().parse().ok()).unwrap_or(0);
+    let gnt =
+        OpenOptions::new().read(true).write(true).open("/dev/xen/gntdev").context("open /dev/xen/gntdev")?;
     // Fail early, with a clear message, when event channels are unavailable.
     File::open("/dev/xen/evtchn").context("open /dev/xen/evtchn")?;
     Ok(Transport {

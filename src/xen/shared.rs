@@ -23,11 +23,7 @@ impl SharedPages {
     /// `ptr..ptr+len` must be a readable and writable mapping, page aligned,
     /// that stays valid until `release(ptr, len)` is called.
     pub unsafe fn new(ptr: NonNull<u8>, len: usize, release: Release) -> SharedPages {
-        SharedPages {
-            ptr,
-            len,
-            release: Some(release),
-        }
+        SharedPages { ptr, len, release: Some(release) }
     }
 
     pub fn len(&self) -> usize {
@@ -55,9 +51,7 @@ impl SharedPages {
     /// Reads a ring index the guest produces (acquire: the entries it
     /// published before are visible after this load). Out of range reads 0.
     pub fn load_u32(&self, off: usize) -> u32 {
-        self.atomic_u32(off)
-            .map(|a| a.load(Ordering::Acquire))
-            .unwrap_or(0)
+        self.atomic_u32(off).map(|a| a.load(Ordering::Acquire)).unwrap_or(0)
     }
 
     /// Publishes a ring index (release: our entries are visible first).
@@ -75,9 +69,7 @@ impl SharedPages {
         }
         // SAFETY: range checked; the source may change concurrently, which only
         // affects the values copied, never memory safety of `dst`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) };
         true
     }
 
@@ -87,9 +79,7 @@ impl SharedPages {
             return false;
         }
         // SAFETY: range checked; we never hold a reference into the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) };
         true
     }
 
@@ -128,11 +118,7 @@ pub fn test_pages(len: usize) -> SharedPages {
     // SAFETY: zeroed allocation of `len` bytes, freed by the release closure.
     unsafe {
         let p = std::alloc::alloc_zeroed(layout);
-        SharedPages::new(
-            NonNull::new(p).unwrap(),
-            len,
-            Box::new(move |p, _| std::alloc::dealloc(p, layout)),
-        )
+        SharedPages::new(NonNull::new(p).unwrap(), len, Box::new(move |p, _| std::alloc::dealloc(p, layout)))
     }
 }
 

@@ -29,10 +29,8 @@ pub struct Proc(pub Child, pub &'static str);
 
 impl Proc {
     pub fn interrupt_and_wait(&mut self, timeout: Duration) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::SIGINT,
-        );
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGINT);
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -80,10 +78,7 @@ impl PwEnv {
     }
 
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
-        self.cmd(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {program}: {e}"))
+        self.cmd(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
     }
 
     pub fn spawn_logged(&mut self, name: &'static str, program: &str, args: &[&str]) -> PathBuf {
@@ -106,33 +101,23 @@ impl PwEnv {
         for sub in ["run", "config/pipewire/pipewire.conf.d", "state", "data"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        std::fs::set_permissions(
-            dir.path().join("run"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
         std::fs::write(
-            dir.path()
-                .join("config/pipewire/pipewire.conf.d/null-sink.conf"),
+            dir.path().join("config/pipewire/pipewire.conf.d/null-sink.conf"),
             include_str!("../../pw-modules/null-sink.conf"),
         )
         .unwrap();
-        let mut env = PwEnv {
-            dir,
-            procs: Vec::new(),
-        };
+        let mut env = PwEnv { dir, procs: Vec::new() };
         env.spawn_logged("pipewire", "pipewire", &[]);
         wait_until("the PipeWire socket", Duration::from_secs(10), || {
             env.runtime().join("pipewire-0").exists()
         });
         env.spawn_logged("wireplumber", "dbus-run-session", &["--", "wireplumber"]);
-        wait_until("the null sink", Duration::from_secs(15), || {
-            env.node_exists(SINK)
-        });
+        wait_until("the null sink", Duration::from_secs(15), || env.node_exists(SINK));
         // WirePlumber is up when it has registered its own client.
         wait_until("WirePlumber", Duration::from_secs(15), || {
-            String::from_utf8_lossy(&env.run("pw-cli", &["ls", "Client"]).stdout)
-                .contains("\"WirePlumber\"")
+            String::from_utf8_lossy(&env.run("pw-cli", &["ls", "Client"]).stdout).contains("\"WirePlumber\"")
         });
         env
     }
@@ -158,9 +143,7 @@ impl PwEnv {
         let log = self.spawn_logged("backend", BIN, &["serve", "--transport", &spec]);
         let l2 = log.clone();
         wait_until("the backend to serve", Duration::from_secs(15), || {
-            std::fs::read_to_string(&l2)
-                .unwrap_or_default()
-                .contains("serving vsnd devices")
+            std::fs::read_to_string(&l2).unwrap_or_default().contains("serving vsnd devices")
         });
         (sock, log)
     }
@@ -169,12 +152,7 @@ impl PwEnv {
     pub fn record_monitor(&mut self, wav: &Path) -> Proc {
         let child = self
             .cmd("pw-record")
-            .args([
-                "--target",
-                SINK,
-                "-P",
-                "{ stream.capture.sink = true node.name = monitor-recorder }",
-            ])
+            .args(["--target", SINK, "-P", "{ stream.capture.sink = true node.name = monitor-recorder }"])
             .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
             .arg(wav)
             .stdout(Stdio::null())
@@ -182,34 +160,27 @@ impl PwEnv {
             .spawn()
             .expect("pw-record");
         let p = Proc(child, "pw-record");
-        wait_until(
-            "the monitor recorder to be linked",
-            Duration::from_secs(10),
-            || self.links().contains("monitor-recorder"),
-        );
+        wait_until("the monitor recorder to be linked", Duration::from_secs(10), || {
+            self.links().contains("monitor-recorder")
+        });
         p
+    }
+
+    /// Starts a simulated guest in the background (stdout and stderr piped).
+    pub fn spawn_sim(&self, sock: &Path, args: &[&str]) -> Child {
+        self.cmd(BIN)
+            .args(["sim-guest", "--connect"])
+            .arg(sock)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sim-guest")
     }
 
     /// Runs a simulated guest to completion; returns (success, report JSON, stderr).
     pub fn sim(&self, sock: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
-        let out = self
-            .cmd(BIN)
-            .args(["sim-guest", "--connect"])
-            .arg(sock)
-            .args(args)
-            .output()
-            .expect("sim-guest");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let report = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("sim-guest: "))
-            .map(|j| serde_json::from_str(j).expect("report JSON"))
-            .unwrap_or(serde_json::Value::Null);
-        (
-            out.status.success(),
-            report,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        finish_sim(self.spawn_sim(sock, args))
     }
 }
 
@@ -220,6 +191,18 @@ impl Drop for PwEnv {
             p.interrupt_and_wait(Duration::from_secs(3));
         }
     }
+}
+
+/// Waits for a simulated guest; returns (success, report JSON, stderr).
+pub fn finish_sim(child: Child) -> (bool, serde_json::Value, String) {
+    let out = child.wait_with_output().expect("sim-guest");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sim-guest: "))
+        .map(|j| serde_json::from_str(j).expect("report JSON"))
+        .unwrap_or(serde_json::Value::Null);
+    (out.status.success(), report, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// The S16 pattern a simulated guest sends for `--play pattern`.
@@ -245,9 +228,7 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
     let end = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < end {
-        let recorded = xen_vsnd::sim::signal::read_wav(wav)
-            .map(|w| w.samples.len() / 2)
-            .unwrap_or(0);
+        let recorded = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples.len() / 2).unwrap_or(0);
         if arrived(sent, wav).is_some_and(|(start, _)| recorded >= start + frames) {
             break;
         }
@@ -259,12 +240,8 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
 /// Asserts every frame of `sent` arrived, in order and unchanged, in `wav`.
 pub fn assert_arrived_intact(sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
-    let (start, n) = arrived(sent, wav).unwrap_or_else(|| {
-        panic!(
-            "the signal's first 64 frames never appear in {}",
-            wav.display()
-        )
-    });
+    let (start, n) = arrived(sent, wav)
+        .unwrap_or_else(|| panic!("the signal's first 64 frames never appear in {}", wav.display()));
     assert_eq!(
         n, frames,
         "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start})"

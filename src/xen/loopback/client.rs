@@ -35,10 +35,8 @@ impl GuestConn {
         vsnd: Vec<(String, String)>,
     ) -> anyhow::Result<GuestConn> {
         let sock = proto::connect(path)?;
-        let memfd = nix::sys::memfd::memfd_create(
-            c"xen-vsnd-guest",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )?;
+        let memfd =
+            nix::sys::memfd::memfd_create(c"xen-vsnd-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
         let len = pages as usize * PAGE_SIZE;
         nix::unistd::ftruncate(&memfd, len as i64)?;
         // SAFETY: a fresh shared mapping of the whole memfd, unmapped on drop.
@@ -61,11 +59,7 @@ impl GuestConn {
                 }),
             ))
         };
-        let hello = GuestMsg::Hello {
-            name: name.to_string(),
-            pages,
-            vsnd,
-        };
+        let hello = GuestMsg::Hello { name: name.to_string(), pages, vsnd };
         proto::send(sock.as_raw_fd(), &hello, &[memfd.as_raw_fd()])?;
         let mut c = GuestConn {
             sock,
@@ -102,8 +96,7 @@ impl GuestConn {
     fn wait_readable(&self, deadline: Instant) -> anyhow::Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-        let ms =
-            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
         if poll(&mut fds, ms)? == 0 {
             bail!("timed out waiting for the hypervisor");
         }
@@ -126,19 +119,11 @@ impl GuestConn {
     }
 
     pub fn write(&mut self, path: &str, value: &str) -> anyhow::Result<()> {
-        self.call(GuestMsg::Write {
-            path: path.into(),
-            value: value.into(),
-        })
-        .map(|_| ())
+        self.call(GuestMsg::Write { path: path.into(), value: value.into() }).map(|_| ())
     }
 
     pub fn watch(&mut self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.call(GuestMsg::Watch {
-            path: path.into(),
-            token: token.into(),
-        })
-        .map(|_| ())
+        self.call(GuestMsg::Watch { path: path.into(), token: token.into() }).map(|_| ())
     }
 
     /// Next watch event, waiting until `deadline`.
@@ -155,20 +140,14 @@ impl GuestConn {
     }
 
     /// Waits until `path` reads `want` (via a watch on it), bounded.
-    pub fn wait_for_value(
-        &mut self,
-        path: &str,
-        want: &str,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
+    pub fn wait_for_value(&mut self, path: &str, want: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         self.watch(path, "wait")?;
         loop {
             if self.read(path)?.as_deref() == Some(want) {
                 return Ok(());
             }
-            self.next_watch(deadline)
-                .with_context(|| format!("waiting for {path} = {want}"))?;
+            self.next_watch(deadline).with_context(|| format!("waiting for {path} = {want}"))?;
         }
     }
 
@@ -182,8 +161,7 @@ impl GuestConn {
             }
             None => bail!("guest memory exhausted"),
         };
-        self.memory
-            .copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
+        self.memory.copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
         Ok(g)
     }
 
@@ -208,13 +186,7 @@ impl GuestConn {
             &[to_backend.as_raw_fd(), to_guest.as_raw_fd()],
         )?;
         match self.reply(Duration::from_secs(5))? {
-            HvMsg::Port(p) => Ok((
-                p,
-                EventFdChannel {
-                    wait: to_guest,
-                    notify: to_backend,
-                },
-            )),
+            HvMsg::Port(p) => Ok((p, EventFdChannel { wait: to_guest, notify: to_backend })),
             HvMsg::Error(e) => Err(anyhow!(e)),
             o => bail!("unexpected {o:?}"),
         }
@@ -227,8 +199,7 @@ pub fn wait_channel(ch: &dyn EventChannel, deadline: Instant) -> anyhow::Result<
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ch.fd()) };
     let left = deadline.saturating_duration_since(Instant::now());
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    let ms =
-        PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+    let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
     if poll(&mut fds, ms)? == 0 {
         return Ok(false);
     }

@@ -11,9 +11,7 @@ pub mod client;
 pub mod proto;
 mod store;
 
-use super::{
-    DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore,
-};
+use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore};
 use anyhow::{anyhow, bail, Context};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 use proto::{GuestMsg, HvMsg};
@@ -75,10 +73,7 @@ impl Hypervisor {
             st.tree.write("/local/domain/0/domid", "0");
         }
         let (tx, rx) = mpsc::channel();
-        let store = Arc::new(LocalStore {
-            hv: hv.clone(),
-            events: tx,
-        });
+        let store = Arc::new(LocalStore { hv: hv.clone(), events: tx });
         let t = Transport {
             store,
             grants: hv.clone(),
@@ -91,39 +86,29 @@ impl Hypervisor {
 
     /// Accepts guests on `path` (a SOCK_SEQPACKET socket), one thread each.
     pub fn listen(self: &Arc<Self>, path: &Path) -> anyhow::Result<std::thread::JoinHandle<()>> {
-        use nix::sys::socket::{
-            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-        };
+        use nix::sys::socket::{bind, listen, Backlog, SockFlag, UnixAddr};
         let _ = std::fs::remove_file(path);
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)
-            .with_context(|| format!("bind {}", path.display()))?;
+        let fd = proto::seqpacket_socket()?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?).with_context(|| format!("bind {}", path.display()))?;
         listen(&fd, Backlog::new(16)?)?;
         let hv = self.clone();
-        Ok(std::thread::Builder::new()
-            .name("loopback-accept".into())
-            .spawn(move || loop {
-                match nix::sys::socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-                    Ok(c) => {
-                        // SAFETY: accept4 returned a new descriptor that we own.
-                        let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c) };
-                        let hv = hv.clone();
-                        let _ = std::thread::Builder::new()
-                            .name("loopback-guest".into())
-                            .spawn(move || hv.serve_guest(conn));
-                    }
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => {
-                        tracing::error!("loopback: accept failed: {e}");
-                        return;
-                    }
+        Ok(std::thread::Builder::new().name("loopback-accept".into()).spawn(move || loop {
+            match nix::sys::socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(c) => {
+                    // SAFETY: accept4 returned a new descriptor that we own.
+                    let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c) };
+                    let hv = hv.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("loopback-guest".into())
+                        .spawn(move || hv.serve_guest(conn));
                 }
-            })?)
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("loopback: accept failed: {e}");
+                    return;
+                }
+            }
+        })?)
     }
 
     fn serve_guest(&self, conn: OwnedFd) {
@@ -145,10 +130,7 @@ impl Hypervisor {
         };
         std::thread::spawn(move || {
             for ev in wrx {
-                let m = HvMsg::WatchFired {
-                    path: ev.path,
-                    token: ev.token,
-                };
+                let m = HvMsg::WatchFired { path: ev.path, token: ev.token };
                 if proto::send(wfd.as_raw_fd(), &m, &[]).is_err() {
                     break;
                 }
@@ -163,9 +145,7 @@ impl Hypervisor {
                     break;
                 }
             };
-            let reply = self
-                .handle(domid, msg, fds, &wtx)
-                .unwrap_or_else(|e| HvMsg::Error(format!("{e:#}")));
+            let reply = self.handle(domid, msg, fds, &wtx).unwrap_or_else(|e| HvMsg::Error(format!("{e:#}")));
             if proto::send(fd, &reply, &[]).is_err() {
                 break;
             }
@@ -174,8 +154,7 @@ impl Hypervisor {
     }
 
     fn welcome(&self, fd: RawFd) -> anyhow::Result<DomId> {
-        let Some((GuestMsg::Hello { name, pages, vsnd }, mut fds)) = proto::recv::<GuestMsg>(fd)?
-        else {
+        let Some((GuestMsg::Hello { name, pages, vsnd }, mut fds)) = proto::recv::<GuestMsg>(fd)? else {
             bail!("expected Hello");
         };
         if fds.len() != 1 || pages == 0 || pages > MAX_GUEST_PAGES {
@@ -197,8 +176,7 @@ impl Hypervisor {
         let fe = format!("/local/domain/{domid}/device/vsnd/0");
         let be = format!("/local/domain/0/backend/vsnd/{domid}/0");
         st.tree.write(&format!("/local/domain/{domid}/name"), &name);
-        st.tree
-            .write(&format!("/local/domain/{domid}/domid"), &domid.to_string());
+        st.tree.write(&format!("/local/domain/{domid}/domid"), &domid.to_string());
         for (k, v) in vsnd {
             if k.is_empty() || k.contains("..") || k.starts_with('/') {
                 continue;
@@ -209,8 +187,7 @@ impl Hypervisor {
         st.tree.write(&format!("{fe}/backend"), &be);
         st.tree.write(&format!("{fe}/state"), "1");
         st.tree.write(&format!("{be}/frontend"), &fe);
-        st.tree
-            .write(&format!("{be}/frontend-id"), &domid.to_string());
+        st.tree.write(&format!("{be}/frontend-id"), &domid.to_string());
         st.tree.write(&format!("{be}/online"), "1");
         st.tree.write(&format!("{be}/state"), "1");
         drop(st);
@@ -272,13 +249,7 @@ impl Hypervisor {
                 let mut st = self.lock();
                 let port = st.next_port;
                 st.next_port += 1;
-                st.unbound.insert(
-                    (domid, port),
-                    Unbound {
-                        to_backend,
-                        to_guest,
-                    },
-                );
+                st.unbound.insert((domid, port), Unbound { to_backend, to_guest });
                 HvMsg::Port(port)
             }
         })
@@ -318,10 +289,7 @@ impl XenStore for LocalStore {
         Ok(())
     }
     fn watch(&self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.hv
-            .lock()
-            .tree
-            .watch(BACKEND_DOMID, path, token, self.events.clone());
+        self.hv.lock().tree.watch(BACKEND_DOMID, path, token, self.events.clone());
         Ok(())
     }
     fn unwatch(&self, path: &str, token: &str) -> anyhow::Result<()> {
@@ -334,10 +302,7 @@ impl GrantMapper for Hypervisor {
     fn map(&self, domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
         let (memfd, pages) = {
             let st = self.lock();
-            let g = st
-                .guests
-                .get(&domid)
-                .ok_or_else(|| anyhow!("no domain {domid}"))?;
+            let g = st.guests.get(&domid).ok_or_else(|| anyhow!("no domain {domid}"))?;
             (g.memfd.clone(), g.pages)
         };
         if grefs.is_empty() {
@@ -369,8 +334,7 @@ impl GrantMapper for Hypervisor {
                     bail!("mapping gref {g}: {e}");
                 }
             }
-            let ptr =
-                NonNull::new(base.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null mapping"))?;
+            let ptr = NonNull::new(base.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null mapping"))?;
             Ok(SharedPages::new(
                 ptr,
                 len,
@@ -391,10 +355,7 @@ impl EventChannels for Hypervisor {
             .unbound
             .remove(&(domid, remote_port))
             .ok_or_else(|| anyhow!("domain {domid} has no unbound port {remote_port}"))?;
-        Ok(Arc::new(EventFdChannel {
-            wait: u.to_backend,
-            notify: u.to_guest,
-        }))
+        Ok(Arc::new(EventFdChannel { wait: u.to_backend, notify: u.to_guest }))
     }
 }
 

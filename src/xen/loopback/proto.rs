@@ -93,16 +93,16 @@ pub fn recv<T: for<'de> Deserialize<'de>>(fd: RawFd) -> anyhow::Result<Option<(T
     Ok(Some((m, fds)))
 }
 
-/// A connected SOCK_SEQPACKET socket.
+/// A new SOCK_SEQPACKET Unix socket.
+pub fn seqpacket_socket() -> anyhow::Result<OwnedFd> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    Ok(socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?)
+}
+
+/// A SOCK_SEQPACKET socket connected to `path`.
 pub fn connect(path: &std::path::Path) -> anyhow::Result<OwnedFd> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let addr = UnixAddr::new(path)?;
+    let fd = seqpacket_socket()?;
+    let addr = nix::sys::socket::UnixAddr::new(path)?;
     nix::sys::socket::connect(fd.as_raw_fd(), &addr)
         .with_context(|| format!("connect to {}", path.display()))?;
     Ok(fd)

@@ -20,8 +20,7 @@ pub struct Tree {
 
 fn is_at_or_below(path: &str, top: &str) -> bool {
     path == top
-        || (path.starts_with(top)
-            && (top.ends_with('/') || path.as_bytes().get(top.len()) == Some(&b'/')))
+        || (path.starts_with(top) && (top.ends_with('/') || path.as_bytes().get(top.len()) == Some(&b'/')))
 }
 
 impl Tree {
@@ -34,10 +33,7 @@ impl Tree {
 
     fn has_children(&self, path: &str) -> bool {
         let prefix = format!("{path}/");
-        self.nodes
-            .range(prefix.clone()..)
-            .next()
-            .is_some_and(|(k, _)| k.starts_with(&prefix))
+        self.nodes.range(prefix.clone()..).next().is_some_and(|(k, _)| k.starts_with(&prefix))
     }
 
     pub fn directory(&self, path: &str) -> Vec<String> {
@@ -61,12 +57,7 @@ impl Tree {
     }
 
     pub fn rm(&mut self, path: &str) {
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|k| is_at_or_below(k, path))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.nodes.keys().filter(|k| is_at_or_below(k, path)).cloned().collect();
         for k in &gone {
             self.nodes.remove(k);
         }
@@ -75,21 +66,12 @@ impl Tree {
 
     /// Registers a watch and fires it once, as xenstored does.
     pub fn watch(&mut self, owner: u32, path: &str, token: &str, to: Sender<WatchEvent>) {
-        let _ = to.send(WatchEvent {
-            path: path.to_string(),
-            token: token.to_string(),
-        });
-        self.watches.push(Watch {
-            path: path.into(),
-            token: token.into(),
-            owner,
-            to,
-        });
+        let _ = to.send(WatchEvent { path: path.to_string(), token: token.to_string() });
+        self.watches.push(Watch { path: path.into(), token: token.into(), owner, to });
     }
 
     pub fn unwatch(&mut self, owner: u32, path: &str, token: &str) {
-        self.watches
-            .retain(|w| !(w.owner == owner && w.path == path && w.token == token));
+        self.watches.retain(|w| !(w.owner == owner && w.path == path && w.token == token));
     }
 
     pub fn drop_watches_of(&mut self, owner: u32) {
@@ -101,10 +83,7 @@ impl Tree {
     fn fire(&mut self, path: &str) {
         self.watches.retain(|w| {
             if is_at_or_below(path, &w.path) || is_at_or_below(&w.path, path) {
-                let ev = WatchEvent {
-                    path: path.to_string(),
-                    token: w.token.clone(),
-                };
+                let ev = WatchEvent { path: path.to_string(), token: w.token.clone() };
                 return w.to.send(ev).is_ok();
             }
             true
