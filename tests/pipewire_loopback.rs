@@ -146,11 +146,7 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
     finish_recording(&mut rec, &sent, &wav);
     // The dead guest's tone was mixed in for a while: compare only after it
     // stopped, i.e. the steady guest's tail must be intact and gap-free.
-    let got = xen_vsnd::sim::signal::read_wav(&wav).unwrap();
-    let tail = &sent[sent.len() - 48000 * 2..];
-    let (_, n) = xen_vsnd::sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
-        .expect("tail of the steady guest");
-    assert_eq!(n, 48000, "the steady guest's last second arrived intact");
+    assert_tail_intact(&sent, &wav, 48000);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("disconnecting: backend directory removed"), "{text}");
     // The backend still serves a new guest.

@@ -35,6 +35,15 @@ pub struct StreamReport {
     pub period_interrupts: u64,
     /// Interrupts that came before the host had moved that many periods.
     pub early_interrupts: u64,
+    /// Interrupts that came more than one host cycle after their period
+    /// ended (the cycle's frames are the event's position delta).
+    pub late_interrupts: u64,
+    /// Largest distance, in frames, between a period's end and its interrupt.
+    pub max_lag_frames: u64,
+    /// Frames moved per event: smallest and largest (the host quantum at
+    /// the stream's rate).
+    pub min_cycle_frames: u64,
+    pub max_cycle_frames: u64,
     pub xruns: u64,
     pub final_position_bytes: u64,
     /// Last delay the backend reported with the extension (frames).
@@ -68,6 +77,8 @@ pub struct FrontStream {
     pub hw_frames: u64,
     acc_frames: u64,
     pub rule: Option<PeriodRule>,
+    /// Frames the last event moved the pointer by.
+    last_delta: u64,
     pub report: StreamReport,
     /// Per-channel volume read back with GET_VOLUME.
     pub volume_mdb: Option<Vec<i32>>,
@@ -109,6 +120,7 @@ impl FrontStream {
             hw_frames: 0,
             acc_frames: 0,
             rule: None,
+            last_delta: 0,
             report: StreamReport::default(),
             volume_mdb: None,
         })
@@ -293,6 +305,12 @@ impl FrontStream {
         self.last_pos_bytes = pos;
         self.hw_frames += delta;
         self.acc_frames += delta;
+        if delta > 0 {
+            let r = &mut self.report;
+            r.min_cycle_frames = if r.min_cycle_frames == 0 { delta } else { r.min_cycle_frames.min(delta) };
+            r.max_cycle_frames = r.max_cycle_frames.max(delta);
+        }
+        self.last_delta = delta;
         let p = self.period_frames;
         match self.rule {
             Some(PeriodRule::Upstream) if self.acc_frames > p => {
@@ -310,9 +328,17 @@ impl FrontStream {
     }
 
     fn period_elapsed(&mut self) {
-        self.report.period_interrupts += 1;
-        if self.hw_frames < self.report.period_interrupts * self.period_frames {
-            self.report.early_interrupts += 1;
+        let r = &mut self.report;
+        r.period_interrupts += 1;
+        let period_end = r.period_interrupts * self.period_frames;
+        if self.hw_frames < period_end {
+            r.early_interrupts += 1;
+            return;
+        }
+        let lag = self.hw_frames - period_end;
+        r.max_lag_frames = r.max_lag_frames.max(lag);
+        if lag > self.last_delta {
+            r.late_interrupts += 1;
         }
     }
 }

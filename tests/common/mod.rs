@@ -247,3 +247,12 @@ pub fn assert_arrived_intact(sent: &[i16], wav: &Path) {
         "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start})"
     );
 }
+
+/// Asserts the last `frames` frames of `sent` arrived contiguous and unchanged.
+pub fn assert_tail_intact(sent: &[i16], wav: &Path, frames: usize) {
+    let got = xen_vsnd::sim::signal::read_wav(wav).expect("recorded WAV");
+    let tail = &sent[sent.len() - frames * 2..];
+    let (_, n) = xen_vsnd::sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
+        .unwrap_or_else(|| panic!("the signal's tail never appears in {}", wav.display()));
+    assert_eq!(n, frames, "only {n} of the last {frames} frames arrived intact");
+}
