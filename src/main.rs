@@ -5,7 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use xen_vsnd::host::{pipewire::PipeWireHost, HostBackend};
+use xen_vsnd::host::pipewire::{PipeWireConfig, PipeWireHost};
+use xen_vsnd::host::HostBackend;
 use xen_vsnd::sim::{self, SimOptions};
 use xen_vsnd::xen::{linux, loopback::Hypervisor};
 
@@ -36,6 +37,10 @@ enum Cmd {
         /// PipeWire remote to connect to (default: $PIPEWIRE_REMOTE or pipewire-0).
         #[arg(long)]
         pipewire_remote: Option<String>,
+        /// Extra PipeWire property for every guest node, KEY=VALUE; may be
+        /// repeated (e.g. node.autoconnect=false to link nodes yourself).
+        #[arg(long = "node-property", value_name = "KEY=VALUE", value_parser = parse_prop)]
+        node_properties: Vec<(String, String)>,
     },
     /// Run a simulated guest against a loopback backend.
     SimGuest(SimOptions),
@@ -51,7 +56,9 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { transport, pipewire_remote } => serve(&transport, pipewire_remote),
+        Cmd::Serve { transport, pipewire_remote, node_properties } => {
+            serve(&transport, PipeWireConfig { remote: pipewire_remote, node_props: node_properties })
+        }
         Cmd::SimGuest(o) => sim_guest(&o),
     };
     if let Err(e) = r {
@@ -60,13 +67,19 @@ fn main() {
     }
 }
 
-fn serve(transport: &str, remote: Option<String>) -> anyhow::Result<()> {
+fn parse_prop(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn serve(transport: &str, pw: PipeWireConfig) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
     }
-    let host: Arc<dyn HostBackend> =
-        Arc::new(PipeWireHost::start(remote).context("starting the PipeWire host")?);
+    let host: Arc<dyn HostBackend> = Arc::new(PipeWireHost::start(pw).context("starting the PipeWire host")?);
     let t = if transport == "xen" {
         linux::open().context("opening the Xen transport (/dev/xen)")?
     } else if let Some(path) = transport.strip_prefix("loopback:") {

@@ -28,6 +28,15 @@ enum Cmd {
     Volume { id: u64, gains: Vec<f32> },
 }
 
+/// How the PipeWire host connects and what it adds to every node.
+#[derive(Debug, Clone, Default)]
+pub struct PipeWireConfig {
+    /// `PIPEWIRE_REMOTE`-style daemon name; None for the default.
+    pub remote: Option<String>,
+    /// Extra properties for every guest node (`serve --node-property`).
+    pub node_props: Vec<(String, String)>,
+}
+
 pub struct PipeWireHost {
     tx: pw::channel::Sender<Cmd>,
     next_id: AtomicU64,
@@ -113,12 +122,12 @@ fn delay_frames(t: &pw::stream::Time, stream_rate: u32, frame_bytes: usize) -> u
 impl PipeWireHost {
     /// Starts the PipeWire thread and connects to the daemon (`remote`:
     /// `PIPEWIRE_REMOTE` style name, or the default).
-    pub fn start(remote: Option<String>) -> anyhow::Result<PipeWireHost> {
+    pub fn start(config: PipeWireConfig) -> anyhow::Result<PipeWireHost> {
         let (ready_tx, ready_rx) = mpsc::sync_channel::<anyhow::Result<pw::channel::Sender<Cmd>>>(1);
         std::thread::Builder::new()
             .name("pipewire".into())
             .spawn(move || {
-                if let Err(e) = run_loop(remote, &ready_tx) {
+                if let Err(e) = run_loop(config, &ready_tx) {
                     let _ = ready_tx.send(Err(e));
                 }
             })
@@ -149,13 +158,13 @@ struct Rt {
 }
 
 fn run_loop(
-    remote: Option<String>,
+    config: PipeWireConfig,
     ready: &mpsc::SyncSender<anyhow::Result<pw::channel::Sender<Cmd>>>,
 ) -> anyhow::Result<()> {
     pw::init();
     let mainloop = pw::main_loop::MainLoopRc::new(None).context("PipeWire main loop")?;
     let context = pw::context::ContextRc::new(&mainloop, None).context("PipeWire context")?;
-    let props = remote.map(|r| pw::properties::properties! { *pw::keys::REMOTE_NAME => r });
+    let props = config.remote.map(|r| pw::properties::properties! { *pw::keys::REMOTE_NAME => r });
     let core = context.connect_rc(props).map_err(|e| {
         anyhow!(
             "connecting to the PipeWire daemon: {e} (is PipeWire running for this user? \
@@ -171,7 +180,7 @@ fn run_loop(
     let core2 = core.clone();
     let _attached = rx.attach(mainloop.loop_(), move |cmd| match cmd {
         Cmd::Open { id, spec, engine, reply } => {
-            let r = open_stream(&core2, spec, engine).map(|e| {
+            let r = open_stream(&core2, spec, engine, &config.node_props).map(|e| {
                 streams.borrow_mut().insert(id, e);
             });
             let _ = reply.send(r);
@@ -200,7 +209,12 @@ fn run_loop(
     Ok(())
 }
 
-fn open_stream(core: &pw::core::CoreRc, spec: StreamSpec, engine: Box<DmaEngine>) -> anyhow::Result<Entry> {
+fn open_stream(
+    core: &pw::core::CoreRc,
+    spec: StreamSpec,
+    engine: Box<DmaEngine>,
+    node_props: &[(String, String)],
+) -> anyhow::Result<Entry> {
     let g = engine.geom;
     let format = spa_format(g.format).ok_or_else(|| anyhow!("format {} unsupported", g.format.name()))?;
     let (class, category) = match spec.kind {
@@ -220,7 +234,8 @@ fn open_stream(core: &pw::core::CoreRc, spec: StreamSpec, engine: Box<DmaEngine>
         "node.rate" => format!("1/{}", g.rate),
         *pw::keys::AUDIO_CHANNELS => g.channels.to_string(),
     };
-    for (k, v) in &spec.props {
+    // The administrator's properties come last and win.
+    for (k, v) in spec.props.iter().chain(node_props) {
         props.insert(k.as_str(), v.as_str());
     }
     let stream = pw::stream::StreamRc::new(core.clone(), &spec.node_name, props).context("pw_stream_new")?;

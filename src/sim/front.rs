@@ -82,6 +82,17 @@ pub struct FrontStream {
     pub report: StreamReport,
     /// Per-channel volume read back with GET_VOLUME.
     pub volume_mdb: Option<Vec<i32>>,
+    /// When set, every CUR_POS is logged with the time it was processed.
+    pub event_log: Option<Vec<PosEvent>>,
+}
+
+/// One processed CUR_POS: when, the pointer after it (frames since OPEN),
+/// and the delay the backend reported.
+#[derive(Debug, Clone, Copy)]
+pub struct PosEvent {
+    pub at: Instant,
+    pub hw_frames: u64,
+    pub delay: u32,
 }
 
 impl FrontStream {
@@ -123,6 +134,7 @@ impl FrontStream {
             last_delta: 0,
             report: StreamReport::default(),
             volume_mdb: None,
+            event_log: None,
         })
     }
 
@@ -311,6 +323,9 @@ impl FrontStream {
             r.max_cycle_frames = r.max_cycle_frames.max(delta);
         }
         self.last_delta = delta;
+        if let Some(log) = &mut self.event_log {
+            log.push(PosEvent { at: Instant::now(), hw_frames: self.hw_frames, delay });
+        }
         let p = self.period_frames;
         match self.rule {
             Some(PeriodRule::Upstream) if self.acc_frames > p => {

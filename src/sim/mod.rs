@@ -4,6 +4,7 @@
 //! saw. `--misbehave` turns it into a hostile guest for robustness tests.
 
 pub mod front;
+pub mod latency;
 pub mod misbehave;
 pub mod signal;
 
@@ -14,6 +15,7 @@ use front::{FrontStream, PeriodRule, StreamReport};
 use serde::Serialize;
 use signal::Signal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Pages of grantable memory a simulated guest brings (16 MiB).
@@ -73,6 +75,15 @@ pub struct SimOptions {
     /// and read it back with GET_VOLUME.
     #[arg(long, allow_hyphen_values = true)]
     pub set_volume_mdb: Option<i32>,
+    /// Latency self-test: play impulses for --seconds while capturing, and
+    /// compare the measured round trip with the reported delays. Link the
+    /// guest's playback node to its capture node (or through a sink and its
+    /// monitor) first. Implies --delay-report.
+    #[arg(long)]
+    pub measure_latency: bool,
+    /// Largest |measured - reported| in frames that --measure-latency accepts.
+    #[arg(long, default_value_t = 1)]
+    pub latency_tolerance: u32,
     /// buffer-size the "toolstack" writes for the card (bytes).
     #[arg(long, default_value_t = 65536)]
     pub card_buffer_size: u32,
@@ -89,6 +100,7 @@ pub struct Report {
     pub reconnects: u32,
     /// What GET_VOLUME returned after `--set-volume-mdb`.
     pub volume_mdb: Option<Vec<i32>>,
+    pub latency: Option<latency::LatencyReport>,
 }
 
 /// What libxl writes for `vsnd = [[ 'CARD, ...', 'PCM, name=dev0', 'STREAM,
@@ -148,7 +160,7 @@ fn handshake(
         conn.write(&format!("{p}/{}", keys::EVT_RING_REF), &s.evt_gref.to_string())?;
         conn.write(&format!("{p}/{}", keys::EVT_EVT_CHNL), &s.evt_port.to_string())?;
     }
-    if o.delay_report {
+    if o.delay_report || o.measure_latency {
         conn.write(&format!("{fe}/{}", keys::FEATURE_DELAY_REPORT), "1")?;
     }
     conn.write(&state_key(fe), XenbusState::Initialised.as_str())?;
@@ -201,6 +213,10 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         report.misbehave = Some(misbehave::run(m, o, &mut g)?);
         return Ok(report);
     }
+    if o.measure_latency {
+        report.latency = Some(measure_latency(o, &mut g)?);
+        return Ok(report);
+    }
     let source: Option<Vec<i16>> = match (&o.play_wav, o.play) {
         (Some(p), _) => {
             let w = signal::read_wav(p)?;
@@ -219,7 +235,8 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         if round > 0 {
             g.reconnect(o)?;
         }
-        run_streams(o, &mut g, source.as_deref(), &mut captured)?;
+        let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * o.rate as f64) as u64);
+        run_streams(o, &mut g, source.as_deref(), capture_frames, &mut captured)?;
         report.reconnects = round;
     }
     if let Some(path) = &o.capture_wav {
@@ -236,22 +253,50 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// Plays an impulse train while capturing and analyses the round trip.
+fn measure_latency(o: &SimOptions, g: &mut Guest) -> anyhow::Result<latency::LatencyReport> {
+    let frames = (o.seconds * o.rate as f64) as usize;
+    let (mut source, played_at) = latency::impulse_train(o.rate, o.channels as u32, frames);
+    // Keep playing silence until the capture is done: with the two nodes
+    // linked only to each other, closing the playback would stop the capture.
+    source.resize(source.len() + o.rate as usize * o.channels as usize, 0);
+    g.playback.event_log = Some(Vec::new());
+    g.capture.event_log = Some(Vec::new());
+    // Capture a little longer than the playback, for the last impulse.
+    let capture_frames = frames as u64 + o.rate as u64 / 2;
+    let mut captured = Vec::new();
+    run_streams(o, g, Some(&source), Some(capture_frames), &mut captured)?;
+    let play_log = g.playback.event_log.take().unwrap_or_default();
+    let cap_log = g.capture.event_log.take().unwrap_or_default();
+    latency::analyse(&played_at, &captured, o.channels as u32, o.rate, &play_log, &cap_log)
+}
+
 /// One session of the two applications: playback and capture at once.
 fn run_streams(
     o: &SimOptions,
     g: &mut Guest,
     source: Option<&[i16]>,
+    capture_frames: Option<u64>,
     captured: &mut Vec<i16>,
 ) -> anyhow::Result<()> {
     let frame = 2 * o.channels as u32;
     let buffer = o.period * o.periods * frame;
     g.playback.alloc_buffer(&mut g.conn, buffer)?;
     g.capture.alloc_buffer(&mut g.conn, buffer)?;
-    let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * o.rate as f64) as u64);
     let Guest { playback, capture, .. } = g;
+    // Playback ends early once the capture is done, so that neither stream
+    // outlives the other when they are linked only to each other.
+    let capture_done = AtomicBool::new(false);
+    let done = &capture_done;
     std::thread::scope(|sc| -> anyhow::Result<()> {
-        let p = source.map(|src| sc.spawn(|| play(o, playback, src)));
-        let c = capture_frames.map(|n| sc.spawn(move || record(o, capture, n)));
+        let p = source.map(|src| sc.spawn(move || play(o, playback, src, done)));
+        let c = capture_frames.map(|n| {
+            sc.spawn(move || {
+                let r = record(o, capture, n);
+                done.store(true, Ordering::Release);
+                r
+            })
+        });
         if let Some(p) = p {
             p.join().map_err(|_| anyhow::anyhow!("playback thread panicked"))??;
         }
@@ -274,7 +319,7 @@ fn as_bytes(samples: &[i16]) -> Vec<u8> {
 
 /// An ALSA application in copy mode: prefill, start, then write a period
 /// whenever one is free, drain, stop, close.
-fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16]) -> anyhow::Result<()> {
+fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16], stop: &AtomicBool) -> anyhow::Result<()> {
     open_s16(o, s)?;
     if let Some(mdb) = o.set_volume_mdb {
         s.set_volume(mdb, o.channels as usize)?;
@@ -310,10 +355,18 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16]) -> anyhow::Result<()> 
             s.request(Request::Trigger(trigger::START))?;
             started = true;
         }
-        if s.hw_frames * frame >= total {
+        if s.hw_frames * frame >= total || stop.load(Ordering::Acquire) {
             break;
         }
-        if !s.wait_events(Instant::now() + event_timeout)? {
+        let deadline = Instant::now() + event_timeout;
+        let mut got = false;
+        while !got && Instant::now() < deadline && !stop.load(Ordering::Acquire) {
+            got = s.wait_events((Instant::now() + Duration::from_millis(100)).min(deadline))?;
+        }
+        if !got {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
             bail!("playback: no position event for {event_timeout:?}");
         }
         // The pointer passing the application while data remains is an

@@ -127,6 +127,15 @@ impl PwEnv {
         String::from_utf8_lossy(&out.stdout).contains(&format!("node.name = \"{name}\""))
     }
 
+    /// Links the FL and FR ports of two nodes with pw-link.
+    pub fn link(&self, out_node: &str, in_node: &str, out_prefix: &str, in_prefix: &str) {
+        for ch in ["FL", "FR"] {
+            let (o, i) = (format!("{out_node}:{out_prefix}_{ch}"), format!("{in_node}:{in_prefix}_{ch}"));
+            let r = self.run("pw-link", &[&o, &i]);
+            assert!(r.status.success(), "pw-link {o} {i}: {}", String::from_utf8_lossy(&r.stderr));
+        }
+    }
+
     pub fn links(&self) -> String {
         String::from_utf8_lossy(&self.run("pw-link", &["-l"]).stdout).into_owned()
     }
@@ -138,9 +147,15 @@ impl PwEnv {
 
     /// Starts `xen-vsnd serve` on a loopback socket; returns (socket, log).
     pub fn start_backend(&mut self) -> (PathBuf, PathBuf) {
+        self.start_backend_with(&[])
+    }
+
+    /// Like `start_backend`, with extra `serve` arguments.
+    pub fn start_backend_with(&mut self, extra: &[&str]) -> (PathBuf, PathBuf) {
         let sock = self.dir.path().join("vsnd.sock");
         let spec = format!("loopback:{}", sock.display());
-        let log = self.spawn_logged("backend", BIN, &["serve", "--transport", &spec]);
+        let args = [&["serve", "--transport", spec.as_str()][..], extra].concat();
+        let log = self.spawn_logged("backend", BIN, &args);
         let l2 = log.clone();
         wait_until("the backend to serve", Duration::from_secs(15), || {
             std::fs::read_to_string(&l2).unwrap_or_default().contains("serving vsnd devices")

@@ -1,0 +1,152 @@
+//! The latency self-test: the guest plays marked impulses while capturing,
+//! with its playback linked to its capture in the host, and compares the
+//! round trip it measures with the sum of the delays it was told.
+//!
+//! For an impulse written at playback frame `Pw` and found at capture frame
+//! `Cr`, take the host cycle `j` that moved it: playback pointer `hp`, capture
+//! pointer `hc` and the two reported delays `dp`, `dc` of that same cycle
+//! (events of one cycle are paired by the time the guest received them).
+//! Then the measured round trip is `Cr - Pw - (hc - hp)` and the reported
+//! one `dp + dc`: for a guest with exact delays they are equal.
+
+use super::front::PosEvent;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Frames between impulses (0.25 s at 48 kHz; scaled with the rate).
+pub fn spacing(rate: u32) -> usize {
+    rate as usize / 4
+}
+
+/// Interleaved S16 silence with a one-frame impulse every `spacing(rate)`
+/// frames, the first one `spacing` frames in.
+pub fn impulse_train(rate: u32, channels: u32, frames: usize) -> (Vec<i16>, Vec<u64>) {
+    let sp = spacing(rate);
+    let mut s = vec![0i16; frames * channels as usize];
+    let mut at = Vec::new();
+    let mut f = sp;
+    while f + sp / 2 < frames {
+        for c in 0..channels as usize {
+            s[f * channels as usize + c] = 16384;
+        }
+        at.push(f as u64);
+        f += sp;
+    }
+    (s, at)
+}
+
+/// Capture frames of the impulses: the largest sample of each burst.
+pub fn find_impulses(captured: &[i16], channels: u32, rate: u32) -> Vec<u64> {
+    let ch = channels as usize;
+    let mut out = Vec::new();
+    let mut f = 0;
+    let frames = captured.len() / ch;
+    while f < frames {
+        if captured[f * ch].unsigned_abs() > 4000 {
+            let end = (f + 64).min(frames);
+            let peak = (f..end).max_by_key(|&k| captured[k * ch].unsigned_abs()).unwrap_or(f);
+            out.push(peak as u64);
+            f = peak + spacing(rate) / 2;
+        } else {
+            f += 1;
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub playback_frame: u64,
+    pub capture_frame: u64,
+    pub measured: i64,
+    pub reported: i64,
+    pub error: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyReport {
+    pub measurements: Vec<Measurement>,
+    pub measured: i64,
+    pub reported: i64,
+    /// The error of largest magnitude.
+    pub error: i64,
+}
+
+/// The event that moved the pointer past `frame`.
+fn event_covering(log: &[PosEvent], frame: u64) -> Option<&PosEvent> {
+    log.iter().find(|e| e.hw_frames > frame)
+}
+
+/// The event of the other stream received closest in time to `at`, if
+/// within half a cycle-ish bound.
+fn nearest(log: &[PosEvent], at: std::time::Instant, within: Duration) -> Option<&PosEvent> {
+    log.iter()
+        .min_by_key(|e| if e.at > at { e.at - at } else { at - e.at })
+        .filter(|e| (if e.at > at { e.at - at } else { at - e.at }) <= within)
+}
+
+fn median(v: &mut [i64]) -> i64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+pub fn analyse(
+    played_at: &[u64],
+    captured: &[i16],
+    channels: u32,
+    rate: u32,
+    play_log: &[PosEvent],
+    cap_log: &[PosEvent],
+) -> anyhow::Result<LatencyReport> {
+    let peaks = find_impulses(captured, channels, rate);
+    let mut measurements = Vec::new();
+    for &pw in played_at {
+        let Some(pe) = event_covering(play_log, pw) else { continue };
+        // The impulse shows up in the first capture cycle at or after the
+        // playback cycle that moved it; a peak found in an earlier cycle
+        // belongs to another impulse.
+        let Some(ce) = nearest(cap_log, pe.at, Duration::from_millis(2)) else { continue };
+        let Some(&cr) = peaks
+            .iter()
+            .find(|&&c| event_covering(cap_log, c).is_some_and(|e| e.at + Duration::from_millis(2) >= pe.at))
+        else {
+            continue;
+        };
+        let measured = cr as i64 - pw as i64 - (ce.hw_frames as i64 - pe.hw_frames as i64);
+        let reported = pe.delay as i64 + ce.delay as i64;
+        measurements.push(Measurement {
+            playback_frame: pw,
+            capture_frame: cr,
+            measured,
+            reported,
+            error: measured - reported,
+        });
+    }
+    if measurements.len() < played_at.len().div_ceil(2) {
+        anyhow::bail!(
+            "found {} of {} impulses in the capture ({} peaks): is the playback node linked to the capture node?",
+            measurements.len(),
+            played_at.len(),
+            peaks.len()
+        );
+    }
+    let error = measurements.iter().map(|m| m.error).max_by_key(|e| e.abs()).unwrap_or(0);
+    let measured = median(&mut measurements.iter().map(|m| m.measured).collect::<Vec<_>>());
+    let reported = median(&mut measurements.iter().map(|m| m.reported).collect::<Vec<_>>());
+    Ok(LatencyReport { measurements, measured, reported, error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impulses_are_found_where_they_were_put() {
+        let (s, at) = impulse_train(48000, 2, 48000 * 2);
+        assert_eq!(at, vec![12000, 24000, 36000, 48000, 60000, 72000, 84000]);
+        let mut delayed = vec![0i16; 2 * 777];
+        delayed.extend_from_slice(&s);
+        let found = find_impulses(&delayed, 2, 48000);
+        assert_eq!(found, at.iter().map(|f| f + 777).collect::<Vec<_>>());
+    }
+}
