@@ -56,3 +56,56 @@ fn resampled_guest_round_trip_matches_the_reported_delay() {
     assert!(l["reported"].as_i64().unwrap() > 0, "the resampler delay is reported: {l}");
     assert!(l["error"].as_i64().unwrap().abs() <= 2, "{l}");
 }
+
+fn node_id(env: &PwEnv, name: &str) -> Option<u64> {
+    env.dump().as_array()?.iter().find(|o| o["info"]["props"]["node.name"] == name)?["id"].as_u64()
+}
+
+#[test]
+fn reported_delay_follows_a_loopback_inserted_while_running() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend_with(&["--node-property", "node.autoconnect=false"]);
+    let sim = env.spawn_sim(&sock, &["--domain", "lb-vm", "--measure-latency", "--seconds", "4"]);
+    let (play, cap) = ("xen-vsnd.lb-vm.0.0.playback", "xen-vsnd.lb-vm.0.0.capture");
+    wait_until("both guest nodes", Duration::from_secs(10), || {
+        let ports = String::from_utf8_lossy(&env.run("pw-link", &["-o", "-i"]).stdout).into_owned();
+        ports.contains(&format!("{play}:output_FR")) && ports.contains(&format!("{cap}:input_FR"))
+    });
+    env.link(play, cap, "output", "input");
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // A 50 ms loopback. PipeWire 1.4's loopback does not include its
+    // target.delay in the latency it reports, so it is declared the way a
+    // user would (pavucontrol's latency offset): Props latencyOffsetNsec.
+    let module = r#"{ node.description = "delay50"
+        capture.props = { node.name = "dl.in" media.class = "Audio/Sink" audio.position = [ FL FR ] }
+        playback.props = { node.name = "dl.out" node.autoconnect = false audio.position = [ FL FR ] }
+        target.delay.sec = 0.05 }"#;
+    let mut lb = env.cmd("pw-cli");
+    lb.args(["-m", "load-module", "libpipewire-module-loopback", module]).stdout(std::process::Stdio::null());
+    let _lb = Proc(lb.spawn().unwrap(), "loopback");
+    let mut id = None;
+    wait_until("the loopback nodes", Duration::from_secs(10), || {
+        id = node_id(&env, "dl.in");
+        id.is_some() && env.node_exists("dl.out")
+    });
+    let r = env
+        .run("pw-cli", &["set-param", &id.unwrap().to_string(), "Props", "{ latencyOffsetNsec: 50000000 }"]);
+    assert!(r.status.success());
+    for ch in ["FL", "FR"] {
+        env.run("pw-link", &["-d", &format!("{play}:output_{ch}"), &format!("{cap}:input_{ch}")]);
+    }
+    env.link(play, "dl.in", "output", "playback");
+    env.link("dl.out", cap, "output", "input");
+
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "self-test failed: {err}\n{report}");
+    let m = report["latency"]["measurements"].as_array().unwrap().clone();
+    let before: Vec<_> = m.iter().filter(|x| x["reported"].as_i64().unwrap() < 100).collect();
+    let after: Vec<_> = m.iter().filter(|x| x["reported"].as_i64().unwrap() >= 2400).collect();
+    assert!(!before.is_empty() && after.len() >= 4, "the delay must follow the new graph: {m:?}");
+    for x in m.iter() {
+        assert!(x["error"].as_i64().unwrap().abs() <= 1, "{x}");
+    }
+    assert!(after.iter().all(|x| (x["measured"].as_i64().unwrap() - 2400).abs() <= 1), "{after:?}");
+}

@@ -54,6 +54,10 @@ pub fn find_impulses(captured: &[i16], channels: u32, rate: u32) -> Vec<u64> {
     out
 }
 
+/// Frames the reported delay may move during one impulse's flight for the
+/// graph to count as steady (resamplers move it by a frame or two).
+const STEADY_JITTER: i64 = 16;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Measurement {
     pub playback_frame: u64,
@@ -66,6 +70,9 @@ pub struct Measurement {
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyReport {
     pub measurements: Vec<Measurement>,
+    /// Impulses not measured: lost, or in flight while the reported delay
+    /// changed (the topology was being changed).
+    pub skipped: usize,
     pub measured: i64,
     pub reported: i64,
     /// The error of largest magnitude.
@@ -100,20 +107,28 @@ pub fn analyse(
 ) -> anyhow::Result<LatencyReport> {
     let peaks = find_impulses(captured, channels, rate);
     let mut measurements = Vec::new();
+    let same_cycle = Duration::from_millis(2);
+    // Impulses are `spacing` apart: one arriving later than half of that
+    // after it was played is another impulse.
+    let flight = Duration::from_secs_f64(spacing(rate) as f64 / rate as f64 / 2.0);
     for &pw in played_at {
         let Some(pe) = event_covering(play_log, pw) else { continue };
-        // The impulse shows up in the first capture cycle at or after the
-        // playback cycle that moved it; a peak found in an earlier cycle
-        // belongs to another impulse.
-        let Some(ce) = nearest(cap_log, pe.at, Duration::from_millis(2)) else { continue };
-        let Some(&cr) = peaks
-            .iter()
-            .find(|&&c| event_covering(cap_log, c).is_some_and(|e| e.at + Duration::from_millis(2) >= pe.at))
-        else {
+        let Some(ce) = nearest(cap_log, pe.at, same_cycle) else { continue };
+        let Some((cr, arrival)) = peaks.iter().find_map(|&c| {
+            let e = event_covering(cap_log, c)?;
+            (e.at + same_cycle >= pe.at && e.at <= pe.at + flight).then_some((c, e))
+        }) else {
             continue;
         };
-        let measured = cr as i64 - pw as i64 - (ce.hw_frames as i64 - pe.hw_frames as i64);
         let reported = pe.delay as i64 + ce.delay as i64;
+        // The report describes a steady graph: skip impulses in flight while
+        // the delay changed (a resampler's few frames of jitter aside, both
+        // ends of the flight must agree).
+        let Some(pa) = nearest(play_log, arrival.at, same_cycle) else { continue };
+        if (pa.delay as i64 + arrival.delay as i64 - reported).abs() > STEADY_JITTER {
+            continue;
+        }
+        let measured = cr as i64 - pw as i64 - (ce.hw_frames as i64 - pe.hw_frames as i64);
         measurements.push(Measurement {
             playback_frame: pw,
             capture_frame: cr,
@@ -124,16 +139,17 @@ pub fn analyse(
     }
     if measurements.len() < played_at.len().div_ceil(2) {
         anyhow::bail!(
-            "found {} of {} impulses in the capture ({} peaks): is the playback node linked to the capture node?",
+            "measured {} of {} impulses ({} peaks in the capture): is the playback node linked to the capture node?",
             measurements.len(),
             played_at.len(),
             peaks.len()
         );
     }
+    let skipped = played_at.len() - measurements.len();
     let error = measurements.iter().map(|m| m.error).max_by_key(|e| e.abs()).unwrap_or(0);
     let measured = median(&mut measurements.iter().map(|m| m.measured).collect::<Vec<_>>());
     let reported = median(&mut measurements.iter().map(|m| m.reported).collect::<Vec<_>>());
-    Ok(LatencyReport { measurements, measured, reported, error })
+    Ok(LatencyReport { measurements, skipped, measured, reported, error })
 }
 
 #[cfg(test)]
