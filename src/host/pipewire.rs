@@ -3,6 +3,7 @@
 //! `pipewire::channel`. The process callback runs in PipeWire's data thread
 //! (`RT_PROCESS`) and only calls the DMA engine.
 
+use super::pw_graph::{Graph, Kind};
 use super::{HostBackend, HostStream, StreamSpec};
 use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
@@ -14,8 +15,9 @@ use pw::spa::pod::Pod;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a caller waits for the PipeWire thread to answer.
@@ -149,12 +151,28 @@ struct Entry {
     /// the real-time callback's state.
     _control: pw::stream::StreamListener<Gains>,
     gains: Gains,
+    kind: StreamKind,
+    /// Graph cycles of latency PipeWire does not report (see `pw_graph`),
+    /// kept current by the registry listener, read by the cycle.
+    unreported_cycles: Arc<AtomicU32>,
+}
+
+/// Recomputes every capture stream's unreported latency from the graph.
+fn refresh_unreported(streams: &RefCell<HashMap<u64, Entry>>, graph: &RefCell<Graph>) {
+    let graph = graph.borrow();
+    for e in streams.borrow().values().filter(|e| e.kind == StreamKind::Capture) {
+        let n = graph.unreported_cycles(e.stream.node_id());
+        if e.unreported_cycles.swap(n, Ordering::Relaxed) != n {
+            tracing::debug!(node = e.stream.node_id(), cycles = n, "unreported latency changed");
+        }
+    }
 }
 
 /// State owned by the real-time process callback.
 struct Rt {
     engine: Box<DmaEngine>,
     kind: StreamKind,
+    unreported_cycles: Arc<AtomicU32>,
 }
 
 fn run_loop(
@@ -177,12 +195,69 @@ fn run_loop(
         .register();
     let (tx, rx) = pw::channel::channel::<Cmd>();
     let streams: Rc<RefCell<HashMap<u64, Entry>>> = Rc::default();
+    let graph: Rc<RefCell<Graph>> = Rc::default();
+    let registry = core.get_registry_rc().context("PipeWire registry")?;
+    // Our capture nodes, bound to follow their `node.driver-id`.
+    let watched: Rc<RefCell<HashMap<u32, (pw::node::Node, pw::node::NodeListener)>>> = Rc::default();
+    let (s1, g1, s2, g2, w1, w2, reg) = (
+        streams.clone(),
+        graph.clone(),
+        streams.clone(),
+        graph.clone(),
+        watched.clone(),
+        watched,
+        registry.clone(),
+    );
+    let _registry_listener = registry
+        .add_listener_local()
+        .global(move |obj| {
+            let kind = match obj.type_ {
+                pw::types::ObjectType::Node => Kind::Node,
+                pw::types::ObjectType::Port => Kind::Port,
+                pw::types::ObjectType::Link => Kind::Link,
+                _ => Kind::Other,
+            };
+            let lookup = |k: &str| obj.props.and_then(|p| p.get(k)).map(str::to_string);
+            g1.borrow_mut().add(obj.id, kind, &lookup);
+            let ours = lookup("node.name").is_some_and(|n| n.starts_with("xen-vsnd."))
+                && lookup("media.class").as_deref() == Some("Stream/Input/Audio");
+            if kind == Kind::Node && ours {
+                if let Ok(node) = reg.bind::<pw::node::Node, _>(obj) {
+                    let (s, g, id) = (s1.clone(), g1.clone(), obj.id);
+                    let listener = node
+                        .add_listener_local()
+                        .info(move |info| {
+                            // Properties come only with the events that change them.
+                            if !info.change_mask().contains(pw::node::NodeChangeMask::PROPS) {
+                                return;
+                            }
+                            let driver = info
+                                .props()
+                                .and_then(|p| p.get("node.driver-id"))
+                                .and_then(|v| v.parse().ok());
+                            tracing::debug!(node = id, ?driver, "capture node driver");
+                            g.borrow_mut().set_driver(id, driver);
+                            refresh_unreported(&s, &g);
+                        })
+                        .register();
+                    w1.borrow_mut().insert(obj.id, (node, listener));
+                }
+            }
+            refresh_unreported(&s1, &g1);
+        })
+        .global_remove(move |id| {
+            w2.borrow_mut().remove(&id);
+            g2.borrow_mut().remove(id);
+            refresh_unreported(&s2, &g2);
+        })
+        .register();
     let core2 = core.clone();
     let _attached = rx.attach(mainloop.loop_(), move |cmd| match cmd {
         Cmd::Open { id, spec, engine, reply } => {
             let r = open_stream(&core2, spec, engine, &config.node_props).map(|e| {
                 streams.borrow_mut().insert(id, e);
             });
+            refresh_unreported(&streams, &graph);
             let _ = reply.send(r);
         }
         Cmd::Close { id, reply } => {
@@ -239,7 +314,8 @@ fn open_stream(
         props.insert(k.as_str(), v.as_str());
     }
     let stream = pw::stream::StreamRc::new(core.clone(), &spec.node_name, props).context("pw_stream_new")?;
-    let rt = Rt { engine, kind: spec.kind };
+    let unreported_cycles = Arc::new(AtomicU32::new(0));
+    let rt = Rt { engine, kind: spec.kind, unreported_cycles: unreported_cycles.clone() };
     let listener = stream
         .add_local_listener_with_user_data(rt)
         .process(process)
@@ -290,7 +366,7 @@ fn open_stream(
             &mut params,
         )
         .context("pw_stream_connect")?;
-    Ok(Entry { _control: control, gains, stream, _listener: listener })
+    Ok(Entry { _control: control, gains, stream, _listener: listener, kind: spec.kind, unreported_cycles })
 }
 
 /// The real-time cycle. No allocation, no locks, no logging.
@@ -301,7 +377,7 @@ fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
     let requested = buffer.requested() as usize;
     let stride = rt.engine.frame_bytes();
     let rate = rt.engine.geom.rate;
-    let delay = stream.time().map(|t| delay_frames(&t, rate, stride)).unwrap_or(0);
+    let mut delay = stream.time().map(|t| delay_frames(&t, rate, stride)).unwrap_or(0);
     let datas = buffer.datas_mut();
     let Some(d) = datas.first_mut() else { return };
     match rt.kind {
@@ -327,6 +403,9 @@ fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
             let end = offset.saturating_add(size).min(slice.len());
             let start = offset.min(end);
             let whole = (end - start) / stride.max(1) * stride;
+            // A cycle PipeWire does not report is one cycle's worth of frames.
+            let cycles = rt.unreported_cycles.load(Ordering::Relaxed);
+            delay = delay.saturating_add(cycles.saturating_mul((whole / stride.max(1)) as u32));
             rt.engine.capture_cycle(&slice[start..start + whole], delay);
         }
     }
