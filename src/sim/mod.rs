@@ -84,6 +84,19 @@ pub struct SimOptions {
     /// Largest |measured - reported| in frames that --measure-latency accepts.
     #[arg(long, default_value_t = 1)]
     pub latency_tolerance: u32,
+    /// Pause playback (TRIGGER PAUSE) this many seconds after it starts...
+    #[arg(long)]
+    pub pause_at: Option<f64>,
+    /// ...for this long, then TRIGGER RESUME.
+    #[arg(long, default_value_t = 0.5)]
+    pub pause_for: f64,
+    /// Stall this many seconds after playback starts: neither write data
+    /// nor consume position events (a hung guest)...
+    #[arg(long)]
+    pub stall_at: Option<f64>,
+    /// ...for this long.
+    #[arg(long, default_value_t = 1.0)]
+    pub stall_for: f64,
     /// buffer-size the "toolstack" writes for the card (bytes).
     #[arg(long, default_value_t = 65536)]
     pub card_buffer_size: u32,
@@ -329,9 +342,21 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16], stop: &AtomicBool) -> 
     let period = s.period_frames * frame;
     let total = data.len() as u64 - data.len() as u64 % frame;
     let mut appl = 0u64;
-    let mut started = false;
+    let mut started: Option<Instant> = None;
+    let (mut paused, mut stalled) = (false, false);
     let event_timeout = Duration::from_secs(2);
     loop {
+        let since_start = started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        if o.pause_at.is_some_and(|t| !paused && since_start >= t) {
+            paused = true;
+            s.request(Request::Trigger(trigger::PAUSE))?;
+            std::thread::sleep(Duration::from_secs_f64(o.pause_for));
+            s.request(Request::Trigger(trigger::RESUME))?;
+        }
+        if o.stall_at.is_some_and(|t| !stalled && since_start >= t) {
+            stalled = true;
+            std::thread::sleep(Duration::from_secs_f64(o.stall_for));
+        }
         // Write while there is room for a period (or the tail).
         loop {
             let hw = s.hw_frames * frame;
@@ -351,9 +376,9 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16], stop: &AtomicBool) -> 
             }
             appl += n;
         }
-        if !started {
+        if started.is_none() {
             s.request(Request::Trigger(trigger::START))?;
-            started = true;
+            started = Some(Instant::now());
         }
         if s.hw_frames * frame >= total || stop.load(Ordering::Acquire) {
             break;

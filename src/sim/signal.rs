@@ -161,3 +161,20 @@ mod tests {
         assert_eq!(find_and_compare(&s, &broken, 2, 32, 0), Some((37, 463)));
     }
 }
+
+/// Where the recording `got` first carries a piece of `sent` (which must be
+/// unique-windowed, like the pattern): (recorded frame, sent frame).
+pub fn first_appearance(sent: &[i16], got: &[i16], channels: usize) -> Option<(usize, usize)> {
+    const W: usize = 8;
+    let mut index = std::collections::HashMap::new();
+    for f in 0..(sent.len() / channels).saturating_sub(W) {
+        index.entry(&sent[f * channels..(f + W) * channels]).or_insert(f);
+    }
+    (0..(got.len() / channels).saturating_sub(W)).find_map(|g| {
+        let w = &got[g * channels..(g + W) * channels];
+        if w.iter().all(|s| *s == 0) {
+            return None;
+        }
+        index.get(w).map(|&s| (g, s))
+    })
+}
