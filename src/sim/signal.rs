@@ -141,6 +141,23 @@ pub fn find_and_compare(
     Some((start / channels, n))
 }
 
+/// Where the recording `got` first carries a piece of `sent` (which must be
+/// unique-windowed, like the pattern): (recorded frame, sent frame).
+pub fn first_appearance(sent: &[i16], got: &[i16], channels: usize) -> Option<(usize, usize)> {
+    const W: usize = 8;
+    let mut index = std::collections::HashMap::new();
+    for f in 0..(sent.len() / channels).saturating_sub(W) {
+        index.entry(&sent[f * channels..(f + W) * channels]).or_insert(f);
+    }
+    (0..(got.len() / channels).saturating_sub(W)).find_map(|g| {
+        let w = &got[g * channels..(g + W) * channels];
+        if w.iter().all(|s| *s == 0) {
+            return None;
+        }
+        index.get(w).map(|&s| (g, s))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,21 +177,13 @@ mod tests {
         broken.drain(2 * 500..2 * 510); // ten frames lost
         assert_eq!(find_and_compare(&s, &broken, 2, 32, 0), Some((37, 463)));
     }
-}
 
-/// Where the recording `got` first carries a piece of `sent` (which must be
-/// unique-windowed, like the pattern): (recorded frame, sent frame).
-pub fn first_appearance(sent: &[i16], got: &[i16], channels: usize) -> Option<(usize, usize)> {
-    const W: usize = 8;
-    let mut index = std::collections::HashMap::new();
-    for f in 0..(sent.len() / channels).saturating_sub(W) {
-        index.entry(&sent[f * channels..(f + W) * channels]).or_insert(f);
+    #[test]
+    fn first_appearance_finds_a_signal_joined_midway() {
+        let s = generate(Signal::Pattern, 48000, 2, 2000);
+        let mut got = vec![0i16; 2 * 10];
+        got.extend_from_slice(&s[2 * 500..]);
+        assert_eq!(first_appearance(&s, &got, 2), Some((10, 500)));
+        assert_eq!(first_appearance(&s, &vec![0i16; 400], 2), None);
     }
-    (0..(got.len() / channels).saturating_sub(W)).find_map(|g| {
-        let w = &got[g * channels..(g + W) * channels];
-        if w.iter().all(|s| *s == 0) {
-            return None;
-        }
-        index.get(w).map(|&s| (g, s))
-    })
 }
