@@ -294,6 +294,9 @@ impl PcmStream {
                 underruns = s.underruns.load(Ordering::Relaxed),
                 overruns = s.overruns.load(Ordering::Relaxed),
                 events_dropped = s.events_dropped.load(Ordering::Relaxed),
+                callback_p50_us = s.cycle_time.quantile_us(0.5).unwrap_or(0.0),
+                callback_p99_us = s.cycle_time.quantile_us(0.99).unwrap_or(0.0),
+                callback_max_us = s.cycle_time.max_us(),
                 "closed"
             );
             drop(o.host);

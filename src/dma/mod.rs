@@ -7,8 +7,10 @@
 //! (`DmaShared`); the engine itself is owned by the host's process callback.
 
 mod events;
+mod histogram;
 
 pub use events::EventRing;
+pub use histogram::CycleHistogram;
 
 use crate::sndif::PcmFormat;
 use crate::xen::{EventChannel, SharedPages};
@@ -38,6 +40,8 @@ pub struct DmaShared {
     pub notify_failures: AtomicU64,
     /// Delay sent with the last event, frames at the stream rate.
     pub delay_frames: AtomicU32,
+    /// Time the host's real-time callback spent per cycle on this stream.
+    pub cycle_time: CycleHistogram,
 }
 
 /// The fixed shape of an opened stream.

@@ -1,0 +1,82 @@
+//! A lock-free histogram of host-cycle durations, written from the
+//! real-time callback (one relaxed atomic add per cycle) and read by
+//! anyone. Buckets are 250 ns wide up to 1 ms; longer cycles land in the
+//! last bucket.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+const BUCKET_NS: u64 = 250;
+const BUCKETS: usize = 4000;
+
+pub struct CycleHistogram {
+    buckets: Box<[AtomicU64]>,
+    max_ns: AtomicU64,
+}
+
+impl Default for CycleHistogram {
+    fn default() -> Self {
+        CycleHistogram { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), max_ns: AtomicU64::new(0) }
+    }
+}
+
+impl std::fmt::Debug for CycleHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CycleHistogram(n={})", self.count())
+    }
+}
+
+impl CycleHistogram {
+    /// Real-time safe: no allocation, no locks.
+    pub fn record(&self, ns: u64) {
+        let i = ((ns / BUCKET_NS) as usize).min(BUCKETS - 1);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.max_ns.fetch_max(ns, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// The `q`-quantile (0..=1) in microseconds: the upper edge of the
+    /// bucket it falls in. None when nothing was recorded.
+    pub fn quantile_us(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let want = ((n as f64 * q).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Relaxed);
+            if seen >= want {
+                return Some(((i as u64 + 1) * BUCKET_NS) as f64 / 1000.0);
+            }
+        }
+        None
+    }
+
+    pub fn max_us(&self) -> f64 {
+        self.max_ns.load(Relaxed) as f64 / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles() {
+        let h = CycleHistogram::default();
+        assert_eq!(h.quantile_us(0.5), None);
+        for _ in 0..98 {
+            h.record(1_100); // bucket 4: 1.00..1.25 µs
+        }
+        h.record(30_000);
+        h.record(5_000_000); // beyond the last bucket
+        assert_eq!(h.count(), 100);
+        assert_eq!(h.quantile_us(0.5), Some(1.25));
+        assert_eq!(h.quantile_us(0.99), Some(30.25));
+        assert_eq!(h.quantile_us(1.0), Some(1000.0));
+        assert_eq!(h.max_us(), 5000.0);
+    }
+}
