@@ -41,6 +41,10 @@ enum Cmd {
         /// repeated (e.g. node.autoconnect=false to link nodes yourself).
         #[arg(long = "node-property", value_name = "KEY=VALUE", value_parser = parse_prop)]
         node_properties: Vec<(String, String)>,
+        /// Log each open stream's figures (cycles, callback time, under- and
+        /// overruns, delay) every this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        stats_interval: Option<f64>,
     },
     /// Run a simulated guest against a loopback backend.
     SimGuest(SimOptions),
@@ -56,9 +60,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { transport, pipewire_remote, node_properties } => {
-            serve(&transport, PipeWireConfig { remote: pipewire_remote, node_props: node_properties })
-        }
+        Cmd::Serve { transport, pipewire_remote, node_properties, stats_interval } => serve(
+            &transport,
+            PipeWireConfig { remote: pipewire_remote, node_props: node_properties },
+            stats_interval.map(std::time::Duration::from_secs_f64),
+        ),
         Cmd::SimGuest(o) => sim_guest(&o),
     };
     if let Err(e) = r {
@@ -74,7 +80,11 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn serve(transport: &str, pw: PipeWireConfig) -> anyhow::Result<()> {
+fn serve(
+    transport: &str,
+    pw: PipeWireConfig,
+    stats_interval: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
@@ -90,7 +100,7 @@ fn serve(transport: &str, pw: PipeWireConfig) -> anyhow::Result<()> {
     } else {
         bail!("unknown transport {transport:?} (xen or loopback:<path>)");
     };
-    xen_vsnd::backend::run(t, host, shutdown.clone())?;
+    xen_vsnd::backend::run(t, host, shutdown.clone(), stats_interval)?;
     tracing::info!("stopped");
     let _ = shutdown.load(Ordering::Relaxed);
     Ok(())

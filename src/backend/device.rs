@@ -22,6 +22,8 @@ pub struct Services {
     pub grants: Arc<dyn GrantMapper>,
     pub evtchn: Arc<dyn EventChannels>,
     pub host: Arc<dyn HostBackend>,
+    /// Log each open stream's figures this often (`serve --stats-interval`).
+    pub stats_interval: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +195,12 @@ impl Device {
             });
             let pcm_stream =
                 PcmStream::new(ident, s.grants.clone(), s.host.clone(), evt_page, evt_ch, report_delay);
-            streams.push(StreamService::spawn(pcm_stream, BackRing::new(ring_page), req_ch)?);
+            streams.push(StreamService::spawn(
+                pcm_stream,
+                BackRing::new(ring_page),
+                req_ch,
+                s.stats_interval,
+            )?);
         }
         self.streams = streams;
         Ok(())

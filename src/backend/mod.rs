@@ -24,8 +24,15 @@ pub fn run(
     transport: Transport,
     host: Arc<dyn HostBackend>,
     shutdown: Arc<AtomicBool>,
+    stats_interval: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let s = Services { store: transport.store, grants: transport.grants, evtchn: transport.evtchn, host };
+    let s = Services {
+        store: transport.store,
+        grants: transport.grants,
+        evtchn: transport.evtchn,
+        host,
+        stats_interval,
+    };
     let root = format!("/local/domain/{}/backend/vsnd", transport.own_domid);
     s.store.watch(&root, ROOT_TOKEN)?;
     tracing::info!("serving vsnd devices under {root}");

@@ -94,6 +94,8 @@ pub struct PcmStream {
     report_delay: bool,
     opened: Option<Opened>,
     log: LogLimiter,
+    /// Counters at the last `log_stats`, to report the interval since.
+    stats_prev: Option<(Vec<u64>, u64, u64)>,
 }
 
 /// Smallest period the backend accepts, in frames.
@@ -117,6 +119,7 @@ impl PcmStream {
             report_delay,
             opened: None,
             log: LogLimiter::new(Duration::from_secs(10)),
+            stats_prev: None,
         }
     }
 
@@ -131,6 +134,36 @@ impl PcmStream {
                 "guest error: {what}"
             );
         }
+    }
+
+    /// Logs the open stream's figures since the last call: cycles, callback
+    /// time quantiles, under/overruns and the current delay.
+    pub fn log_stats(&mut self) {
+        let Some(o) = &self.opened else {
+            self.stats_prev = None;
+            return;
+        };
+        let s = &o.shared;
+        let now = (
+            s.cycle_time.snapshot(),
+            s.underruns.load(Ordering::Relaxed),
+            s.overruns.load(Ordering::Relaxed),
+        );
+        let (counts, under, over) = match &self.stats_prev {
+            Some((c, u, v)) => (crate::dma::histogram_delta(c, &now.0), now.1 - u, now.2 - v),
+            None => (now.0.clone(), now.1, now.2),
+        };
+        tracing::info!(
+            stream = %self.ident.node_name(),
+            cycles = counts.iter().sum::<u64>(),
+            callback_p50_us = crate::dma::quantile_us_of(&counts, 0.5).unwrap_or(0.0),
+            callback_p99_us = crate::dma::quantile_us_of(&counts, 0.99).unwrap_or(0.0),
+            underruns = under,
+            overruns = over,
+            delay_frames = s.delay_frames.load(Ordering::Relaxed),
+            "stats"
+        );
+        self.stats_prev = Some(now);
     }
 
     /// Counters of the open stream, for logs and tests.
@@ -277,6 +310,7 @@ impl PcmStream {
             rate = geom.rate, channels = geom.channels, format = geom.format.name(),
             buffer = geom.buffer_bytes, period = geom.period_bytes, "opened"
         );
+        self.stats_prev = None;
         self.opened =
             Some(Opened { geom, buffer, shared, host, volume_mdb: vec![0; n], muted: vec![false; n] });
         Ok(())

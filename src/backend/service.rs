@@ -24,13 +24,14 @@ impl StreamService {
         pcm: PcmStream,
         ring: BackRing,
         channel: Arc<dyn EventChannel>,
+        stats_interval: Option<Duration>,
     ) -> anyhow::Result<StreamService> {
         let stop = crate::xen::loopback::new_eventfd()?;
         let stop_wait = stop.try_clone()?;
         let name = format!("vsnd-d{}", pcm.ident.domid);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || serve(pcm, ring, channel, stop_wait))
+            .spawn(move || serve(pcm, ring, channel, stop_wait, stats_interval))
             .context("spawning stream thread")?;
         Ok(StreamService { stop, thread: Some(thread) })
     }
@@ -65,7 +66,15 @@ impl FloodMeter {
     }
 }
 
-fn serve(mut pcm: PcmStream, mut ring: BackRing, channel: Arc<dyn EventChannel>, stop: OwnedFd) {
+fn serve(
+    mut pcm: PcmStream,
+    mut ring: BackRing,
+    channel: Arc<dyn EventChannel>,
+    stop: OwnedFd,
+    stats_interval: Option<Duration>,
+) {
+    let mut last_stats = Instant::now();
+    let wait_ms = stats_interval.map_or(1000, |d| d.as_millis().clamp(10, 1000) as u16);
     // SAFETY: the channel outlives this function (we hold an Arc).
     let ch_fd = unsafe { BorrowedFd::borrow_raw(channel.fd()) };
     let mut batch = Vec::with_capacity(crate::sndif::REQ_RING_SIZE as usize);
@@ -73,7 +82,11 @@ fn serve(mut pcm: PcmStream, mut ring: BackRing, channel: Arc<dyn EventChannel>,
     let mut broken = false;
     loop {
         let mut fds = [PollFd::new(ch_fd, PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
+        if stats_interval.is_some_and(|d| last_stats.elapsed() >= d) {
+            last_stats = Instant::now();
+            pcm.log_stats();
+        }
+        match poll(&mut fds, PollTimeout::from(wait_ms)) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {

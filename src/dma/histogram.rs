@@ -15,7 +15,10 @@ pub struct CycleHistogram {
 
 impl Default for CycleHistogram {
     fn default() -> Self {
-        CycleHistogram { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), max_ns: AtomicU64::new(0) }
+        CycleHistogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_ns: AtomicU64::new(0),
+        }
     }
 }
 
@@ -40,24 +43,39 @@ impl CycleHistogram {
     /// The `q`-quantile (0..=1) in microseconds: the upper edge of the
     /// bucket it falls in. None when nothing was recorded.
     pub fn quantile_us(&self, q: f64) -> Option<f64> {
-        let n = self.count();
-        if n == 0 {
-            return None;
-        }
-        let want = ((n as f64 * q).ceil() as u64).clamp(1, n);
-        let mut seen = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Relaxed);
-            if seen >= want {
-                return Some(((i as u64 + 1) * BUCKET_NS) as f64 / 1000.0);
-            }
-        }
-        None
+        quantile_us_of(&self.snapshot(), q)
+    }
+
+    /// The bucket counts now; two snapshots give the histogram in between.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.load(Relaxed)).collect()
     }
 
     pub fn max_us(&self) -> f64 {
         self.max_ns.load(Relaxed) as f64 / 1000.0
     }
+}
+
+/// The `q`-quantile in microseconds of bucket counts (see `snapshot`).
+pub fn quantile_us_of(counts: &[u64], q: f64) -> Option<f64> {
+    let n: u64 = counts.iter().sum();
+    if n == 0 {
+        return None;
+    }
+    let want = ((n as f64 * q).ceil() as u64).clamp(1, n);
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(((i as u64 + 1) * BUCKET_NS) as f64 / 1000.0);
+        }
+    }
+    None
+}
+
+/// Counts recorded between two snapshots.
+pub fn delta(before: &[u64], after: &[u64]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).collect()
 }
 
 #[cfg(test)]
@@ -78,5 +96,9 @@ mod tests {
         assert_eq!(h.quantile_us(0.99), Some(30.25));
         assert_eq!(h.quantile_us(1.0), Some(1000.0));
         assert_eq!(h.max_us(), 5000.0);
+        let before = h.snapshot();
+        h.record(2_000);
+        let d = delta(&before, &h.snapshot());
+        assert_eq!(quantile_us_of(&d, 0.5), Some(2.25));
     }
 }

@@ -10,7 +10,7 @@ mod events;
 mod histogram;
 
 pub use events::EventRing;
-pub use histogram::CycleHistogram;
+pub use histogram::{delta as histogram_delta, quantile_us_of, CycleHistogram};
 
 use crate::sndif::PcmFormat;
 use crate::xen::{EventChannel, SharedPages};
