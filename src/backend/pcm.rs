@@ -331,6 +331,8 @@ impl PcmStream {
                 callback_p50_us = s.cycle_time.quantile_us(0.5).unwrap_or(0.0),
                 callback_p99_us = s.cycle_time.quantile_us(0.99).unwrap_or(0.0),
                 callback_max_us = s.cycle_time.max_us(),
+                notify_p50_us = s.notify_time.quantile_us(0.5).unwrap_or(0.0),
+                notify_p99_us = s.notify_time.quantile_us(0.99).unwrap_or(0.0),
                 "closed"
             );
             drop(o.host);

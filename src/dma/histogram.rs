@@ -56,6 +56,14 @@ impl CycleHistogram {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds (a vDSO call, no system call: RT safe).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The `q`-quantile in microseconds of bucket counts (see `snapshot`).
 pub fn quantile_us_of(counts: &[u64], q: f64) -> Option<f64> {
     let n: u64 = counts.iter().sum();

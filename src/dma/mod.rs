@@ -7,7 +7,7 @@
 //! (`DmaShared`); the engine itself is owned by the host's process callback.
 
 mod events;
-mod histogram;
+pub mod histogram;
 
 pub use events::EventRing;
 pub use histogram::{delta as histogram_delta, quantile_us_of, CycleHistogram};
@@ -42,6 +42,9 @@ pub struct DmaShared {
     pub delay_frames: AtomicU32,
     /// Time the host's real-time callback spent per cycle on this stream.
     pub cycle_time: CycleHistogram,
+    /// Of that, the time raising the guest's interrupt took (one system
+    /// call: an eventfd write, or the event-channel ioctl on Xen).
+    pub notify_time: CycleHistogram,
 }
 
 /// The fixed shape of an opened stream.
@@ -165,7 +168,10 @@ impl DmaEngine {
         if !self.events.push_cur_pos(new_pos, delay) {
             self.shared.events_dropped.fetch_add(1, Relaxed);
         }
-        if !self.evtchn.notify() {
+        let start = crate::dma::histogram::now_ns();
+        let notified = self.evtchn.notify();
+        self.shared.notify_time.record(crate::dma::histogram::now_ns().saturating_sub(start));
+        if !notified {
             self.shared.notify_failures.fetch_add(1, Relaxed);
         }
     }

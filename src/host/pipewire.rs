@@ -5,6 +5,7 @@
 
 use super::pw_graph::{Graph, Kind};
 use super::{HostBackend, HostStream, StreamSpec};
+use crate::dma::histogram::now_ns;
 use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, Context};
@@ -367,14 +368,6 @@ fn open_stream(
         )
         .context("pw_stream_connect")?;
     Ok(Entry { _control: control, gains, stream, _listener: listener, kind: spec.kind, unreported_cycles })
-}
-
-/// CLOCK_MONOTONIC in nanoseconds (a vDSO call: no system call, RT safe).
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The real-time cycle, timed into the stream's histogram.
