@@ -109,6 +109,12 @@ fn serve(
 fn sim_guest(o: &SimOptions) -> anyhow::Result<()> {
     let report = sim::run(o)?;
     println!("sim-guest: {}", serde_json::to_string(&report)?);
+    if let Some(l) = &report.latency {
+        println!("latency: measured {} reported {} error {}", l.measured, l.reported, l.error);
+        if l.error.unsigned_abs() > o.latency_tolerance as u64 {
+            bail!("latency error {} frames exceeds {} (per impulse: see the report)", l.error, o.latency_tolerance);
+        }
+    }
     if let Some(m) = &report.misbehave {
         // The backend must have refused the bad request or closed the stream.
         let refused = m.status.is_some_and(|s| s < 0) || m.stream_closed;
