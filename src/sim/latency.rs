@@ -54,6 +54,9 @@ pub fn find_impulses(captured: &[i16], channels: u32, rate: u32) -> Vec<u64> {
     out
 }
 
+/// How far apart in receive time two events of one cycle can be.
+const PAIRING_WINDOW: Duration = Duration::from_millis(8);
+
 /// Frames the reported delay may move during one impulse's flight for the
 /// graph to count as steady (resamplers move it by a frame or two).
 const STEADY_JITTER: i64 = 16;
@@ -84,12 +87,30 @@ fn event_covering(log: &[PosEvent], frame: u64) -> Option<&PosEvent> {
     log.iter().find(|e| e.hw_frames > frame)
 }
 
-/// The event of the other stream received closest in time to `at`, if
-/// within half a cycle-ish bound.
+fn distance(a: std::time::Instant, b: std::time::Instant) -> Duration {
+    if a > b {
+        a - b
+    } else {
+        b - a
+    }
+}
+
+/// The event of the other stream received closest in time to `at`.
 fn nearest(log: &[PosEvent], at: std::time::Instant, within: Duration) -> Option<&PosEvent> {
-    log.iter()
-        .min_by_key(|e| if e.at > at { e.at - at } else { at - e.at })
-        .filter(|e| (if e.at > at { e.at - at } else { at - e.at }) <= within)
+    log.iter().min_by_key(|e| distance(e.at, at)).filter(|e| distance(e.at, at) <= within)
+}
+
+/// The other stream's event of the same graph cycle as `e`. Both streams
+/// move by the same frames every cycle, so their pointers differ by a fixed
+/// `offset` (found over the whole run): among the events received around
+/// the same time, the one at that offset is of the same cycle. Receive times
+/// alone are not enough at small quanta, where the guest's threads wake a
+/// cycle late now and then.
+fn same_cycle<'a>(other: &'a [PosEvent], e: &PosEvent, offset: i64, sign: i64) -> Option<&'a PosEvent> {
+    other
+        .iter()
+        .filter(|o| distance(o.at, e.at) <= PAIRING_WINDOW)
+        .min_by_key(|o| (sign * (o.hw_frames as i64 - e.hw_frames as i64) - offset).abs())
 }
 
 fn median(v: &mut [i64]) -> i64 {
@@ -107,16 +128,23 @@ pub fn analyse(
 ) -> anyhow::Result<LatencyReport> {
     let peaks = find_impulses(captured, channels, rate);
     let mut measurements = Vec::new();
-    let same_cycle = Duration::from_millis(2);
+    // Capture pointer minus playback pointer in one cycle: the median over
+    // all events paired by receive time (most such pairs are right).
+    let mut offsets: Vec<i64> = play_log
+        .iter()
+        .filter_map(|p| nearest(cap_log, p.at, Duration::from_millis(2)).map(|c| c.hw_frames as i64 - p.hw_frames as i64))
+        .collect();
+    let offset = median(&mut offsets);
+    let margin = PAIRING_WINDOW;
     // Impulses are `spacing` apart: one arriving later than half of that
     // after it was played is another impulse.
     let flight = Duration::from_secs_f64(spacing(rate) as f64 / rate as f64 / 2.0);
     for &pw in played_at {
         let Some(pe) = event_covering(play_log, pw) else { continue };
-        let Some(ce) = nearest(cap_log, pe.at, same_cycle) else { continue };
+        let Some(ce) = same_cycle(cap_log, pe, offset, 1) else { continue };
         let Some((cr, arrival)) = peaks.iter().find_map(|&c| {
             let e = event_covering(cap_log, c)?;
-            (e.at + same_cycle >= pe.at && e.at <= pe.at + flight).then_some((c, e))
+            (e.at + margin >= pe.at && e.at <= pe.at + flight).then_some((c, e))
         }) else {
             continue;
         };
@@ -124,7 +152,7 @@ pub fn analyse(
         // The report describes a steady graph: skip impulses in flight while
         // the delay changed (a resampler's few frames of jitter aside, both
         // ends of the flight must agree).
-        let Some(pa) = nearest(play_log, arrival.at, same_cycle) else { continue };
+        let Some(pa) = same_cycle(play_log, arrival, offset, -1) else { continue };
         if (pa.delay as i64 + arrival.delay as i64 - reported).abs() > STEADY_JITTER {
             continue;
         }
