@@ -50,6 +50,10 @@ pub struct StreamReport {
     pub last_delay_frames: u32,
     /// Largest delay reported during the stream (frames).
     pub max_delay_frames: u32,
+    /// What `snd_pcm_delay()` returned last for a driver that puts the
+    /// reported delay into `runtime->delay`: frames between the
+    /// application pointer and the DAC (playback) or ADC (capture).
+    pub pcm_delay_frames: i64,
 }
 
 pub struct FrontStream {
@@ -84,6 +88,8 @@ pub struct FrontStream {
     pub volume_mdb: Option<Vec<i32>>,
     /// When set, every CUR_POS is logged with the time it was processed.
     pub event_log: Option<Vec<PosEvent>>,
+    /// Playback (true) or capture: decides the sign in `snd_pcm_delay()`.
+    pub playback: bool,
 }
 
 /// One processed CUR_POS: when, the pointer after it (frames since OPEN),
@@ -135,6 +141,7 @@ impl FrontStream {
             report: StreamReport::default(),
             volume_mdb: None,
             event_log: None,
+            playback: true,
         })
     }
 
@@ -282,6 +289,14 @@ impl FrontStream {
         }
         let got = wait_channel(&self.evt_ch, deadline)?;
         Ok(self.process_events() > 0 || got)
+    }
+
+    /// `snd_pcm_delay()` as ALSA computes it: the frames between the
+    /// application pointer and the hardware pointer, plus `runtime->delay`.
+    pub fn update_pcm_delay(&mut self, appl_frames: u64) {
+        let d = self.report.last_delay_frames as i64;
+        let (hw, appl) = (self.hw_frames as i64, appl_frames as i64);
+        self.report.pcm_delay_frames = if self.playback { appl - hw + d } else { hw - appl + d };
     }
 
     /// Consumes the event page like `evtchnl_interrupt_evt` does.

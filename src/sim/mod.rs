@@ -165,7 +165,8 @@ fn handshake(
 ) -> anyhow::Result<(FrontStream, FrontStream)> {
     wait_backend(conn, be, XenbusState::InitWait)?;
     let playback = FrontStream::new(conn)?;
-    let capture = FrontStream::new(conn)?;
+    let mut capture = FrontStream::new(conn)?;
+    capture.playback = false;
     for (idx, s) in [(0, &playback), (1, &capture)] {
         let p = format!("{fe}/0/{idx}");
         conn.write(&format!("{p}/{}", keys::RING_REF), &s.ring_gref.to_string())?;
@@ -399,6 +400,7 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16], stop: &AtomicBool) -> 
         if s.hw_frames * frame > appl && appl < total {
             s.report.xruns += 1;
         }
+        s.update_pcm_delay(appl / frame);
     }
     s.report.frames = appl / frame;
     s.request(Request::Trigger(trigger::STOP))?;
@@ -422,6 +424,7 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
             bail!("capture: no position event for {event_timeout:?}");
         }
         let hw = s.hw_frames * frame;
+        s.update_pcm_delay(appl / frame);
         if hw - appl > s.buffer_bytes as u64 {
             s.report.xruns += 1;
             appl = hw - hw % period; // skip what was overwritten, as ALSA recovery does
