@@ -112,7 +112,11 @@ fn sim_guest(o: &SimOptions) -> anyhow::Result<()> {
     if let Some(l) = &report.latency {
         println!("latency: measured {} reported {} error {}", l.measured, l.reported, l.error);
         if l.error.unsigned_abs() > o.latency_tolerance as u64 {
-            bail!("latency error {} frames exceeds {} (per impulse: see the report)", l.error, o.latency_tolerance);
+            bail!(
+                "latency error {} frames exceeds {} (per impulse: see the report)",
+                l.error,
+                o.latency_tolerance
+            );
         }
     }
     if let Some(m) = &report.misbehave {

@@ -132,7 +132,9 @@ pub fn analyse(
     // all events paired by receive time (most such pairs are right).
     let mut offsets: Vec<i64> = play_log
         .iter()
-        .filter_map(|p| nearest(cap_log, p.at, Duration::from_millis(2)).map(|c| c.hw_frames as i64 - p.hw_frames as i64))
+        .filter_map(|p| {
+            nearest(cap_log, p.at, Duration::from_millis(2)).map(|c| c.hw_frames as i64 - p.hw_frames as i64)
+        })
         .collect();
     let offset = median(&mut offsets);
     let margin = PAIRING_WINDOW;
