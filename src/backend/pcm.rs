@@ -291,6 +291,11 @@ impl PcmStream {
                 .map(self.ident.domid, &grefs)
                 .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: buffer: {e:#}")))?,
         );
+        self.start(geom, buffer)
+    }
+
+    /// Starts the host stream on a mapped buffer: the second half of OPEN.
+    fn start(&mut self, geom: Geometry, buffer: Arc<SharedPages>) -> Result<(), Refusal> {
         let shared = Arc::new(DmaShared::default());
         let engine = DmaEngine::new(
             geom,
@@ -656,27 +661,11 @@ mod tests {
     fn volume_and_mute_round_trip() {
         let (mut s, _, host) = stream();
         // Zeroed fake directory pages list gref 0, so OPEN cannot map a
-        // buffer here: install the opened state by hand, as `open` does.
+        // buffer here: start on a buffer of our own, as `open` does after
+        // mapping the guest's.
         let geom = s.validate_open(&open_req(4096)).ok().unwrap();
         let buffer = Arc::new(test_pages(PAGE_SIZE));
-        let shared = Arc::new(DmaShared::default());
-        let engine = DmaEngine::new(
-            geom,
-            buffer.clone(),
-            EventRing::new(s.evt_page.clone()),
-            s.evt_channel.clone(),
-            shared.clone(),
-            false,
-        );
-        let h = s.host.open(s.ident.spec(), engine).unwrap();
-        s.opened = Some(Opened {
-            geom,
-            buffer: buffer.clone(),
-            shared,
-            host: h,
-            volume_mdb: vec![0; 2],
-            muted: vec![false; 2],
-        });
+        assert!(s.start(geom, buffer.clone()).is_ok());
 
         buffer.copy_in(100, &(-6000i32).to_le_bytes());
         buffer.copy_in(104, &(3000i32).to_le_bytes());
