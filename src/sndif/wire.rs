@@ -1,7 +1,7 @@
 //! Byte layouts of requests, responses, events, the shared rings and the
 //! buffer's page directory. All little endian, as on every Xen architecture.
 
-use super::{evt, op, PcmFormat};
+use super::{evt, op};
 
 /// Xen page size; grants, rings and the event page are one page each.
 pub const PAGE_SIZE: usize = 4096;
@@ -247,10 +247,6 @@ impl Request {
         };
         b[req::OPERATION] = operation;
         b
-    }
-
-    pub fn open_format(o: &OpenReq) -> Option<PcmFormat> {
-        PcmFormat::from_wire(o.format)
     }
 }
 

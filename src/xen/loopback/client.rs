@@ -20,7 +20,6 @@ pub struct GuestConn {
     pub domid: u32,
     watch_queue: VecDeque<WatchEvent>,
     memory: Arc<SharedPages>,
-    free_pages: Vec<u32>,
     next_page: u32,
     pages: u32,
 }
@@ -61,15 +60,7 @@ impl GuestConn {
         };
         let hello = GuestMsg::Hello { name: name.to_string(), pages, vsnd };
         proto::send(sock.as_raw_fd(), &hello, &[memfd.as_raw_fd()])?;
-        let mut c = GuestConn {
-            sock,
-            domid: 0,
-            watch_queue: VecDeque::new(),
-            memory,
-            free_pages: Vec::new(),
-            next_page: 1,
-            pages,
-        };
+        let mut c = GuestConn { sock, domid: 0, watch_queue: VecDeque::new(), memory, next_page: 1, pages };
         match c.reply(Duration::from_secs(5))? {
             HvMsg::Welcome { domid } => c.domid = domid,
             HvMsg::Error(e) => bail!("hypervisor refused: {e}"),
@@ -153,22 +144,13 @@ impl GuestConn {
 
     /// Grants a fresh zeroed page; returns its gref.
     pub fn grant_page(&mut self) -> anyhow::Result<u32> {
-        let g = match self.free_pages.pop() {
-            Some(g) => g,
-            None if self.next_page < self.pages => {
-                self.next_page += 1;
-                self.next_page - 1
-            }
-            None => bail!("guest memory exhausted"),
-        };
+        if self.next_page >= self.pages {
+            bail!("guest memory exhausted");
+        }
+        let g = self.next_page;
+        self.next_page += 1;
         self.memory.copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
         Ok(g)
-    }
-
-    pub fn free_page(&mut self, g: u32) {
-        if g != 0 && g < self.pages && !self.free_pages.contains(&g) {
-            self.free_pages.push(g);
-        }
     }
 
     /// The guest's own view of its memory (gref N at N * PAGE_SIZE).
