@@ -32,6 +32,9 @@ enum Phase {
     InitWait,
     Connected,
     Failed,
+    /// The toolstack set `online = 0` (xl destroy / device detach): torn
+    /// down and Closed until the directory goes away.
+    Removed,
 }
 
 pub struct Device {
@@ -89,6 +92,16 @@ impl Device {
         if self.read(s, &format!("{}/{}", self.be, keys::FRONTEND)).is_none() {
             self.teardown("backend directory removed");
             return false;
+        }
+        // The toolstack removes a device by writing online = 0 (and state
+        // Closing) and waits for the backend to reach Closed.
+        if self.read(s, &format!("{}/{}", self.be, keys::ONLINE)).as_deref().map(str::trim) == Some("0") {
+            if self.phase != Phase::Removed {
+                self.teardown("the toolstack removes the device");
+                self.set_state(s, XenbusState::Closed);
+                self.phase = Phase::Removed;
+            }
+            return true;
         }
         let fe_state = self
             .read(s, &format!("{}/{}", self.fe, keys::STATE))
@@ -151,7 +164,7 @@ impl Device {
     /// Shuts the device down when the backend itself exits.
     pub fn shutdown(&mut self, s: &Services) {
         self.teardown("backend exiting");
-        if self.phase != Phase::Fresh {
+        if !matches!(self.phase, Phase::Fresh | Phase::Removed) {
             self.set_state(s, XenbusState::Closed);
         }
     }

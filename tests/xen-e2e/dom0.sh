@@ -1,0 +1,47 @@
+#!/bin/bash
+# Runs inside dom0 (the host's filesystem, read-only, tmpfs on /run /tmp):
+# the toolstack, PipeWire, xen-vsnd, then a guest with a vsnd device.
+root=$1 work=$2
+export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mkdir -p /run/xen
+xenstored --pid-file /run/xenstored.pid
+xen-init-dom0 >/dev/null
+mkdir -p /var/log/xen/console
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+echo "XE: toolstack up"
+
+export XDG_RUNTIME_DIR=/run/pw XDG_CONFIG_HOME=/run/pwconf XDG_STATE_HOME=/run/pwstate PIPEWIRE_RUNTIME_DIR=/run/pw
+mkdir -p $XDG_RUNTIME_DIR $XDG_CONFIG_HOME/pipewire/pipewire.conf.d $XDG_STATE_HOME; chmod 700 $XDG_RUNTIME_DIR
+cp $root/pw-modules/null-sink.conf $XDG_CONFIG_HOME/pipewire/pipewire.conf.d/
+pipewire >/run/pipewire.log 2>&1 &
+for i in $(seq 100); do [ -S $XDG_RUNTIME_DIR/pipewire-0 ] && break; sleep 0.2; done
+dbus-run-session -- wireplumber >/run/wireplumber.log 2>&1 &
+$root/target/release/xen-vsnd serve --transport xen >/run/vsnd.log 2>&1 &
+for i in $(seq 100); do grep -q "serving vsnd devices" /run/vsnd.log && break; sleep 0.2; done
+grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
+
+if xl create $work/guest.cfg >/run/xl.log 2>&1; then echo "XE: PASS xl-create"; else echo "XE: FAIL xl-create"; cat /run/xl.log; fi
+domid=$(xl domid audioguest 2>/dev/null)
+for i in $(seq 120); do
+    fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
+    be=$(xenstore-read /local/domain/0/backend/vsnd/$domid/0/state 2>/dev/null)
+    [ "$fe" = 4 ] && [ "$be" = 4 ] && break
+    sleep 1
+done
+echo "XE: states frontend=$fe backend=$be"
+[ "$fe" = 4 ] && [ "$be" = 4 ] && echo "XE: PASS connected"
+for i in $(seq 60); do grep -q "GUEST: ready" /var/log/xen/console/guest-audioguest.log 2>/dev/null && break; sleep 1; done
+# The guest plays now: its playback node exists while the stream is open.
+for i in $(seq 60); do pw-cli ls Node 2>/dev/null | grep -q 'xen-vsnd.audioguest' && break; sleep 0.5; done
+pw-cli ls Node 2>/dev/null | grep 'node.name = "xen-vsnd' | sed 's/^/XE: node /'
+pw-cli ls Node 2>/dev/null | grep -q 'xen-vsnd.audioguest.0.0.playback' && echo "XE: PASS nodes"
+for i in $(seq 60); do grep -q "GUEST: done" /var/log/xen/console/guest-audioguest.log 2>/dev/null && break; sleep 1; done
+sed 's/^/GUEST-LOG: /' /var/log/xen/console/guest-audioguest.log 2>/dev/null | tail -30
+if xl destroy audioguest >/run/xl-destroy.log 2>&1 && ! grep -q "unable to remove" /run/xl-destroy.log; then
+    echo "XE: PASS destroyed"
+else
+    sed 's/^/XE: xl destroy: /' /run/xl-destroy.log
+fi
+for i in $(seq 20); do xenstore-ls /local/domain/0/backend/vsnd 2>/dev/null | grep -q . || break; sleep 0.5; done
+sed 's/^/XE-LOG: /' /run/vsnd.log | tail -40
+echo "XE: dom0 done"
