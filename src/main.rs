@@ -48,6 +48,32 @@ enum Cmd {
     },
     /// Run a simulated guest against a loopback backend.
     SimGuest(SimOptions),
+    /// Write a test signal as a 16-bit WAV (to play in a real guest).
+    Signal {
+        #[arg(long, value_enum, default_value = "pattern")]
+        kind: xen_vsnd::sim::signal::Signal,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 48000)]
+        rate: u32,
+        #[arg(long, default_value_t = 2)]
+        channels: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check that a recording carries a `signal --kind pattern` WAV intact:
+    /// from where the recording picks it up to its end, every frame present,
+    /// in order and unchanged. Prints what differs (silent gaps, which keep
+    /// the timeline; or shifted/altered frames) and exits non-zero then.
+    Compare {
+        #[arg(long)]
+        sent: PathBuf,
+        #[arg(long)]
+        got: PathBuf,
+        /// Smallest share of the signal that must have been recorded.
+        #[arg(long, default_value_t = 0.8)]
+        min_fraction: f64,
+    },
 }
 
 fn main() {
@@ -66,6 +92,11 @@ fn main() {
             stats_interval.map(std::time::Duration::from_secs_f64),
         ),
         Cmd::SimGuest(o) => sim_guest(&o),
+        Cmd::Signal { kind, seconds, rate, channels, out } => {
+            let s = xen_vsnd::sim::signal::generate(kind, rate, channels, (seconds * rate as f64) as usize);
+            xen_vsnd::sim::signal::write_wav_s16(&out, rate, channels, &s)
+        }
+        Cmd::Compare { sent, got, min_fraction } => compare(&sent, &got, min_fraction),
     };
     if let Err(e) = r {
         eprintln!("xen-vsnd: {e:#}");
@@ -103,6 +134,30 @@ fn serve(
     xen_vsnd::backend::run(t, host, shutdown.clone(), stats_interval)?;
     tracing::info!("stopped");
     let _ = shutdown.load(Ordering::Relaxed);
+    Ok(())
+}
+
+fn compare(sent: &std::path::Path, got: &std::path::Path, min_fraction: f64) -> anyhow::Result<()> {
+    use xen_vsnd::sim::signal::{align, read_wav};
+    let (s, g) = (read_wav(sent)?, read_wav(got)?);
+    if (s.rate, s.channels) != (g.rate, g.channels) {
+        bail!("{} Hz x{} against {} Hz x{}", s.rate, s.channels, g.rate, g.channels);
+    }
+    let ch = s.channels as usize;
+    let total = s.samples.len() / ch;
+    let Some(a) = align(&s.samples, &g.samples, ch) else {
+        bail!("the signal never appears in {}", got.display());
+    };
+    println!(
+        "compare: signal of {total} frames recorded from its frame {}: {} exact, {} silent in {} gaps, {} wrong",
+        a.from, a.exact, a.silent, a.gaps, a.wrong
+    );
+    if a.wrong > 0 || a.silent > 0 {
+        bail!("not intact");
+    }
+    if (a.exact as f64) < min_fraction * total as f64 || a.from + a.exact != total {
+        bail!("only {} of {total} frames recorded", a.exact);
+    }
     Ok(())
 }
 

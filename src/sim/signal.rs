@@ -141,6 +141,47 @@ pub fn find_and_compare(
     Some((start / channels, n))
 }
 
+/// How a recording carries a signal, frame by frame, once it is found:
+/// on the signal's own timeline (a recorder that runs on the same clock
+/// keeps every frame at a fixed offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alignment {
+    /// Signal frame at which the recording picks it up.
+    pub from: usize,
+    /// Frames from there on that are exactly where and what they should be.
+    pub exact: usize,
+    /// Frames that are silence instead (an underrun that kept the clock).
+    pub silent: usize,
+    /// Silent stretches.
+    pub gaps: usize,
+    /// Frames that are neither: shifted, repeated or altered audio.
+    pub wrong: usize,
+}
+
+/// Lays `sent` over `got` at the offset where it first appears.
+pub fn align(sent: &[i16], got: &[i16], channels: usize) -> Option<Alignment> {
+    let (at, from) = first_appearance(sent, got, channels)?;
+    let mut a = Alignment { from, exact: 0, silent: 0, gaps: 0, wrong: 0 };
+    let mut in_gap = false;
+    for k in from..sent.len() / channels {
+        let r = at + (k - from);
+        let Some(gf) = got.get(r * channels..(r + 1) * channels) else { break };
+        let sf = &sent[k * channels..(k + 1) * channels];
+        if gf == sf {
+            a.exact += 1;
+            in_gap = false;
+        } else if gf.iter().all(|v| *v == 0) {
+            a.silent += 1;
+            a.gaps += usize::from(!in_gap);
+            in_gap = true;
+        } else {
+            a.wrong += 1;
+            in_gap = false;
+        }
+    }
+    Some(a)
+}
+
 /// Where the recording `got` first carries a piece of `sent` (which must be
 /// unique-windowed, like the pattern): (recorded frame, sent frame).
 pub fn first_appearance(sent: &[i16], got: &[i16], channels: usize) -> Option<(usize, usize)> {
@@ -176,6 +217,20 @@ mod tests {
         let mut broken = w.samples.clone();
         broken.drain(2 * 500..2 * 510); // ten frames lost
         assert_eq!(find_and_compare(&s, &broken, 2, 32, 0), Some((37, 463)));
+    }
+
+    #[test]
+    fn alignment_tells_gaps_from_broken_audio() {
+        let s = generate(Signal::Pattern, 48000, 2, 1000);
+        let mut g = vec![0i16; 2 * 5];
+        g.extend_from_slice(&s);
+        g[2 * (5 + 400)..2 * (5 + 410)].fill(0); // ten frames of silence
+        let a = align(&s, &g, 2).unwrap();
+        assert_eq!((a.from, a.exact, a.silent, a.gaps, a.wrong), (0, 990, 10, 1, 0));
+        let mut shifted = g.clone();
+        shifted.drain(2 * 700..2 * 702); // two frames lost: the rest is shifted
+        let a = align(&s, &shifted, 2).unwrap();
+        assert!(a.wrong > 200, "{a:?}");
     }
 
     #[test]

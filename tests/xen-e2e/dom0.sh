@@ -16,6 +16,10 @@ cp $root/pw-modules/null-sink.conf $XDG_CONFIG_HOME/pipewire/pipewire.conf.d/
 pipewire >/run/pipewire.log 2>&1 &
 for i in $(seq 100); do [ -S $XDG_RUNTIME_DIR/pipewire-0 ] && break; sleep 0.2; done
 dbus-run-session -- wireplumber >/run/wireplumber.log 2>&1 &
+for i in $(seq 100); do pw-cli ls Client 2>/dev/null | grep -q '"WirePlumber"' && break; sleep 0.2; done
+pw-record --target null-sink -P '{ stream.capture.sink = true node.name = e2e-recorder }' \
+    --format s16 --rate 48000 --channels 2 $work/out/monitor.wav >/run/rec.log 2>&1 &
+rec=$!
 $root/target/release/xen-vsnd serve --transport xen >/run/vsnd.log 2>&1 &
 for i in $(seq 100); do grep -q "serving vsnd devices" /run/vsnd.log && break; sleep 0.2; done
 grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
@@ -37,6 +41,8 @@ pw-cli ls Node 2>/dev/null | grep 'node.name = "xen-vsnd' | sed 's/^/XE: node /'
 pw-cli ls Node 2>/dev/null | grep -q 'xen-vsnd.audioguest.0.0.playback' && echo "XE: PASS nodes"
 for i in $(seq 60); do grep -q "GUEST: done" /var/log/xen/console/guest-audioguest.log 2>/dev/null && break; sleep 1; done
 sed 's/^/GUEST-LOG: /' /var/log/xen/console/guest-audioguest.log 2>/dev/null | tail -30
+sleep 1   # the last frames reach the sink a few cycles after aplay returns
+kill -INT $rec; wait $rec
 if xl destroy audioguest >/run/xl-destroy.log 2>&1 && ! grep -q "unable to remove" /run/xl-destroy.log; then
     echo "XE: PASS destroyed"
 else
