@@ -1,3 +1,13 @@
+//! xen-vsnd: the Xen PV sound (vsnd) backend that turns every guest PCM
+//! stream into a PipeWire node driven by the graph clock.
+//!
+//! - `sndif`: the wire format and card configuration (pure)
+//! - `xen`: xenstore, grants and event channels behind traits (`linux`, `loopback`)
+//! - `backend`: one state machine per guest device, one request thread per stream
+//! - `dma`: the guest's DMA engine, run from the host's real-time cycle
+//! - `host`: host audio backends (PipeWire)
+//! - `sim`: a simulated guest frontend for tests, demos and measurements
+
 pub mod backend;
 pub mod dma;
 pub mod host;
