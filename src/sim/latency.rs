@@ -54,6 +54,9 @@ pub fn find_impulses(captured: &[i16], channels: u32, rate: u32) -> Vec<u64> {
     out
 }
 
+/// Cycles on each side whose pairings give the local pointer offset.
+const OFFSET_WINDOW: usize = 16;
+
 /// How far apart in receive time two events of one cycle can be.
 const PAIRING_WINDOW: Duration = Duration::from_millis(8);
 
@@ -128,22 +131,30 @@ pub fn analyse(
 ) -> anyhow::Result<LatencyReport> {
     let peaks = find_impulses(captured, channels, rate);
     let mut measurements = Vec::new();
-    // Capture pointer minus playback pointer in one cycle: the median over
-    // all events paired by receive time (most such pairs are right).
-    let mut offsets: Vec<i64> = play_log
+    // Capture pointer minus playback pointer in one cycle, per playback
+    // event: pairs by receive time are mostly right, so the median over the
+    // neighbouring cycles is the offset there. It is local because a
+    // resampler settling, or a cycle one stream skipped, moves it once.
+    let raw: Vec<Option<i64>> = play_log
         .iter()
-        .filter_map(|p| {
+        .map(|p| {
             nearest(cap_log, p.at, Duration::from_millis(2)).map(|c| c.hw_frames as i64 - p.hw_frames as i64)
         })
         .collect();
-    let offset = median(&mut offsets);
+    let offset_at = |i: usize| {
+        let lo = i.saturating_sub(OFFSET_WINDOW);
+        let mut v: Vec<i64> =
+            raw[lo..(i + OFFSET_WINDOW + 1).min(raw.len())].iter().flatten().copied().collect();
+        median(&mut v)
+    };
+    let index_of = |e: &PosEvent| play_log.iter().position(|p| p.at == e.at && p.hw_frames == e.hw_frames);
     let margin = PAIRING_WINDOW;
     // Impulses are `spacing` apart: one arriving later than half of that
     // after it was played is another impulse.
     let flight = Duration::from_secs_f64(spacing(rate) as f64 / rate as f64 / 2.0);
     for &pw in played_at {
         let Some(pe) = event_covering(play_log, pw) else { continue };
-        let Some(ce) = same_cycle(cap_log, pe, offset, 1) else { continue };
+        let Some(ce) = same_cycle(cap_log, pe, offset_at(index_of(pe).unwrap_or(0)), 1) else { continue };
         let Some((cr, arrival)) = peaks.iter().find_map(|&c| {
             let e = event_covering(cap_log, c)?;
             (e.at + margin >= pe.at && e.at <= pe.at + flight).then_some((c, e))
@@ -154,7 +165,10 @@ pub fn analyse(
         // The report describes a steady graph: skip impulses in flight while
         // the delay changed (a resampler's few frames of jitter aside, both
         // ends of the flight must agree).
-        let Some(pa) = same_cycle(play_log, arrival, offset, -1) else { continue };
+        let Some(near) = nearest(play_log, arrival.at, PAIRING_WINDOW) else { continue };
+        let Some(pa) = same_cycle(play_log, arrival, offset_at(index_of(near).unwrap_or(0)), -1) else {
+            continue;
+        };
         if (pa.delay as i64 + arrival.delay as i64 - reported).abs() > STEADY_JITTER {
             continue;
         }
