@@ -21,6 +21,7 @@ pw-record --target null-sink -P '{ stream.capture.sink = true node.name = e2e-re
     --format s16 --rate 48000 --channels 2 $work/out/monitor.wav >/run/rec.log 2>&1 &
 rec=$!
 $root/target/release/xen-vsnd serve --transport xen >/run/vsnd.log 2>&1 &
+backend=$!
 for i in $(seq 100); do grep -q "serving vsnd devices" /run/vsnd.log && break; sleep 0.2; done
 grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
 
@@ -43,11 +44,35 @@ for i in $(seq 60); do grep -q "GUEST: done" /var/log/xen/console/guest-audiogue
 sed 's/^/GUEST-LOG: /' /var/log/xen/console/guest-audioguest.log 2>/dev/null | tail -30
 sleep 1   # the last frames reach the sink a few cycles after aplay returns
 kill -INT $rec; wait $rec
+
+# Kill the backend while the guest is connected, start it again.
+glog=/var/log/xen/console/guest-audioguest.log
+kill -9 $backend; wait $backend 2>/dev/null
+before=$(grep -c "aplay ok again" $glog)
+$root/target/release/xen-vsnd serve --transport xen >/run/vsnd2.log 2>&1 &
+for i in $(seq 120); do
+    fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
+    grep -q "connected domid=$domid" /run/vsnd2.log && [ "$fe" = 4 ] && break
+    sleep 0.5
+done
+grep -q "connected domid=$domid" /run/vsnd2.log && [ "$fe" = 4 ] && echo "XE: PASS reconnected"
+for i in $(seq 60); do [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && break; sleep 1; done
+[ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && echo "XE: PASS plays after restart"
+cat /run/vsnd2.log >>/run/vsnd.log
+
 if xl destroy audioguest >/run/xl-destroy.log 2>&1 && ! grep -q "unable to remove" /run/xl-destroy.log; then
     echo "XE: PASS destroyed"
 else
     sed 's/^/XE: xl destroy: /' /run/xl-destroy.log
 fi
 for i in $(seq 20); do xenstore-ls /local/domain/0/backend/vsnd 2>/dev/null | grep -q . || break; sleep 0.5; done
+
+# The same guest again: a fresh domain with the same name.
+mv $glog $glog.1
+xl create $work/guest.cfg >/run/xl2.log 2>&1
+for i in $(seq 120); do grep -q "GUEST: done" $glog 2>/dev/null && break; sleep 1; done
+grep -q "GUEST: aplay ok" $glog 2>/dev/null && echo "XE: PASS second guest plays"
+sed 's/^/GUEST2-LOG: /' $glog 2>/dev/null | grep GUEST | tail -5
+xl destroy audioguest >/dev/null 2>&1
 sed 's/^/XE-LOG: /' /run/vsnd.log | tail -40
 echo "XE: dom0 done"
