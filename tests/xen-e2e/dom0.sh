@@ -2,6 +2,12 @@
 # Runs inside dom0 (the host's filesystem, read-only, tmpfs on /run /tmp):
 # the toolstack, PipeWire, xen-vsnd, then a guest with a vsnd device.
 root=$1 work=$2
+# stop <pid> <signal>: signals a process and waits for it, 5 s at most.
+stop() {
+    kill -$2 $1 2>/dev/null
+    for i in $(seq 50); do kill -0 $1 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 $1 2>/dev/null
+}
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mkdir -p /run/xen
 xenstored --pid-file /run/xenstored.pid
@@ -43,11 +49,11 @@ pw-cli ls Node 2>/dev/null | grep -q 'xen-vsnd.audioguest.0.0.playback' && echo 
 for i in $(seq 60); do grep -q "GUEST: done" /var/log/xen/console/guest-audioguest.log 2>/dev/null && break; sleep 1; done
 sed 's/^/GUEST-LOG: /' /var/log/xen/console/guest-audioguest.log 2>/dev/null | tail -30
 sleep 1   # the last frames reach the sink a few cycles after aplay returns
-kill -INT $rec; wait $rec
+stop $rec INT
 
 # Kill the backend while the guest is connected, start it again.
 glog=/var/log/xen/console/guest-audioguest.log
-kill -9 $backend; wait $backend 2>/dev/null
+stop $backend KILL
 before=$(grep -c "aplay ok again" $glog)
 $root/target/release/xen-vsnd serve --transport xen >/run/vsnd2.log 2>&1 &
 for i in $(seq 120); do
