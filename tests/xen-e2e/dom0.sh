@@ -53,7 +53,7 @@ stop $rec INT
 
 # Kill the backend while the guest is connected, start it again.
 glog=/var/log/xen/console/guest-audioguest.log
-stop $backend KILL
+kill -9 $backend; wait $backend 2>/dev/null
 before=$(grep -c "aplay ok again" $glog)
 $root/target/release/xen-vsnd serve --transport xen >/run/vsnd2.log 2>&1 &
 for i in $(seq 120); do
