@@ -56,13 +56,16 @@ glog=/var/log/xen/console/guest-audioguest.log
 kill -9 $backend; wait $backend 2>/dev/null
 before=$(grep -c "aplay ok again" $glog)
 $root/target/release/xen-vsnd serve --transport xen >/run/vsnd2.log 2>&1 &
-for i in $(seq 120); do
+# The guest's frontend first removes its card (its application sees I/O
+# errors and closes), then connects again: give it time under emulation.
+for i in $(seq 180); do
     fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
     grep -q "connected domid=$domid" /run/vsnd2.log && [ "$fe" = 4 ] && break
-    sleep 0.5
+    sleep 1
 done
+echo "XE: after restart: frontend state $fe"
 grep -q "connected domid=$domid" /run/vsnd2.log && [ "$fe" = 4 ] && echo "XE: PASS reconnected"
-for i in $(seq 60); do [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && break; sleep 1; done
+for i in $(seq 120); do [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && break; sleep 1; done
 [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && echo "XE: PASS plays after restart"
 cat /run/vsnd2.log >>/run/vsnd.log
 
