@@ -58,13 +58,15 @@ before=$(grep -c "aplay ok again" $glog)
 $root/target/release/xen-vsnd serve --transport xen >/run/vsnd2.log 2>&1 &
 # The guest's frontend first removes its card (its application sees I/O
 # errors and closes), then connects again: give it time under emulation.
+# (The upstream frontend was seen to stay at state 3 in xenstore after such
+# a reconnect while working; the next check is whether it plays.)
 for i in $(seq 180); do
-    fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
-    grep -q "connected domid=$domid" /run/vsnd2.log && [ "$fe" = 4 ] && break
+    grep -q "connected domid=$domid" /run/vsnd2.log && break
     sleep 1
 done
+fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
 echo "XE: after restart: frontend state $fe"
-grep -q "connected domid=$domid" /run/vsnd2.log && [ "$fe" = 4 ] && echo "XE: PASS reconnected"
+grep -q "connected domid=$domid" /run/vsnd2.log && echo "XE: PASS reconnected"
 for i in $(seq 120); do [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && break; sleep 1; done
 [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && echo "XE: PASS plays after restart"
 cat /run/vsnd2.log >>/run/vsnd.log
