@@ -96,27 +96,32 @@ impl DmaEngine {
         self.shared.running.load(Acquire)
     }
 
-    /// Copies `len` bytes of the ring buffer starting at stream position `pos`.
-    fn ring_out(&self, pos: u64, dst: &mut [u8]) {
+    /// Splits `len` bytes from stream position `pos` into the contiguous
+    /// pieces they occupy in the ring buffer: (buffer offset, range of the
+    /// caller's slice). At most two pieces; no allocation.
+    fn for_each_span(&self, pos: u64, len: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
         let size = self.geom.buffer_bytes as u64;
         let mut done = 0usize;
-        while done < dst.len() {
+        while done < len {
             let off = ((pos + done as u64) % size) as usize;
-            let n = (dst.len() - done).min(size as usize - off);
-            self.buffer.copy_out(off, &mut dst[done..done + n]);
+            let n = (len - done).min(size as usize - off);
+            f(off, done..done + n);
             done += n;
         }
     }
 
+    /// Copies the ring buffer from stream position `pos` into `dst`.
+    fn ring_out(&self, pos: u64, dst: &mut [u8]) {
+        self.for_each_span(pos, dst.len(), |off, r| {
+            self.buffer.copy_out(off, &mut dst[r]);
+        });
+    }
+
+    /// Copies `src` into the ring buffer at stream position `pos`.
     fn ring_in(&self, pos: u64, src: &[u8]) {
-        let size = self.geom.buffer_bytes as u64;
-        let mut done = 0usize;
-        while done < src.len() {
-            let off = ((pos + done as u64) % size) as usize;
-            let n = (src.len() - done).min(size as usize - off);
-            self.buffer.copy_in(off, &src[done..done + n]);
-            done += n;
-        }
+        self.for_each_span(pos, src.len(), |off, r| {
+            self.buffer.copy_in(off, &src[r]);
+        });
     }
 
     /// One playback cycle: fills `out` (whole frames) from the guest buffer.
