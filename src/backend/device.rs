@@ -32,6 +32,10 @@ enum Phase {
     InitWait,
     Connected,
     Failed,
+    /// Found a frontend still Initialised/Connected from a previous backend
+    /// (we restarted): its rings are stale. We said Closed and wait for it to
+    /// reset to Initialising before offering InitWait.
+    Restarting,
     /// The toolstack set `online = 0` (xl destroy / device detach): torn
     /// down and Closed until the directory goes away.
     Removed,
@@ -108,7 +112,19 @@ impl Device {
             .map(|v| XenbusState::parse(&v))
             .unwrap_or(XenbusState::Closed);
         match (self.phase, fe_state) {
-            (Phase::Fresh, _) => {
+            (Phase::Fresh, XenbusState::Initialised | XenbusState::Connected) => {
+                // Its ring and event pages belong to the backend that died;
+                // Closed makes the frontend tear down and start over.
+                tracing::info!(
+                    domid = self.domid,
+                    devid = self.devid,
+                    "frontend left over: asking it to reset"
+                );
+                self.set_state(s, XenbusState::Closed);
+                self.phase = Phase::Restarting;
+            }
+            (Phase::Fresh, _)
+            | (Phase::Restarting, XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown) => {
                 let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
                 let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
                 self.set_state(s, XenbusState::InitWait);
@@ -118,8 +134,7 @@ impl Device {
                     devid = self.devid,
                     "vsnd device found, waiting for the frontend"
                 );
-                // The frontend may already be Initialised (backend restart).
-                return self.step(s);
+                return true;
             }
             (Phase::InitWait, XenbusState::Initialised) => match self.connect(s) {
                 Ok(()) => {
@@ -164,7 +179,7 @@ impl Device {
     /// Shuts the device down when the backend itself exits.
     pub fn shutdown(&mut self, s: &Services) {
         self.teardown("backend exiting");
-        if !matches!(self.phase, Phase::Fresh | Phase::Removed) {
+        if !matches!(self.phase, Phase::Fresh | Phase::Removed | Phase::Restarting) {
             self.set_state(s, XenbusState::Closed);
         }
     }
