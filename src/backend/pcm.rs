@@ -350,6 +350,10 @@ impl PcmStream {
         self.opened.as_ref().ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
     }
 
+    fn opened_mut(&mut self, what: &str) -> Result<&mut Opened, Refusal> {
+        self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
+    }
+
     fn check_range(o: &Opened, rw: RwReq, what: &str) -> Result<(), Refusal> {
         match rw.offset.checked_add(rw.length) {
             Some(end) if end <= o.geom.buffer_bytes => Ok(()),
@@ -436,8 +440,7 @@ impl PcmStream {
     }
 
     fn set_volume(&mut self, rw: RwReq) -> Result<(), Refusal> {
-        let o =
-            self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
+        let o = self.opened_mut("SET_VOLUME")?;
         Self::check_range(o, rw, "SET_VOLUME")?;
         let n = o.volume_mdb.len();
         if (rw.length as usize) < n * 4 {
@@ -465,7 +468,7 @@ impl PcmStream {
     }
 
     fn mute(&mut self, rw: RwReq, mute: bool) -> Result<(), Refusal> {
-        let o = self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "MUTE before OPEN".into()))?;
+        let o = self.opened_mut("MUTE")?;
         Self::check_range(o, rw, "MUTE")?;
         let n = o.muted.len();
         if (rw.length as usize) < n {
