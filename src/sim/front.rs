@@ -170,32 +170,33 @@ impl FrontStream {
         }
     }
 
-    /// Byte offset in guest memory of buffer byte `pos` (mod buffer size).
-    fn buffer_addr(&self, pos: u64) -> (usize, usize) {
-        let off = (pos % self.buffer_bytes as u64) as usize;
-        let page = off / PAGE_SIZE;
-        (self.buffer_grefs[page] as usize * PAGE_SIZE + off % PAGE_SIZE, PAGE_SIZE - off % PAGE_SIZE)
+    /// Walks `len` bytes of the ring buffer from stream byte `pos` as the
+    /// contiguous pieces they occupy in guest memory: (address, range of the
+    /// caller's slice). A piece ends at a page end or at the buffer's end.
+    fn for_each_span(&self, pos: u64, len: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+        let mut done = 0;
+        while done < len {
+            let off = ((pos + done as u64) % self.buffer_bytes as u64) as usize;
+            let addr = self.buffer_grefs[off / PAGE_SIZE] as usize * PAGE_SIZE + off % PAGE_SIZE;
+            let room = (PAGE_SIZE - off % PAGE_SIZE).min(self.buffer_bytes as usize - off);
+            let n = room.min(len - done);
+            f(addr, done..done + n);
+            done += n;
+        }
     }
 
-    /// Copies `data` into the buffer at stream byte `pos`, across pages.
+    /// Copies `data` into the buffer at stream byte `pos`.
     pub fn buffer_write(&self, pos: u64, data: &[u8]) {
-        let mut done = 0;
-        while done < data.len() {
-            let (addr, room) = self.buffer_addr(pos + done as u64);
-            let n = room.min(data.len() - done);
-            self.mem.copy_in(addr, &data[done..done + n]);
-            done += n;
-        }
+        self.for_each_span(pos, data.len(), |addr, r| {
+            self.mem.copy_in(addr, &data[r]);
+        });
     }
 
+    /// Copies the buffer from stream byte `pos` into `out`.
     pub fn buffer_read(&self, pos: u64, out: &mut [u8]) {
-        let mut done = 0;
-        while done < out.len() {
-            let (addr, room) = self.buffer_addr(pos + done as u64);
-            let n = room.min(out.len() - done);
-            self.mem.copy_out(addr, &mut out[done..done + n]);
-            done += n;
-        }
+        self.for_each_span(pos, out.len(), |addr, r| {
+            self.mem.copy_out(addr, &mut out[r]);
+        });
     }
 
     /// Puts raw bytes in the next request slot and publishes it.
