@@ -120,6 +120,38 @@ fn frontend_close_and_reconnect_in_the_same_domain() {
     assert_eq!(text.matches("connected domid=1 devid=0 streams=2").count(), 3, "{text}");
 }
 
+/// The upstream frontend handles InitWait once per backend write it sees,
+/// so it can drop the rings the backend just mapped and publish new ones,
+/// passing through Initialising faster than the backend's watch fires. The
+/// backend must notice the new rings while Connected and take them.
+#[test]
+fn frontend_republishing_rings_while_connected_is_served_on_the_new_ones() {
+    let mut env = PwEnv::start();
+    let (sock, log) = env.start_backend();
+    let (ok, report, err) = env.sim(
+        &sock,
+        &[
+            "--domain",
+            "republish-vm",
+            "--play",
+            "pattern",
+            "--seconds",
+            "0.5",
+            "--reconnects",
+            "2",
+            "--reconnect-mode",
+            "republish",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(report["reconnects"], 2);
+    assert_eq!(report["playback"]["frames"], 24000, "the last round played in full");
+    assert_eq!(report["playback"]["xruns"], 0);
+    let text = std::fs::read_to_string(log).unwrap();
+    assert_eq!(text.matches("disconnecting: the frontend published new rings").count(), 2, "{text}");
+    assert_eq!(text.matches("connected domid=1 devid=0 streams=2").count(), 3, "{text}");
+}
+
 #[test]
 fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
     let mut env = PwEnv::start();

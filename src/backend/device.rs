@@ -48,6 +48,10 @@ pub struct Device {
     pub fe: String,
     phase: Phase,
     streams: Vec<StreamService>,
+    /// What the frontend had published when we connected: its ring refs
+    /// and ports, per stream. A frontend that publishes others while we
+    /// are Connected has started over (see `step`).
+    published: Vec<[u32; 4]>,
 }
 
 struct StoreSource<'a> {
@@ -77,7 +81,7 @@ pub fn sanitize_name(s: &str) -> String {
 
 impl Device {
     pub fn new(domid: DomId, devid: u32, be: String, fe: String) -> Device {
-        Device { domid, devid, be, fe, phase: Phase::Fresh, streams: Vec::new() }
+        Device { domid, devid, be, fe, phase: Phase::Fresh, streams: Vec::new(), published: Vec::new() }
     }
 
     fn read(&self, s: &Services, path: &str) -> Option<String> {
@@ -111,6 +115,13 @@ impl Device {
             .read(s, &format!("{}/{}", self.fe, keys::STATE))
             .map(|v| XenbusState::parse(&v))
             .unwrap_or(XenbusState::Closed);
+        if self.phase == Phase::Fresh {
+            // Once, before any state: the upstream frontend re-runs its
+            // whole InitWait handling on every write it sees while we are
+            // in InitWait, so later writes would only make it start over.
+            let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
+            let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
+        }
         match (self.phase, fe_state) {
             (Phase::Fresh, XenbusState::Initialised | XenbusState::Connected) => {
                 // Its ring and event pages belong to the backend that died;
@@ -125,8 +136,6 @@ impl Device {
             }
             (Phase::Fresh, _)
             | (Phase::Restarting, XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown) => {
-                let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
-                let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
                 self.set_state(s, XenbusState::InitWait);
                 self.phase = Phase::InitWait;
                 tracing::info!(
@@ -136,25 +145,20 @@ impl Device {
                 );
                 return true;
             }
-            (Phase::InitWait, XenbusState::Initialised) => match self.connect(s) {
-                Ok(()) => {
-                    self.set_state(s, XenbusState::Connected);
-                    self.phase = Phase::Connected;
-                    tracing::info!(
-                        domid = self.domid,
-                        devid = self.devid,
-                        streams = self.streams.len(),
-                        "connected"
-                    );
+            (Phase::InitWait, XenbusState::Initialised) => self.connect_or_fail(s),
+            (Phase::Connected, XenbusState::Initialised) => {
+                // Still waiting for our Connected, or it started over: the
+                // upstream frontend runs its InitWait handling once per
+                // write it sees, so it may free the rings we just mapped
+                // and publish new ones, passing through Initialising too
+                // briefly for us to see. Its new rings are what counts;
+                // writing Connected again wakes it.
+                if self.read_published(s).is_ok_and(|p| p != self.published) {
+                    self.teardown("the frontend published new rings");
+                    self.connect_or_fail(s);
                 }
-                Err(e) => {
-                    tracing::warn!(domid = self.domid, devid = self.devid, "cannot connect frontend: {e:#}");
-                    let _ = s.store.write(&format!("{}/error", self.be), &format!("{e:#}"));
-                    self.set_state(s, XenbusState::Closed);
-                    self.phase = Phase::Failed;
-                }
-            },
-            (Phase::Connected, XenbusState::Connected | XenbusState::Initialised) => {}
+            }
+            (Phase::Connected, XenbusState::Connected) => {}
             (Phase::Connected, st) => {
                 self.teardown(&format!("frontend state {st:?}"));
                 self.set_state(s, XenbusState::InitWait);
@@ -169,11 +173,53 @@ impl Device {
         true
     }
 
+    fn connect_or_fail(&mut self, s: &Services) {
+        match self.connect(s) {
+            Ok(()) => {
+                self.set_state(s, XenbusState::Connected);
+                self.phase = Phase::Connected;
+                tracing::info!(
+                    domid = self.domid,
+                    devid = self.devid,
+                    streams = self.streams.len(),
+                    "connected"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(domid = self.domid, devid = self.devid, "cannot connect frontend: {e:#}");
+                let _ = s.store.write(&format!("{}/error", self.be), &format!("{e:#}"));
+                self.set_state(s, XenbusState::Closed);
+                self.phase = Phase::Failed;
+            }
+        }
+    }
+
+    /// The ring refs and ports of every stream the card configures, as the
+    /// frontend has published them now.
+    fn read_published(&self, s: &Services) -> anyhow::Result<Vec<[u32; 4]>> {
+        let card =
+            parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))?;
+        card.streams()
+            .map(|(pcm, sc)| {
+                let sp = format!("{}/{}/{}", self.fe, pcm.index, sc.index);
+                let mut v = [0u32; 4];
+                for (slot, key) in
+                    v.iter_mut().zip([keys::RING_REF, keys::EVT_CHNL, keys::EVT_RING_REF, keys::EVT_EVT_CHNL])
+                {
+                    *slot =
+                        self.read_u32(s, &format!("{sp}/{key}")).with_context(|| format!("stream {sp}"))?;
+                }
+                Ok(v)
+            })
+            .collect()
+    }
+
     fn teardown(&mut self, why: &str) {
         if !self.streams.is_empty() {
             tracing::info!(domid = self.domid, devid = self.devid, "disconnecting: {why}");
         }
         self.streams.clear();
+        self.published.clear();
     }
 
     /// Shuts the device down when the backend itself exits.
@@ -200,14 +246,10 @@ impl Device {
             .map(|n| sanitize_name(&n))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| format!("domain-{}", self.domid));
+        let published = self.read_published(s)?;
         let mut streams = Vec::new();
-        for (pcm, sc) in card.streams() {
-            let sp = format!("{}/{}/{}", self.fe, pcm.index, sc.index);
-            let ctx = || format!("stream {sp}");
-            let ring_ref = self.read_u32(s, &format!("{sp}/{}", keys::RING_REF)).with_context(ctx)?;
-            let port = self.read_u32(s, &format!("{sp}/{}", keys::EVT_CHNL)).with_context(ctx)?;
-            let evt_ref = self.read_u32(s, &format!("{sp}/{}", keys::EVT_RING_REF)).with_context(ctx)?;
-            let evt_port = self.read_u32(s, &format!("{sp}/{}", keys::EVT_EVT_CHNL)).with_context(ctx)?;
+        for ((pcm, sc), &[ring_ref, port, evt_ref, evt_port]) in card.streams().zip(&published) {
+            let ctx = || format!("stream {}/{}/{}", self.fe, pcm.index, sc.index);
             let ring_page = s.grants.map(self.domid, &[ring_ref]).with_context(ctx)?;
             let evt_page = Arc::new(s.grants.map(self.domid, &[evt_ref]).with_context(ctx)?);
             let req_ch = s.evtchn.bind(self.domid, port).with_context(ctx)?;
@@ -231,6 +273,7 @@ impl Device {
             )?);
         }
         self.streams = streams;
+        self.published = published;
         Ok(())
     }
 }

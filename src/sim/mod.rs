@@ -71,6 +71,9 @@ pub struct SimOptions {
     /// (as unloading and reloading the guest driver does), playing each time.
     #[arg(long, default_value_t = 0)]
     pub reconnects: u32,
+    /// How each of --reconnects starts over.
+    #[arg(long, value_enum, default_value = "closing")]
+    pub reconnect_mode: ReconnectMode,
     /// Set the playback volume (0.001 dB steps) with SET_VOLUME after OPEN,
     /// and read it back with GET_VOLUME.
     #[arg(long, allow_hyphen_values = true)]
@@ -114,6 +117,19 @@ pub struct Report {
     /// What GET_VOLUME returned after `--set-volume-mdb`.
     pub volume_mdb: Option<Vec<i32>>,
     pub latency: Option<latency::LatencyReport>,
+}
+
+/// How a simulated frontend starts over with new rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReconnectMode {
+    /// Closing, wait for InitWait, Initialising, new handshake (a driver
+    /// unloaded and loaded again).
+    Closing,
+    /// New rings published and Initialised written while the backend is
+    /// Connected, with no state in between: what the backend sees when the
+    /// upstream frontend re-runs its InitWait handling faster than the
+    /// backend's watch fires.
+    Republish,
 }
 
 /// What libxl writes for `vsnd = [[ 'CARD, ...', 'PCM, name=dev0', 'STREAM,
@@ -164,6 +180,15 @@ fn handshake(
     be: &str,
 ) -> anyhow::Result<(FrontStream, FrontStream)> {
     wait_backend(conn, be, XenbusState::InitWait)?;
+    let streams = publish(o, conn, fe)?;
+    wait_backend(conn, be, XenbusState::Connected)?;
+    conn.write(&state_key(fe), XenbusState::Connected.as_str())?;
+    Ok(streams)
+}
+
+/// New rings, event pages and channels for both streams, published in
+/// xenstore, then Initialised.
+fn publish(o: &SimOptions, conn: &mut GuestConn, fe: &str) -> anyhow::Result<(FrontStream, FrontStream)> {
     let playback = FrontStream::new(conn)?;
     let mut capture = FrontStream::new(conn)?;
     capture.playback = false;
@@ -178,8 +203,6 @@ fn handshake(
         conn.write(&format!("{fe}/{}", keys::FEATURE_DELAY_REPORT), "1")?;
     }
     conn.write(&state_key(fe), XenbusState::Initialised.as_str())?;
-    wait_backend(conn, be, XenbusState::Connected)?;
-    conn.write(&state_key(fe), XenbusState::Connected.as_str())?;
     Ok((playback, capture))
 }
 
@@ -197,10 +220,30 @@ impl Guest {
     /// again: Closing, wait for the backend to be back in InitWait, then a
     /// new handshake with new rings and channels.
     pub fn reconnect(&mut self, o: &SimOptions) -> anyhow::Result<()> {
-        self.conn.write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
-        wait_backend(&mut self.conn, &self.be, XenbusState::InitWait)?;
-        self.conn.write(&state_key(&self.fe), XenbusState::Initialising.as_str())?;
-        let (p, c) = handshake(o, &mut self.conn, &self.fe, &self.be)?;
+        let (p, c) = match o.reconnect_mode {
+            ReconnectMode::Closing => {
+                self.conn.write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
+                wait_backend(&mut self.conn, &self.be, XenbusState::InitWait)?;
+                self.conn.write(&state_key(&self.fe), XenbusState::Initialising.as_str())?;
+                handshake(o, &mut self.conn, &self.fe, &self.be)?
+            }
+            ReconnectMode::Republish => {
+                // The backend is Connected already: like the upstream
+                // frontend, wait for it to write Connected once more (the
+                // value does not change; the write does).
+                let be_state = state_key(&self.be);
+                self.conn.watch_from_now(&be_state, "rewrite", HANDSHAKE_TIMEOUT)?;
+                let streams = publish(o, &mut self.conn, &self.fe)?;
+                self.conn
+                    .next_watch_with("rewrite", Instant::now() + HANDSHAKE_TIMEOUT)
+                    .context("the backend never answered the new rings")?;
+                if self.conn.read(&be_state)?.as_deref() != Some(XenbusState::Connected.as_str()) {
+                    bail!("the backend did not reconnect to the new rings");
+                }
+                self.conn.write(&state_key(&self.fe), XenbusState::Connected.as_str())?;
+                streams
+            }
+        };
         self.playback = p;
         self.capture = c;
         Ok(())

@@ -130,6 +130,24 @@ impl GuestConn {
         }
     }
 
+    /// Watches `path` with `token` and returns once the watch's first
+    /// firing (the one on registration) is consumed: from then on, events
+    /// with `token` are writes made after this call.
+    pub fn watch_from_now(&mut self, path: &str, token: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.watch(path, token)?;
+        self.next_watch_with(token, Instant::now() + timeout).map(|_| ())
+    }
+
+    /// The next event of the watch `token`, skipping others, bounded.
+    pub fn next_watch_with(&mut self, token: &str, deadline: Instant) -> anyhow::Result<WatchEvent> {
+        loop {
+            let e = self.next_watch(deadline)?;
+            if e.token == token {
+                return Ok(e);
+            }
+        }
+    }
+
     /// Waits until `path` reads `want` (via a watch on it), bounded.
     pub fn wait_for_value(&mut self, path: &str, want: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
