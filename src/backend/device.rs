@@ -146,18 +146,19 @@ impl Device {
                 return true;
             }
             (Phase::InitWait, XenbusState::Initialised) => self.connect_or_fail(s),
-            (Phase::Connected, XenbusState::Initialised) => {
-                // Still waiting for our Connected, or it started over: the
-                // upstream frontend runs its InitWait handling once per
-                // write it sees, so it may free the rings we just mapped
-                // and publish new ones, passing through Initialising too
-                // briefly for us to see. Its new rings are what counts;
-                // writing Connected again wakes it.
-                if self.read_published(s).is_ok_and(|p| p != self.published) {
-                    self.teardown("the frontend published new rings");
-                    self.connect_or_fail(s);
-                }
+            // Still waiting for our Connected, or it started over: the
+            // upstream frontend runs its InitWait handling once per write
+            // it sees, so it may free the rings we just mapped and publish
+            // new ones, passing through Initialising too briefly for us to
+            // see. Its new rings are what counts; writing Connected again
+            // wakes it.
+            (Phase::Connected, XenbusState::Initialised)
+                if self.read_published(s).is_ok_and(|p| p != self.published) =>
+            {
+                self.teardown("the frontend published new rings");
+                self.connect_or_fail(s);
             }
+            (Phase::Connected, XenbusState::Initialised) => {}
             (Phase::Connected, XenbusState::Connected) => {}
             (Phase::Connected, st) => {
                 self.teardown(&format!("frontend state {st:?}"));
