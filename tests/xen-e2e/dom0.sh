@@ -1,89 +1,178 @@
 #!/bin/bash
 # Runs inside dom0 (the host's filesystem, read-only, tmpfs on /run /tmp):
-# the toolstack, PipeWire, xen-vsnd, then a guest with a vsnd device.
+# the toolstack, PipeWire + WirePlumber with a null sink, xen-vsnd, then a
+# guest with a vsnd device (tests/xen-e2e/guest.sh is its init), driven step
+# by step through its xenstore key data/go. Every check prints
+# `XE: PASS <step>` or `XE: FAIL <step>: <why>`; logs go to $work/out.
 root=$1 work=$2
+out=$work/out
+bin=$root/target/release/xen-vsnd
+export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# wait_for <seconds> <command...>: polls until the command succeeds, bounded
+# by the clock (under emulation every fork is slow: never count polls).
+wait_for() {
+    local end=$((SECONDS + $1)); shift
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $end ] || return 1
+        sleep 0.5
+    done
+}
+# check <step> <command...>: PASS if the command succeeds. The logs are
+# saved each time, so a run cut short still leaves them.
+check() {
+    local step=$1; shift
+    if "$@"; then echo "XE: PASS $step [${SECONDS}s]"; else echo "XE: FAIL $step${why:+: $why} [${SECONDS}s]"; fi
+    why=
+    save_logs
+}
 # stop <pid> <signal>: signals a process and waits for it, 5 s at most.
 stop() {
     kill -$2 $1 2>/dev/null
-    for i in $(seq 50); do kill -0 $1 2>/dev/null || return 0; sleep 0.1; done
+    for _ in $(seq 50); do kill -0 $1 2>/dev/null || return 0; sleep 0.1; done
     kill -9 $1 2>/dev/null
 }
-export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
-mkdir -p /run/xen
+
+glog=/var/log/xen/console/guest-audioguest.log
+# guest_said <regex>: the guest's console has a line matching it.
+guest_said() { grep -aEq "$1" $glog 2>/dev/null; }
+# go <step>: asks the guest to run a step (see guest.sh).
+go() { xenstore-write /local/domain/$domid/data/go "$1"; }
+# run_guest_step <step> <seconds>: asks, then waits for its ok/failed line.
+run_guest_step() {
+    go $1
+    wait_for $2 guest_said "GUEST: $1 (ok|failed)"
+    why=$(grep -a "GUEST: $1 " $glog | tail -1)
+    guest_said "GUEST: $1 ok"
+}
+node_exists() { pw-cli ls Node 2>/dev/null | grep -q "node.name = \"$1\""; }
+# record <rate> <file>: records the null sink's monitor in the background
+# (to tmpfs: writing through 9p under emulation costs too much).
+record() {
+    pw-record --target null-sink -P '{ stream.capture.sink = true node.name = e2e-recorder }' \
+        --format s16 --rate $1 --channels 2 "$2" >>/run/record.log 2>&1 &
+    rec=$!
+    wait_for 20 sh -c 'pw-link -l | grep -q "e2e-recorder:input_FL"'
+}
+# intact <sent> <recording>: the recording carries the signal frame by frame.
+intact() {
+    why=$($bin compare --sent "$1" --got "$2" 2>&1 | tr '\n' ' ')
+    $bin compare --sent "$1" --got "$2" >/dev/null 2>&1
+}
+# resources <pid>: event channels (one /dev/xen/evtchn file each) and grant
+# mappings (/dev/xen/gntdev maps) the backend process holds.
+resources() {
+    echo "evtchn=$(ls -l /proc/$1/fd 2>/dev/null | grep -c /dev/xen/evtchn)" \
+         "grant_maps=$(grep -c /dev/xen/gntdev /proc/$1/maps 2>/dev/null)"
+}
+# released <domid>: after the guest is gone, the backend holds nothing of
+# it, its backend directory is gone, and Xen freed the domain (a domain
+# whose pages are still mapped stays behind as a "(null)" zombie).
+released() {
+    why="backend $(resources $backend); xl list: $(xl list | awk 'NR>1 {printf "%s ", $1}')"
+    [ "$(resources $backend)" = "evtchn=0 grant_maps=0" ] &&
+        ! xenstore-exists /local/domain/0/backend/vsnd/$1 &&
+        ! xl list | grep -q '(null)'
+}
+save_logs() { cp /run/*.log /run/*.wav $out/ 2>/dev/null; cp /var/log/xen/console/*.log* $out/ 2>/dev/null; }
+
+mkdir -p /run/xen /var/log/xen/console
 xenstored --pid-file /run/xenstored.pid
 xen-init-dom0 >/dev/null
-mkdir -p /var/log/xen/console
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
 echo "XE: toolstack up"
 
 export XDG_RUNTIME_DIR=/run/pw XDG_CONFIG_HOME=/run/pwconf XDG_STATE_HOME=/run/pwstate PIPEWIRE_RUNTIME_DIR=/run/pw
 mkdir -p $XDG_RUNTIME_DIR $XDG_CONFIG_HOME/pipewire/pipewire.conf.d $XDG_STATE_HOME; chmod 700 $XDG_RUNTIME_DIR
 cp $root/pw-modules/null-sink.conf $XDG_CONFIG_HOME/pipewire/pipewire.conf.d/
+# Let the guests' 200 ms periods set a quantum of 4096 (the default stops at
+# 2048): half the wake-ups, which the emulated machine needs.
+echo 'context.properties = { default.clock.max-quantum = 8192 }' \
+    >$XDG_CONFIG_HOME/pipewire/pipewire.conf.d/quantum.conf
 pipewire >/run/pipewire.log 2>&1 &
-for i in $(seq 100); do [ -S $XDG_RUNTIME_DIR/pipewire-0 ] && break; sleep 0.2; done
+wait_for 20 test -S $XDG_RUNTIME_DIR/pipewire-0
 dbus-run-session -- wireplumber >/run/wireplumber.log 2>&1 &
-for i in $(seq 100); do pw-cli ls Client 2>/dev/null | grep -q '"WirePlumber"' && break; sleep 0.2; done
-pw-record --target null-sink -P '{ stream.capture.sink = true node.name = e2e-recorder }' \
-    --format s16 --rate 48000 --channels 2 $work/out/monitor.wav >/run/rec.log 2>&1 &
-rec=$!
-$root/target/release/xen-vsnd serve --transport xen >/run/vsnd.log 2>&1 &
+wait_for 20 sh -c 'pw-cli ls Client | grep -q "\"WirePlumber\""'
+$bin serve --transport xen >/run/vsnd.log 2>&1 &
 backend=$!
-for i in $(seq 100); do grep -q "serving vsnd devices" /run/vsnd.log && break; sleep 0.2; done
-grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
+wait_for 20 grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
 
-if xl create $work/guest.cfg >/run/xl.log 2>&1; then echo "XE: PASS xl-create"; else echo "XE: FAIL xl-create"; cat /run/xl.log; fi
+xl_create() { xl create $work/guest.cfg >/run/xl.log 2>&1; local rc=$?; why=$(tail -3 /run/xl.log); return $rc; }
+check "xl create with a vsnd device (the backend answers the handshake)" xl_create
 domid=$(xl domid audioguest 2>/dev/null)
-for i in $(seq 120); do
+states() {
     fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
     be=$(xenstore-read /local/domain/0/backend/vsnd/$domid/0/state 2>/dev/null)
-    [ "$fe" = 4 ] && [ "$be" = 4 ] && break
-    sleep 1
-done
-echo "XE: states frontend=$fe backend=$be"
-[ "$fe" = 4 ] && [ "$be" = 4 ] && echo "XE: PASS connected"
-for i in $(seq 60); do grep -q "GUEST: ready" /var/log/xen/console/guest-audioguest.log 2>/dev/null && break; sleep 1; done
-# The guest plays now: its playback node exists while the stream is open.
-for i in $(seq 60); do pw-cli ls Node 2>/dev/null | grep -q 'xen-vsnd.audioguest' && break; sleep 0.5; done
-pw-cli ls Node 2>/dev/null | grep 'node.name = "xen-vsnd' | sed 's/^/XE: node /'
-pw-cli ls Node 2>/dev/null | grep -q 'xen-vsnd.audioguest.0.0.playback' && echo "XE: PASS nodes"
-for i in $(seq 60); do grep -q "GUEST: done" /var/log/xen/console/guest-audioguest.log 2>/dev/null && break; sleep 1; done
-sed 's/^/GUEST-LOG: /' /var/log/xen/console/guest-audioguest.log 2>/dev/null | tail -30
+    why="frontend=$fe backend=$be"
+    [ "$fe" = 4 ] && [ "$be" = 4 ]
+}
+wait_for 120 states
+check "backend and frontend Connected" states
+wait_for 90 guest_said "GUEST: ready"
+why=$(grep -a -A4 "GUEST: cards" $glog | tr '\n' ' ')
+check "guest ALSA card with PCM dev0: playback and capture" \
+    grep -aq '00-00: dev0 .*playback 1 : capture 1' $glog
+echo "XE: backend with the guest connected: $(resources $backend)"
+
+# Playback at 48 kHz, recorded at the sink.
+record 48000 /run/play48.wav
+go play48
+wait_for 60 node_exists xen-vsnd.audioguest.0.0.playback
+pw-cli ls Node 2>/dev/null | grep 'node.name = "xen-vsnd' | sed 's/^[[:space:]]*/XE: node /'
+check "guest playback node in dom0 PipeWire, named by the domain" node_exists xen-vsnd.audioguest.0.0.playback
+check "guest plays S16_LE 48 kHz stereo (aplay)" run_guest_step play48 90
 sleep 1   # the last frames reach the sink a few cycles after aplay returns
 stop $rec INT
+check "guest playback at 48 kHz arrives intact at the sink" intact $work/guest/pattern48.wav /run/play48.wav
 
-# Kill the backend while the guest is connected, start it again.
-glog=/var/log/xen/console/guest-audioguest.log
+# Capture: the guest records while dom0 plays into the sink whose monitor
+# WirePlumber links to the guest's capture node.
+go capture
+wait_for 60 sh -c 'pw-link -l | grep -q "xen-vsnd.audioguest.0.0.capture:input_FL"'
+check "guest capture node in dom0 PipeWire, linked" node_exists xen-vsnd.audioguest.0.0.capture
+pw-play --target null-sink $work/guest/pattern48.wav >>/run/play.log 2>&1
+check "dom0 plays into the guest's capture: the guest records it intact" run_guest_step capture 60
+
+# Playback at 44.1 kHz, with the graph at 44.1 kHz so nothing resamples.
+pw-metadata -n settings 0 clock.force-rate 44100 >/dev/null
+record 44100 /run/play44.wav
+check "guest plays S16_LE 44.1 kHz stereo (aplay)" run_guest_step play44 90
+sleep 1
+stop $rec INT
+pw-metadata -n settings 0 clock.force-rate 0 >/dev/null
+check "guest playback at 44.1 kHz arrives intact at the sink" intact $work/guest/pattern44.wav /run/play44.wav
+
+# Kill the backend while the guest is connected and playing, start it again.
+go loop
+wait_for 30 guest_said "aplay ok again"
 kill -9 $backend; wait $backend 2>/dev/null
-before=$(grep -c "aplay ok again" $glog)
-$root/target/release/xen-vsnd serve --transport xen >/run/vsnd2.log 2>&1 &
-# The guest's frontend first removes its card (its application sees I/O
-# errors and closes), then connects again: give it time under emulation.
-# (The upstream frontend was seen to stay at state 3 in xenstore after such
-# a reconnect while working; the next check is whether it plays.)
-for i in $(seq 180); do
-    grep -q "connected domid=$domid" /run/vsnd2.log && break
-    sleep 1
-done
-fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
-echo "XE: after restart: frontend state $fe"
-grep -q "connected domid=$domid" /run/vsnd2.log && echo "XE: PASS reconnected"
-for i in $(seq 120); do [ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && break; sleep 1; done
-[ "$(grep -c "aplay ok again" $glog)" -gt "$before" ] && echo "XE: PASS plays after restart"
-cat /run/vsnd2.log >>/run/vsnd.log
+before=$(grep -ac "aplay ok again" $glog)
+$bin serve --transport xen >/run/vsnd2.log 2>&1 &
+backend=$!
+# The frontend first removes its card (the guest application sees errors
+# and closes), then connects again: give it time under emulation.
+check "xen-vsnd killed and restarted with a guest connected: the guest reconnects" \
+    wait_for 180 grep -q "connected domid=$domid" /run/vsnd2.log
+played_again() { [ "$(grep -ac "aplay ok again" $glog)" -gt "$before" ]; }
+check "the guest plays again after the backend restart" wait_for 120 played_again
+echo "XE: backend with the guest connected: $(resources $backend)"
 
-if xl destroy audioguest >/run/xl-destroy.log 2>&1 && ! grep -q "unable to remove" /run/xl-destroy.log; then
-    echo "XE: PASS destroyed"
-else
-    sed 's/^/XE: xl destroy: /' /run/xl-destroy.log
-fi
-for i in $(seq 20); do xenstore-ls /local/domain/0/backend/vsnd 2>/dev/null | grep -q . || break; sleep 0.5; done
+# Orderly shutdown: the frontend closes, the toolstack removes the device.
+why=$(timeout 120 xl shutdown -w audioguest 2>&1 | tail -2 | tr '\n' ' ')
+check "xl shutdown: the guest powers off" sh -c '! xl domid audioguest >/dev/null 2>&1'
+check "after xl shutdown: no backend state, grant maps or event channels left" wait_for 30 released $domid
 
-# The same guest again: a fresh domain with the same name.
+# The same guest again, destroyed this time.
 mv $glog $glog.1
-xl create $work/guest.cfg >/run/xl2.log 2>&1
-for i in $(seq 120); do grep -q "GUEST: done" $glog 2>/dev/null && break; sleep 1; done
-grep -q "GUEST: aplay ok" $glog 2>/dev/null && echo "XE: PASS second guest plays"
-sed 's/^/GUEST2-LOG: /' $glog 2>/dev/null | grep GUEST | tail -5
-xl destroy audioguest >/dev/null 2>&1
-sed 's/^/XE-LOG: /' /run/vsnd.log | tail -40
+xl_create
+domid=$(xl domid audioguest 2>/dev/null)
+wait_for 120 guest_said "GUEST: ready"
+check "a new guest with the same name gets sound again" run_guest_step play48 90
+why=$(xl destroy audioguest 2>&1 | tr '\n' ' ')
+check "xl destroy: the toolstack removes the device" sh -c '! xl domid audioguest >/dev/null 2>&1'
+check "after xl destroy: no backend state, grant maps or event channels left" wait_for 30 released $domid
+check "xen-vsnd still running" kill -0 $backend
+
+cat /run/vsnd2.log >>/run/vsnd.log
+save_logs
 echo "XE: dom0 done"

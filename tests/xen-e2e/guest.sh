@@ -1,0 +1,68 @@
+#!/bin/busybox sh
+# init of the PV guest. Loads the sound modules listed in /modules.list,
+# waits for the vsnd card, then runs the steps dom0 asks for: dom0 writes a
+# step name to the guest's own xenstore key data/go, the guest runs it and
+# prints `GUEST: <step> ok` or `GUEST: <step> failed ...` on its console,
+# which dom0 reads. Audio goes through hw:0,0 (no ALSA plugins).
+/bin/busybox --install -s /bin
+mkdir -p /sbin; ln -sf /bin/busybox /sbin/poweroff   # the kernel runs it on `xl shutdown`
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /tmp; mount -t tmpfs tmpfs /tmp
+for m in $(cat /modules.list); do
+    [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+done
+# xenstore-read talks to /dev/xen/xenbus; fall back to xenfs's file.
+if [ ! -e /dev/xen/xenbus ]; then
+    mkdir -p /proc/xen; mount -t xenfs xenfs /proc/xen; export XENSTORED_PATH=/proc/xen/xenbus
+fi
+# `xl shutdown` runs /sbin/poweroff, which signals init (us).
+trap 'echo "GUEST: powering off"; poweroff -f' USR2 TERM
+
+for i in $(seq 120); do grep -q "[0-9]" /proc/asound/cards 2>/dev/null && break; sleep 0.5; done
+echo "GUEST: cards"; cat /proc/asound/cards; echo "GUEST: pcms"; cat /proc/asound/pcm 2>/dev/null
+echo "GUEST: ready"
+
+# A 2.5 s buffer and 200 ms periods: under emulation the host graph can take
+# more than a second to start a new node, and ALSA gives up (EIO) when no
+# period passes within 1.1 buffer lengths. Long periods also mean a large
+# quantum in dom0: fewer wake-ups for the emulated machine.
+BUF="-B 2500000 -F 200000"
+
+run_step() {
+    case $1 in
+    play48)
+        aplay -D hw:0,0 $BUF /pattern48.wav ;;
+    play44)
+        aplay -D hw:0,0 $BUF /pattern44.wav ;;
+    capture)
+        # dom0 plays the pattern into the sink whose monitor feeds our
+        # capture node once that node is linked; record long enough.
+        arecord -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d 10 /tmp/cap.wav &&
+            xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
+    loop)
+        # 1 s plays for ever: they fail while the backend is away and work
+        # again once it is back.
+        while true; do
+            if grep -q "[0-9]" /proc/asound/cards 2>/dev/null &&
+                aplay -q -D hw:0,0 $BUF -d 1 /pattern48.wav 2>/dev/null; then
+                echo "GUEST: aplay ok again"
+            fi
+            sleep 1
+        done ;;
+    esac
+}
+
+last=
+while true; do
+    go=$(xenstore-read data/go 2>/dev/null)
+    if [ -n "$go" ] && [ "$go" != "$last" ]; then
+        last=$go
+        [ "$go" = loop ] && run_step loop
+        if out=$(run_step "$go" 2>&1); then
+            echo "GUEST: $go ok $(echo "$out" | grep '^compare:')"
+        else
+            echo "GUEST: $go failed: $(echo "$out" | tail -3 | tr '\n' ' ')"
+        fi
+    fi
+    sleep 0.5
+done
