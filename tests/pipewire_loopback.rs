@@ -152,6 +152,36 @@ fn frontend_republishing_rings_while_connected_is_served_on_the_new_ones() {
     assert_eq!(text.matches("connected domid=1 devid=0 streams=2").count(), 3, "{text}");
 }
 
+/// The upstream frontend expects event ids to run on across OPENs of one
+/// stream (it resets them only with the channel): a second play on the same
+/// connection must get every position event, or it gets no interrupts.
+#[test]
+fn event_ids_run_on_across_opens_of_a_stream() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend();
+    let (ok, report, err) = env.sim(
+        &sock,
+        &[
+            "--domain",
+            "replay-vm",
+            "--play",
+            "pattern",
+            "--seconds",
+            "0.5",
+            "--reconnects",
+            "2",
+            "--reconnect-mode",
+            "reopen",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(report["reconnects"], 2);
+    let p = &report["playback"];
+    assert_eq!(p["bad_event_ids"], 0, "{p}");
+    assert_eq!(p["xruns"], 0, "{p}");
+    assert_eq!(p["frames"], 24000, "{p}");
+}
+
 #[test]
 fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
     let mut env = PwEnv::start();

@@ -12,7 +12,7 @@ use crate::sndif::{
 };
 use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +91,8 @@ pub struct PcmStream {
     host: Arc<dyn HostBackend>,
     evt_page: Arc<SharedPages>,
     evt_channel: Arc<dyn EventChannel>,
+    /// The next CUR_POS id on this channel: it runs on across OPENs.
+    evt_ids: Arc<AtomicU16>,
     report_delay: bool,
     opened: Option<Opened>,
     log: LogLimiter,
@@ -116,6 +118,7 @@ impl PcmStream {
             host,
             evt_page,
             evt_channel,
+            evt_ids: Arc::default(),
             report_delay,
             opened: None,
             log: LogLimiter::new(Duration::from_secs(10)),
@@ -300,7 +303,7 @@ impl PcmStream {
         let engine = DmaEngine::new(
             geom,
             buffer.clone(),
-            EventRing::new(self.evt_page.clone()),
+            EventRing::new(self.evt_page.clone(), self.evt_ids.clone()),
             self.evt_channel.clone(),
             shared.clone(),
             self.report_delay,

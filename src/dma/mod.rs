@@ -216,7 +216,7 @@ mod tests {
         let e = DmaEngine::new(
             geom,
             buf.clone(),
-            EventRing::new(evt.clone()),
+            EventRing::new(evt.clone(), Arc::default()),
             ch.clone(),
             Arc::default(),
             report_delay,

@@ -260,7 +260,8 @@ impl FrontStream {
         self.last_pos_bytes = 0;
         self.hw_frames = 0;
         self.acc_frames = 0;
-        self.next_evt_id = 0;
+        // Like snd_xen_front: the expected event id is reset only when the
+        // channel is set up, never by OPEN.
         self.rule = Some(rule);
         Ok(())
     }
@@ -283,13 +284,19 @@ impl FrontStream {
     }
 
     /// Waits for the event channel (bounded) and processes every event.
-    /// Returns false when nothing came before `deadline`.
+    /// Returns false when no usable event came before `deadline` (events
+    /// with the wrong id are skipped, as the frontend does, and not usable).
     pub fn wait_events(&mut self, deadline: Instant) -> anyhow::Result<bool> {
-        if self.process_events() > 0 {
-            return Ok(true);
+        loop {
+            if self.process_events() > 0 {
+                return Ok(true);
+            }
+            // A notification can come without a new event (one the backend
+            // could not push while the page was full): wait again.
+            if Instant::now() >= deadline || !wait_channel(&self.evt_ch, deadline)? {
+                return Ok(self.process_events() > 0);
+            }
         }
-        let got = wait_channel(&self.evt_ch, deadline)?;
-        Ok(self.process_events() > 0 || got)
     }
 
     /// `snd_pcm_delay()` as ALSA computes it: the frames between the

@@ -130,6 +130,9 @@ pub enum ReconnectMode {
     /// upstream frontend re-runs its InitWait handling faster than the
     /// backend's watch fires.
     Republish,
+    /// Keep the connection; only the stream is opened again (an
+    /// application playing a second file).
+    Reopen,
 }
 
 /// What libxl writes for `vsnd = [[ 'CARD, ...', 'PCM, name=dev0', 'STREAM,
@@ -220,7 +223,11 @@ impl Guest {
     /// again: Closing, wait for the backend to be back in InitWait, then a
     /// new handshake with new rings and channels.
     pub fn reconnect(&mut self, o: &SimOptions) -> anyhow::Result<()> {
+        if o.reconnect_mode == ReconnectMode::Reopen {
+            return Ok(());
+        }
         let (p, c) = match o.reconnect_mode {
+            ReconnectMode::Reopen => unreachable!("handled above"),
             ReconnectMode::Closing => {
                 self.conn.write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
                 wait_backend(&mut self.conn, &self.be, XenbusState::InitWait)?;
@@ -464,7 +471,11 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
     s.request(Request::Trigger(trigger::START))?;
     while appl < want {
         if !s.wait_events(Instant::now() + event_timeout)? {
-            bail!("capture: no position event for {event_timeout:?}");
+            bail!(
+                "capture: no position event for {event_timeout:?} (events {}, bad ids {})",
+                s.report.events,
+                s.report.bad_event_ids
+            );
         }
         let hw = s.hw_frames * frame;
         s.update_pcm_delay(appl / frame);
