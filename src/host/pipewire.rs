@@ -23,12 +23,33 @@ use std::time::Duration;
 
 /// How long a caller waits for the PipeWire thread to answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this long a closing playback stream plays out what the graph
+/// still holds of it (a quantum or two) before it is removed.
+const DRAIN_BOUND: Duration = Duration::from_millis(500);
 
 enum Cmd {
-    Open { id: u64, spec: StreamSpec, engine: Box<DmaEngine>, reply: mpsc::SyncSender<anyhow::Result<()>> },
-    Close { id: u64, reply: mpsc::SyncSender<()> },
-    Active { id: u64, active: bool },
-    Volume { id: u64, gains: Vec<f32> },
+    Open {
+        id: u64,
+        spec: StreamSpec,
+        engine: Box<DmaEngine>,
+        reply: mpsc::SyncSender<anyhow::Result<()>>,
+    },
+    Close {
+        id: u64,
+        reply: mpsc::SyncSender<()>,
+    },
+    /// A closing playback stream has drained (or its bound passed).
+    Finish {
+        id: u64,
+    },
+    Active {
+        id: u64,
+        active: bool,
+    },
+    Volume {
+        id: u64,
+        gains: Vec<f32>,
+    },
 }
 
 /// How the PipeWire host connects and what it adds to every node.
@@ -153,6 +174,8 @@ struct Entry {
     _control: pw::stream::StreamListener<Gains>,
     gains: Gains,
     kind: StreamKind,
+    /// Set while a closed playback stream drains: answered when it is gone.
+    closing: Option<mpsc::SyncSender<()>>,
     /// Graph cycles of latency PipeWire does not report (see `pw_graph`),
     /// kept current by the registry listener, read by the cycle.
     unreported_cycles: Arc<AtomicU32>,
@@ -195,6 +218,7 @@ fn run_loop(
         .error(|id, seq, res, msg| tracing::warn!(id, seq, res, "PipeWire: {msg}"))
         .register();
     let (tx, rx) = pw::channel::channel::<Cmd>();
+    let to_self = tx.clone();
     let streams: Rc<RefCell<HashMap<u64, Entry>>> = Rc::default();
     let graph: Rc<RefCell<Graph>> = Rc::default();
     let registry = core.get_registry_rc().context("PipeWire registry")?;
@@ -255,18 +279,42 @@ fn run_loop(
     let core2 = core.clone();
     let _attached = rx.attach(mainloop.loop_(), move |cmd| match cmd {
         Cmd::Open { id, spec, engine, reply } => {
-            let r = open_stream(&core2, spec, engine, &config.node_props).map(|e| {
+            let r = open_stream(&core2, spec, engine, &config.node_props, id, &to_self).map(|e| {
                 streams.borrow_mut().insert(id, e);
             });
             refresh_unreported(&streams, &graph);
             let _ = reply.send(r);
         }
         Cmd::Close { id, reply } => {
+            // A guest closes right after its last cycle: part of that cycle
+            // can still be on its way through the graph. Let it play out.
+            let mut map = streams.borrow_mut();
+            let draining = map.get_mut(&id).filter(|e| {
+                e.kind == StreamKind::Playback
+                    && matches!(e.stream.state(), pw::stream::StreamState::Streaming)
+                    && e.stream.flush(true).is_ok()
+            });
+            if let Some(e) = draining {
+                e.closing = Some(reply);
+                let tx = to_self.clone();
+                let _ = std::thread::Builder::new().name("pw-drain".into()).spawn(move || {
+                    std::thread::sleep(DRAIN_BOUND);
+                    let _ = tx.send(Cmd::Finish { id });
+                });
+            } else {
+                if let Some(e) = map.remove(&id) {
+                    let _ = e.stream.disconnect();
+                }
+                let _ = reply.send(());
+            }
+        }
+        Cmd::Finish { id } => {
             if let Some(e) = streams.borrow_mut().remove(&id) {
                 let _ = e.stream.disconnect();
-                drop(e);
+                if let Some(reply) = &e.closing {
+                    let _ = reply.send(());
+                }
             }
-            let _ = reply.send(());
         }
         Cmd::Active { id, active } => {
             if let Some(e) = streams.borrow().get(&id) {
@@ -290,6 +338,8 @@ fn open_stream(
     spec: StreamSpec,
     engine: Box<DmaEngine>,
     node_props: &[(String, String)],
+    id: u64,
+    to_self: &pw::channel::Sender<Cmd>,
 ) -> anyhow::Result<Entry> {
     let g = engine.geom;
     let format = spa_format(g.format).ok_or_else(|| anyhow!("format {} unsupported", g.format.name()))?;
@@ -333,6 +383,12 @@ fn open_stream(
                 }
             }
         })
+        .drained({
+            let tx = to_self.clone();
+            move |_, _| {
+                let _ = tx.send(Cmd::Finish { id });
+            }
+        })
         .register()
         .context("stream control listener")?;
 
@@ -367,7 +423,15 @@ fn open_stream(
             &mut params,
         )
         .context("pw_stream_connect")?;
-    Ok(Entry { _control: control, gains, stream, _listener: listener, kind: spec.kind, unreported_cycles })
+    Ok(Entry {
+        _control: control,
+        gains,
+        stream,
+        _listener: listener,
+        kind: spec.kind,
+        closing: None,
+        unreported_cycles,
+    })
 }
 
 /// The real-time cycle, timed into the stream's histogram.

@@ -97,6 +97,11 @@ impl PwEnv {
 
     /// Starts PipeWire with the null sink of pw-modules/ and WirePlumber.
     pub fn start() -> PwEnv {
+        PwEnv::start_with_conf("")
+    }
+
+    /// Like `start`, with one more PipeWire configuration fragment.
+    pub fn start_with_conf(extra_conf: &str) -> PwEnv {
         let dir = tempfile::tempdir().unwrap();
         for sub in ["run", "config/pipewire/pipewire.conf.d", "state", "data"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
@@ -108,6 +113,8 @@ impl PwEnv {
             include_str!("../../pw-modules/null-sink.conf"),
         )
         .unwrap();
+        std::fs::write(dir.path().join("config/pipewire/pipewire.conf.d/test-extra.conf"), extra_conf)
+            .unwrap();
         let mut env = PwEnv { dir, procs: Vec::new() };
         env.spawn_logged("pipewire", "pipewire", &[]);
         wait_until("the PipeWire socket", Duration::from_secs(10), || {
@@ -165,10 +172,15 @@ impl PwEnv {
 
     /// Records the sink's monitor into `wav` until interrupted.
     pub fn record_monitor(&mut self, wav: &Path) -> Proc {
+        self.record_monitor_at(wav, 48000)
+    }
+
+    /// Records the sink's monitor at `rate` into `wav` until interrupted.
+    pub fn record_monitor_at(&mut self, wav: &Path, rate: u32) -> Proc {
         let child = self
             .cmd("pw-record")
             .args(["--target", SINK, "-P", "{ stream.capture.sink = true node.name = monitor-recorder }"])
-            .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
+            .args(["--format", "s16", "--rate", &rate.to_string(), "--channels", "2"])
             .arg(wav)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
