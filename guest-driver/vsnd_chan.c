@@ -394,7 +394,7 @@ int vsnd_buffer_alloc(struct vsnd_stream *s, size_t bytes)
 		dir->gref_dir_next_page = d + 1 < s->dir_npages ? s->dir_grefs[d + 1] : 0;
 		for (i = 0; i < n; i++)
 			dir->gref[i] = s->buf_grefs[first + i];
-		ret = gnttab_grant_foreign_access(be, virt_to_gfn(dir), 1);
+		ret = gnttab_grant_foreign_access(be, virt_to_gfn(dir), 0);
 		if (ret < 0)
 			goto fail;
 		s->dir_grefs[d] = ret;

@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+/*
+ * guest-latency: runs inside a Xen guest. Plays silence with an impulse
+ * every few periods on hw:0,0 while recording hw:0,0 (dom0 routes the
+ * guest's playback back into its capture). Before writing each impulse it
+ * asks ALSA for both delays (snd_pcm_delay) and predicts where the impulse
+ * must come back in the recording; then it finds the impulse and compares.
+ *
+ *   guest-latency [seconds]
+ *
+ * Prints one line per impulse and then
+ *   guest-latency: measured <frames> reported <frames> error <frames>
+ * for the median impulse; exits 1 when fewer than 5 impulses came back or
+ * the median |error| is above 2 frames.
+ */
+#include <alsa/asoundlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define RATE 48000
+#define CHANNELS 2
+#define PERIOD 9600		/* 200 ms: room for an emulated machine */
+#define PERIODS 5
+#define WARMUP_PERIODS 10	/* silence while dom0 links the nodes */
+#define IMPULSE_EVERY 3		/* periods */
+#define IMPULSE 30000
+#define MAX_IMPULSES 64
+
+struct mark {
+	long predicted;		/* capture frame where the impulse must be */
+	long base;		/* frames captured when it was predicted */
+	long reported;		/* playback + capture delay then */
+	long found;
+};
+
+static void die(const char *what, int err)
+{
+	fprintf(stderr, "guest-latency: %s: %s\n", what, snd_strerror(err));
+	exit(2);
+}
+
+static snd_pcm_t *open_pcm(snd_pcm_stream_t dir)
+{
+	snd_pcm_hw_params_t *hw;
+	snd_pcm_sw_params_t *sw;
+	snd_pcm_uframes_t period = PERIOD, buffer = PERIOD * PERIODS;
+	snd_pcm_t *pcm;
+	int err;
+
+	err = snd_pcm_open(&pcm, "hw:0,0", dir, 0);
+	if (err < 0)
+		die("open", err);
+	snd_pcm_hw_params_alloca(&hw);
+	snd_pcm_hw_params_any(pcm, hw);
+	if ((err = snd_pcm_hw_params_set_access(pcm, hw, SND_PCM_ACCESS_RW_INTERLEAVED)) < 0 ||
+	    (err = snd_pcm_hw_params_set_format(pcm, hw, SND_PCM_FORMAT_S16_LE)) < 0 ||
+	    (err = snd_pcm_hw_params_set_channels(pcm, hw, CHANNELS)) < 0 ||
+	    (err = snd_pcm_hw_params_set_rate(pcm, hw, RATE, 0)) < 0 ||
+	    (err = snd_pcm_hw_params_set_period_size_near(pcm, hw, &period, NULL)) < 0 ||
+	    (err = snd_pcm_hw_params_set_buffer_size_near(pcm, hw, &buffer)) < 0 ||
+	    (err = snd_pcm_hw_params(pcm, hw)) < 0)
+		die("hw params", err);
+	snd_pcm_sw_params_alloca(&sw);
+	snd_pcm_sw_params_current(pcm, sw);
+	/* Playback starts once the buffer is full; capture is started by hand. */
+	snd_pcm_sw_params_set_start_threshold(pcm, sw, dir == SND_PCM_STREAM_PLAYBACK ? buffer : buffer * 2);
+	if ((err = snd_pcm_sw_params(pcm, sw)) < 0)
+		die("sw params", err);
+	return pcm;
+}
+
+static int cmp_long(const void *a, const void *b)
+{
+	long x = *(const long *)a, y = *(const long *)b;
+
+	return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv)
+{
+	double seconds = argc > 1 ? atof(argv[1]) : 10.0;
+	long total_periods = (long)(seconds * RATE / PERIOD);
+	long cap_len = (total_periods + PERIODS * 4) * PERIOD;
+	short *cap = calloc((size_t)cap_len * CHANNELS, sizeof(short));
+	short period_buf[PERIOD * CHANNELS];
+	struct mark marks[MAX_IMPULSES];
+	long errors[MAX_IMPULSES];
+	snd_pcm_t *play, *rec;
+	long captured = 0, p;
+	int nmarks = 0, nfound = 0, i, err;
+
+	if (!cap)
+		return 2;
+	play = open_pcm(SND_PCM_STREAM_PLAYBACK);
+	rec = open_pcm(SND_PCM_STREAM_CAPTURE);
+	if ((err = snd_pcm_start(rec)) < 0)
+		die("start capture", err);
+
+	for (p = 0; p < total_periods; p++) {
+		snd_pcm_sframes_t n;
+
+		/* Take what was captured, so the capture delay is the ADC's. */
+		while ((n = snd_pcm_avail(rec)) > 0 && captured + n <= cap_len) {
+			n = snd_pcm_readi(rec, cap + captured * CHANNELS, n);
+			if (n < 0)
+				die("read", (int)n);
+			captured += n;
+		}
+		memset(period_buf, 0, sizeof(period_buf));
+		if (p >= WARMUP_PERIODS && p % IMPULSE_EVERY == 0 && nmarks < MAX_IMPULSES &&
+		    snd_pcm_state(play) == SND_PCM_STATE_RUNNING) {
+			snd_pcm_sframes_t dp, dc;
+
+			if (snd_pcm_delay(play, &dp) == 0 && snd_pcm_delay(rec, &dc) == 0) {
+				marks[nmarks].base = captured;
+				marks[nmarks].reported = dp + dc;
+				marks[nmarks].predicted = captured + dp + dc;
+				marks[nmarks].found = -1;
+				nmarks++;
+				period_buf[0] = period_buf[1] = IMPULSE;
+			}
+		}
+		n = snd_pcm_writei(play, period_buf, PERIOD);
+		if (n < 0)
+			die("write", (int)n);
+	}
+	/* Let the last impulses come back. */
+	for (p = 0; p < PERIODS * 3; p++) {
+		snd_pcm_sframes_t n;
+
+		memset(period_buf, 0, sizeof(period_buf));
+		if (snd_pcm_writei(play, period_buf, PERIOD) < 0)
+			break;
+		while ((n = snd_pcm_avail(rec)) > 0 && captured + n <= cap_len) {
+			n = snd_pcm_readi(rec, cap + captured * CHANNELS, n);
+			if (n < 0)
+				break;
+			captured += n;
+		}
+	}
+	snd_pcm_drop(play);
+	snd_pcm_drop(rec);
+
+	for (i = 0; i < nmarks; i++) {
+		/* Impulses are periods apart: look a little either side only. */
+		long from = marks[i].predicted - PERIOD / 2, to = marks[i].predicted + PERIOD / 2;
+		long f;
+
+		if (from < marks[i].base)
+			from = marks[i].base;
+		for (f = from; f < to && f < captured; f++)
+			if (cap[f * CHANNELS] > IMPULSE / 2) {
+				marks[i].found = f;
+				break;
+			}
+		if (marks[i].found < 0) {
+			printf("impulse %d: not found (predicted %ld)\n", i, marks[i].predicted);
+			continue;
+		}
+		errors[nfound++] = marks[i].found - marks[i].predicted;
+		printf("impulse %d: measured %ld reported %ld error %ld\n", i,
+		       marks[i].found - marks[i].base, marks[i].reported,
+		       marks[i].found - marks[i].predicted);
+	}
+	if (nfound < 5) {
+		printf("guest-latency: only %d of %d impulses came back\n", nfound, nmarks);
+		return 1;
+	}
+	qsort(errors, nfound, sizeof(long), cmp_long);
+	for (i = 0; i < nmarks; i++)
+		if (marks[i].found >= 0 && marks[i].found - marks[i].predicted == errors[nfound / 2])
+			break;
+	printf("guest-latency: measured %ld reported %ld error %ld\n", marks[i].found - marks[i].base,
+	       marks[i].reported, errors[nfound / 2]);
+	return labs(errors[nfound / 2]) <= 2 ? 0 : 1;
+}
