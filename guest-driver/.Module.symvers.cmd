@@ -1,1 +1,0 @@
-cmd_/work/main/guest-driver/Module.symvers :=  sed 's/ko$$/o/'  /work/main/guest-driver/modules.order | scripts/mod/modpost -m     -W -o /work/main/guest-driver/Module.symvers -e -i Module.symvers -T - 

@@ -1,1 +1,0 @@
-cmd_/work/main/guest-driver/snd-xen-vsnd.ko := ld -r -m elf_x86_64 -z noexecstack --no-warn-rwx-segments --build-id=sha1  -T arch/x86/module.lds -o /work/main/guest-driver/snd-xen-vsnd.ko /work/main/guest-driver/snd-xen-vsnd.o /work/main/guest-driver/snd-xen-vsnd.mod.o;  true

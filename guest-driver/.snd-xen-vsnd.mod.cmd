@@ -1,1 +1,0 @@
-cmd_/work/main/guest-driver/snd-xen-vsnd.mod := printf '%s\n'   vsnd_front.o vsnd_cfg.o vsnd_chan.o vsnd_pcm.o | awk '!x[$$0]++ { print("/work/main/guest-driver/"$$0) }' > /work/main/guest-driver/snd-xen-vsnd.mod
