@@ -40,14 +40,18 @@ run_step() {
         aplay -D hw:0,0 $BUF /pattern44.wav ;;
     play48mmap)
         aplay -M -D hw:0,0 $BUF /pattern48.wav ;;
-    capture)
-        # dom0 plays the pattern into the sink whose monitor feeds our
-        # capture node once that node is linked; record long enough.
-        arecord -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d 10 /tmp/cap.wav &&
-            xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
-    capturemmap)
-        arecord -M -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d 10 /tmp/cap.wav &&
-            xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
+    capture|capturemmap)
+        # Record; once the capture really runs, tell dom0 (data/capturing)
+        # so that it plays the pattern into the sink whose monitor feeds us.
+        mode=; [ $1 = capturemmap ] && mode=-M
+        arecord $mode -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d 10 /tmp/cap.wav &
+        rec=$!
+        for i in $(seq 100); do
+            grep -q RUNNING /proc/asound/card0/pcm0c/sub0/status 2>/dev/null && break
+            sleep 0.1
+        done
+        xenstore-write data/capturing $1
+        wait $rec && xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
     latency)
         # dom0's WirePlumber links playback to the sink and capture to its
         # monitor: the round trip goes through dom0's graph.
