@@ -98,7 +98,7 @@ save_logs() { cp /run/*.log /run/*.wav $out/ 2>/dev/null; cp /var/log/xen/consol
 mkdir -p /run/xen /var/log/xen/console
 # Logs reach the host every few seconds too, so a run that hangs still
 # leaves them.
-( while sleep 5; do save_logs; done ) &
+( while sleep 10; do cp /run/*.log /var/log/xen/console/*.log* $out/ 2>/dev/null; done ) &
 xenstored --pid-file /run/xenstored.pid
 xen-init-dom0 >/dev/null
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
