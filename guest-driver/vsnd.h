@@ -139,6 +139,7 @@ u64 vsnd_alsa_formats_to_xen(u64 alsa_mask);
 int vsnd_channels_create(struct vsnd_card *vc);
 int vsnd_channels_publish(struct vsnd_card *vc);
 void vsnd_channels_free(struct vsnd_card *vc);
+void vsnd_stream_kill(struct vsnd_stream *s, int status);
 int vsnd_request(struct vsnd_stream *s, struct xensnd_req *req,
 		 struct xensnd_query_hw_param *hw_out);
 void vsnd_announce(struct vsnd_stream *s);

@@ -203,31 +203,36 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 	return IRQ_HANDLED;
 }
 
-static void vsnd_stream_free(struct vsnd_stream *s)
+void vsnd_stream_kill(struct vsnd_stream *s, int status)
 {
 	unsigned long flags;
 
 	spin_lock_irqsave(&s->ring_lock, flags);
 	s->dead = true;
 	if (s->sync_pending) {
-		s->sync_status = -EIO;
+		s->sync_status = status;
 		s->sync_pending = false;
 		complete(&s->sync_done);
 	}
 	spin_unlock_irqrestore(&s->ring_lock, flags);
+}
 
-	if (s->req_irq > 0)
-		unbind_from_irqhandler(s->req_irq, s);
-	else if (s->req_port)
-		xenbus_free_evtchn(s->card->xb, s->req_port);
-	if (s->evt_irq > 0)
-		unbind_from_irqhandler(s->evt_irq, s);
-	else if (s->evt_port)
-		xenbus_free_evtchn(s->card->xb, s->evt_port);
-	s->req_irq = 0;
-	s->evt_irq = 0;
-	s->req_port = 0;
-	s->evt_port = 0;
+/* Unbinds (which also closes) an event channel, or frees one never bound. */
+static void vsnd_evtchn_release(struct vsnd_stream *s, int *irq, evtchn_port_t *port)
+{
+	if (*irq > 0)
+		unbind_from_irqhandler(*irq, s);
+	else if (*port)
+		xenbus_free_evtchn(s->card->xb, *port);
+	*irq = 0;
+	*port = 0;
+}
+
+static void vsnd_stream_free(struct vsnd_stream *s)
+{
+	vsnd_stream_kill(s, -EIO);
+	vsnd_evtchn_release(s, &s->req_irq, &s->req_port);
+	vsnd_evtchn_release(s, &s->evt_irq, &s->evt_port);
 	if (s->ring_page)
 		xenbus_teardown_ring(&s->ring_page, 1, &s->ring_gref);
 	if (s->evt_page) {

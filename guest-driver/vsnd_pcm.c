@@ -379,19 +379,8 @@ void vsnd_card_remove(struct vsnd_card *vc)
 	if (!vc->card)
 		return;
 	/* The backend is gone or going: nobody waits for its answers now. */
-	for (i = 0; i < vc->nstreams; i++) {
-		struct vsnd_stream *s = &vc->streams[i];
-		unsigned long flags;
-
-		spin_lock_irqsave(&s->ring_lock, flags);
-		s->dead = true;
-		if (s->sync_pending) {
-			s->sync_status = -ENODEV;
-			s->sync_pending = false;
-			complete(&s->sync_done);
-		}
-		spin_unlock_irqrestore(&s->ring_lock, flags);
-	}
+	for (i = 0; i < vc->nstreams; i++)
+		vsnd_stream_kill(&vc->streams[i], -ENODEV);
 	snd_card_disconnect(vc->card);
 	/* Returns once every application has closed the card. */
 	snd_card_free(vc->card);
