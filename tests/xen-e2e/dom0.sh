@@ -157,6 +157,24 @@ capture_step() {   # capture_step <guest step> <label>
     check "$2dom0 plays into the guest's capture: the guest records it intact ($1)" \
         run_guest_step $1 60
 }
+# restart_step <label>: kill the backend while the guest is connected and
+# playing, start it again; the guest must connect and play again.
+restart_step() {
+    go loop
+    wait_for 30 guest_said "aplay ok again"
+    kill -9 $backend; wait $backend 2>/dev/null
+    before=$(grep -ac "aplay ok again" $glog)
+    restarts=$((restarts + 1))
+    $bin serve --transport xen >/run/vsnd-restart$restarts.log 2>&1 &
+    backend=$!
+    # The frontend first removes its card (the guest application sees
+    # errors and closes), then connects again: give it time under emulation.
+    check "$1xen-vsnd killed and restarted with a guest connected: the guest reconnects" \
+        wait_for 180 grep -q "connected domid=$domid" /run/vsnd-restart$restarts.log
+    check "$1the guest plays again after the backend restart" wait_for 120 played_again
+    echo "XE: backend with the guest connected: $(resources $backend)"
+}
+played_again() { [ "$(grep -ac "aplay ok again" $glog)" -gt "$before" ]; }
 # E2E_PHASES=ours (tests/xen-e2e/run passes it on) runs only the checks
 # of our own guest driver.
 if [ "$(cat $work/phases 2>/dev/null)" != ours ]; then
@@ -179,24 +197,6 @@ pw-metadata -n settings 0 clock.force-rate 44100 >/dev/null
 playback_step play44 44100 ""
 pw-metadata -n settings 0 clock.force-rate 0 >/dev/null
 
-# restart_step <label>: kill the backend while the guest is connected and
-# playing, start it again; the guest must connect and play again.
-restart_step() {
-    go loop
-    wait_for 30 guest_said "aplay ok again"
-    kill -9 $backend; wait $backend 2>/dev/null
-    before=$(grep -ac "aplay ok again" $glog)
-    restarts=$((restarts + 1))
-    $bin serve --transport xen >/run/vsnd-restart$restarts.log 2>&1 &
-    backend=$!
-    # The frontend first removes its card (the guest application sees
-    # errors and closes), then connects again: give it time under emulation.
-    check "$1xen-vsnd killed and restarted with a guest connected: the guest reconnects" \
-        wait_for 180 grep -q "connected domid=$domid" /run/vsnd-restart$restarts.log
-    check "$1the guest plays again after the backend restart" wait_for 120 played_again
-    echo "XE: backend with the guest connected: $(resources $backend)"
-}
-played_again() { [ "$(grep -ac "aplay ok again" $glog)" -gt "$before" ]; }
 restart_step ""
 
 # Orderly shutdown: the frontend closes, the toolstack removes the device.
