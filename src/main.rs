@@ -45,6 +45,10 @@ enum Cmd {
         /// overruns, delay) every this many seconds.
         #[arg(long, value_name = "SECONDS")]
         stats_interval: Option<f64>,
+        /// Do not offer the delay extension (`feature-delay-report`): guests
+        /// then get the base protocol's CUR_POS events only.
+        #[arg(long)]
+        no_delay_report: bool,
     },
     /// Run a simulated guest against a loopback backend.
     SimGuest(SimOptions),
@@ -91,10 +95,13 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { transport, pipewire_remote, node_properties, stats_interval } => serve(
+        Cmd::Serve { transport, pipewire_remote, node_properties, stats_interval, no_delay_report } => serve(
             &transport,
             PipeWireConfig { remote: pipewire_remote, node_props: node_properties },
-            stats_interval.map(std::time::Duration::from_secs_f64),
+            xen_vsnd::backend::Options {
+                stats_interval: stats_interval.map(std::time::Duration::from_secs_f64),
+                delay_reports: !no_delay_report,
+            },
         ),
         Cmd::SimGuest(o) => sim_guest(&o),
         Cmd::Signal { kind, seconds, rate, channels, out } => {
@@ -118,11 +125,7 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn serve(
-    transport: &str,
-    pw: PipeWireConfig,
-    stats_interval: Option<std::time::Duration>,
-) -> anyhow::Result<()> {
+fn serve(transport: &str, pw: PipeWireConfig, options: xen_vsnd::backend::Options) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
@@ -138,7 +141,7 @@ fn serve(
     } else {
         bail!("unknown transport {transport:?} (xen or loopback:<path>)");
     };
-    xen_vsnd::backend::run(t, host, shutdown.clone(), stats_interval)?;
+    xen_vsnd::backend::run(t, host, shutdown.clone(), options)?;
     tracing::info!("stopped");
     let _ = shutdown.load(Ordering::Relaxed);
     Ok(())

@@ -159,6 +159,26 @@ fn three_rounds(domain: &str, mode: &str) -> (serde_json::Value, String) {
     (report, std::fs::read_to_string(log).unwrap())
 }
 
+/// The delay extension is offered and used only when both ends opt in: a
+/// guest that asks for it gets delays from a backend that offers it, and
+/// the base protocol's zeroes from one started with --no-delay-report. (A
+/// capture from the sink's monitor, which WirePlumber links, has at least
+/// one cycle of delay.)
+#[test]
+fn delays_reach_only_guests_of_a_backend_that_offers_them() {
+    for (extra, offered) in [(&[][..], true), (&["--no-delay-report"][..], false)] {
+        let mut env = PwEnv::start();
+        let (sock, _log) = env.start_backend_with(extra);
+        let cap = env.dir.path().join("cap.wav");
+        let args = ["--domain", "delay-vm", "--capture-seconds", "1", "--delay-report", "--capture-wav"];
+        let (ok, report, err) = env.sim(&sock, &[&args[..], &[cap.to_str().unwrap()]].concat());
+        assert!(ok, "{err}");
+        let c = &report["capture"];
+        assert!(c["events"].as_u64().unwrap() > 10, "{c}");
+        assert_eq!(c["max_delay_frames"].as_u64().unwrap() > 0, offered, "offered {offered}: {c}");
+    }
+}
+
 /// The upstream frontend handles InitWait once per backend write it sees,
 /// so it can drop the rings the backend just mapped and publish new ones,
 /// passing through Initialising faster than the backend's watch fires. The

@@ -24,6 +24,8 @@ pub struct Services {
     pub host: Arc<dyn HostBackend>,
     /// Log each open stream's figures this often (`serve --stats-interval`).
     pub stats_interval: Option<std::time::Duration>,
+    /// Offer the delay extension (off with `serve --no-delay-report`).
+    pub delay_reports: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +121,9 @@ impl Device {
             // Once, before any state: the upstream frontend re-runs its
             // whole InitWait handling on every write it sees while we are
             // in InitWait, so later writes would only make it start over.
-            let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
+            if s.delay_reports {
+                let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
+            }
             let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
         }
         match (self.phase, fe_state) {
@@ -239,8 +243,8 @@ impl Device {
     fn connect(&mut self, s: &Services) -> anyhow::Result<()> {
         let card =
             parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))?;
-        let report_delay =
-            self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
+        let report_delay = s.delay_reports
+            && self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
                 == Some("1");
         let domain = self
             .read(s, &format!("/local/domain/{}/name", self.domid))

@@ -19,19 +19,35 @@ use std::time::Duration;
 
 const ROOT_TOKEN: &str = "vsnd-root";
 
+/// How the backend serves its guests (`xen-vsnd serve` options).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Log each open stream's figures this often.
+    pub stats_interval: Option<Duration>,
+    /// Offer the delay extension (`feature-delay-report`).
+    pub delay_reports: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { stats_interval: None, delay_reports: true }
+    }
+}
+
 /// Serves every vsnd device until `shutdown` is set.
 pub fn run(
     transport: Transport,
     host: Arc<dyn HostBackend>,
     shutdown: Arc<AtomicBool>,
-    stats_interval: Option<Duration>,
+    options: Options,
 ) -> anyhow::Result<()> {
     let s = Services {
         store: transport.store,
         grants: transport.grants,
         evtchn: transport.evtchn,
         host,
-        stats_interval,
+        stats_interval: options.stats_interval,
+        delay_reports: options.delay_reports,
     };
     let root = format!("/local/domain/{}/backend/vsnd", transport.own_domid);
     s.store.watch(&root, ROOT_TOKEN)?;

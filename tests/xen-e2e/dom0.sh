@@ -157,15 +157,16 @@ capture_step() {   # capture_step <guest step> <label>
     check "$2dom0 plays into the guest's capture: the guest records it intact ($1)" \
         run_guest_step $1 60
 }
-# restart_step <label>: kill the backend while the guest is connected and
-# playing, start it again; the guest must connect and play again.
+# restart_step <label> [serve options]: kill the backend while the guest is
+# connected and playing, start it again; the guest must connect and play
+# again.
 restart_step() {
     go loop
     wait_for 30 guest_said "aplay ok again"
     kill -9 $backend; wait $backend 2>/dev/null
     before=$(grep -ac "aplay ok again" $glog)
     restarts=$((restarts + 1))
-    $bin serve --transport xen >/run/vsnd-restart$restarts.log 2>&1 &
+    $bin serve --transport xen "${@:2}" >/run/vsnd-restart$restarts.log 2>&1 &
     backend=$!
     # The frontend first removes its card (the guest application sees
     # errors and closes), then connects again: give it time under emulation.
@@ -249,6 +250,12 @@ check "${L}snd_pcm_delay() matches the round trip through dom0's sink (guest-lat
     run_guest_step latency 150
 grep -a "guest-latency:" $glog | sed 's/^/XE: /'
 restart_step "$L"
+# A backend that does not offer the delay extension: the driver falls back
+# to the base protocol and still plays.
+restart_step "${L}backend without the delay extension: " --no-delay-report
+why=$(grep -a "connected:" $glog | tail -1)
+check "${L}backend without the delay extension: the driver says delay reports off" \
+    sh -c "grep -a 'connected:' $glog | tail -1 | grep -q 'delay reports off'"
 why=$(xl destroy $guest 2>&1 | tr '\n' ' ')
 check "${L}xl destroy" sh -c "! xl domid $guest >/dev/null 2>&1"
 check "${L}after xl destroy: no backend state, grant maps or event channels left" wait_for 30 released $domid
