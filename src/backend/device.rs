@@ -121,9 +121,9 @@ impl Device {
             // Once, before any state: the upstream frontend re-runs its
             // whole InitWait handling on every write it sees while we are
             // in InitWait, so later writes would only make it start over.
-            if s.delay_reports {
-                let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), "1");
-            }
+            // "0", not absent: a backend before us may have left a "1".
+            let offer = if s.delay_reports { "1" } else { "0" };
+            let _ = s.store.write(&format!("{}/{}", self.be, keys::FEATURE_DELAY_REPORT), offer);
             let _ = s.store.write(&format!("{}/{}", self.be, keys::BE_VERSIONS), "2");
         }
         match (self.phase, fe_state) {
