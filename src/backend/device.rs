@@ -9,7 +9,7 @@ use super::pcm::{PcmStream, StreamIdentity};
 use super::ring::BackRing;
 use super::service::StreamService;
 use crate::host::HostBackend;
-use crate::sndif::config::{parse_card, ConfigSource};
+use crate::sndif::config::{parse_card, CardConfig, ConfigSource};
 use crate::sndif::{keys, XenbusState};
 use crate::xen::{DomId, EventChannels, GrantMapper, XenStore};
 use anyhow::{anyhow, Context};
@@ -199,11 +199,18 @@ impl Device {
         }
     }
 
+    /// The card configuration the toolstack wrote for the frontend.
+    fn read_card(&self, s: &Services) -> anyhow::Result<CardConfig> {
+        parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))
+    }
+
     /// The ring refs and ports of every stream the card configures, as the
     /// frontend has published them now.
     fn read_published(&self, s: &Services) -> anyhow::Result<Vec<[u32; 4]>> {
-        let card =
-            parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))?;
+        self.published_refs(s, &self.read_card(s)?)
+    }
+
+    fn published_refs(&self, s: &Services, card: &CardConfig) -> anyhow::Result<Vec<[u32; 4]>> {
         card.streams()
             .map(|(pcm, sc)| {
                 let sp = format!("{}/{}/{}", self.fe, pcm.index, sc.index);
@@ -241,8 +248,7 @@ impl Device {
     }
 
     fn connect(&mut self, s: &Services) -> anyhow::Result<()> {
-        let card =
-            parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))?;
+        let card = self.read_card(s)?;
         let report_delay = s.delay_reports
             && self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
                 == Some("1");
@@ -251,7 +257,7 @@ impl Device {
             .map(|n| sanitize_name(&n))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| format!("domain-{}", self.domid));
-        let published = self.read_published(s)?;
+        let published = self.published_refs(s, &card)?;
         let mut streams = Vec::new();
         for ((pcm, sc), &[ring_ref, port, evt_ref, evt_port]) in card.streams().zip(&published) {
             let ctx = || format!("stream {}/{}/{}", self.fe, pcm.index, sc.index);

@@ -223,11 +223,8 @@ impl Guest {
     /// again: Closing, wait for the backend to be back in InitWait, then a
     /// new handshake with new rings and channels.
     pub fn reconnect(&mut self, o: &SimOptions) -> anyhow::Result<()> {
-        if o.reconnect_mode == ReconnectMode::Reopen {
-            return Ok(());
-        }
         let (p, c) = match o.reconnect_mode {
-            ReconnectMode::Reopen => unreachable!("handled above"),
+            ReconnectMode::Reopen => return Ok(()),
             ReconnectMode::Closing => {
                 self.conn.write(&state_key(&self.fe), XenbusState::Closing.as_str())?;
                 wait_backend(&mut self.conn, &self.be, XenbusState::InitWait)?;
