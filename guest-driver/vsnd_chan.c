@@ -228,6 +228,22 @@ static void vsnd_evtchn_release(struct vsnd_stream *s, int *irq, evtchn_port_t *
 	*port = 0;
 }
 
+/* Allocates an event channel for the backend and binds it to `handler`;
+ * undone by vsnd_evtchn_release(). */
+static int vsnd_evtchn_bind(struct vsnd_stream *s, irq_handler_t handler, const char *name,
+			    evtchn_port_t *port, int *irq)
+{
+	int ret = xenbus_alloc_evtchn(s->card->xb, port);
+
+	if (ret)
+		return ret;
+	ret = bind_evtchn_to_irqhandler(*port, handler, 0, name, s);
+	if (ret < 0)
+		return ret;
+	*irq = ret;
+	return 0;
+}
+
 static void vsnd_stream_free(struct vsnd_stream *s)
 {
 	vsnd_stream_kill(s, -EIO);
@@ -273,21 +289,10 @@ static int vsnd_stream_alloc(struct vsnd_stream *s)
 		return ret;
 	s->evt_page = evt;
 
-	ret = xenbus_alloc_evtchn(xb, &s->req_port);
+	ret = vsnd_evtchn_bind(s, vsnd_req_irq, "vsnd-req", &s->req_port, &s->req_irq);
 	if (ret)
 		return ret;
-	ret = bind_evtchn_to_irqhandler(s->req_port, vsnd_req_irq, 0, "vsnd-req", s);
-	if (ret < 0)
-		return ret;
-	s->req_irq = ret;
-	ret = xenbus_alloc_evtchn(xb, &s->evt_port);
-	if (ret)
-		return ret;
-	ret = bind_evtchn_to_irqhandler(s->evt_port, vsnd_evt_irq, 0, "vsnd-evt", s);
-	if (ret < 0)
-		return ret;
-	s->evt_irq = ret;
-	return 0;
+	return vsnd_evtchn_bind(s, vsnd_evt_irq, "vsnd-evt", &s->evt_port, &s->evt_irq);
 }
 
 int vsnd_channels_create(struct vsnd_card *vc)
