@@ -62,6 +62,10 @@ enum Cmd {
         rate: u32,
         #[arg(long, default_value_t = 2)]
         channels: u32,
+        /// Seconds of silence before the signal (a player whose ports are
+        /// linked one by one starts with some of its channels unlinked).
+        #[arg(long, default_value_t = 0.0)]
+        lead_in: f64,
         #[arg(long)]
         out: PathBuf,
     },
@@ -99,8 +103,10 @@ fn main() {
             },
         ),
         Cmd::SimGuest(o) => sim_guest(&o),
-        Cmd::Signal { kind, seconds, rate, channels, out } => {
-            let s = xen_vsnd::sim::signal::generate(kind, rate, channels, (seconds * rate as f64) as usize);
+        Cmd::Signal { kind, seconds, rate, channels, lead_in, out } => {
+            let lead = (lead_in.max(0.0) * rate as f64) as usize * channels as usize;
+            let mut s = vec![0i16; lead];
+            s.extend(xen_vsnd::sim::signal::generate(kind, rate, channels, (seconds * rate as f64) as usize));
             xen_vsnd::sim::signal::write_wav_s16(&out, rate, channels, &s)
         }
         Cmd::Compare { sent, got, min_fraction } => compare(&sent, &got, min_fraction),

@@ -32,6 +32,20 @@ echo "GUEST: ready"
 # quantum in dom0: fewer wake-ups for the emulated machine.
 BUF="-B 2500000 -F 200000"
 
+# wait_until <seconds> <command...>: polls until the command succeeds.
+wait_until() {
+    local end=$(($(date +%s) + $1)); shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -lt $end ] || return 1
+        sleep 0.1
+    done
+}
+pw_port() { pw-link $1 | grep -qx "$2"; }
+# pcm_ptr <hw_ptr|appl_ptr>: the playback PCM's pointer, in frames.
+pcm=/proc/asound/card0/pcm0p/sub0
+pcm_ptr() { sed -n "s/^$1 *: *//p" $pcm/status; }
+played_to() { [ "$(pcm_ptr hw_ptr)" -ge "$1" ]; }
+
 run_step() {
     case $1 in
     play48)
@@ -40,6 +54,38 @@ run_step() {
         aplay -D hw:0,0 $BUF /pattern44.wav ;;
     play48mmap)
         aplay -M -D hw:0,0 $BUF /pattern48.wav ;;
+    pwplay)
+        # PipeWire in the guest (guest-pipewire.conf, no session manager):
+        # its ALSA sink drives hw:0,0 through mmap; pw-play of the pattern
+        # is linked to it by hand. pw-play returns once the sink took its
+        # last frames, which the card still holds: wait until its hardware
+        # pointer has passed them (stopping PipeWire drops the rest).
+        export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
+        mkdir -p /tmp/pw
+        PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire -c vsnd-guest.conf >/tmp/pipewire.log 2>&1 &
+        pw=$!
+        rc=1
+        if wait_until 30 pw_port -i guest-sink:playback_FR; then
+            pw-play -P '{ node.name = guest-player adapter.auto-port-config = { mode = dsp } }' \
+                /pattern48-lead.wav >/tmp/pw-play.log 2>&1 &
+            play=$!
+            if ! wait_until 30 pw_port -o guest-player:output_FR; then echo "no pw-play ports"
+            elif ! pw-link guest-player:output_FL guest-sink:playback_FL ||
+                 ! pw-link guest-player:output_FR guest-sink:playback_FR; then echo "pw-link failed"
+            elif ! wait $play; then echo "pw-play failed"
+            elif ! grep -q "access: MMAP_INTERLEAVED" $pcm/hw_params; then
+                echo "PipeWire does not use mmap: $(cat $pcm/hw_params)"
+            elif ! end=$(pcm_ptr appl_ptr) || ! wait_until 10 played_to "$end"; then
+                echo "the card did not play to $end: $(cat $pcm/status)"
+            else
+                echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $pcm/hw_params | tr '\n' ' ')"
+                rc=0
+            fi
+        else echo "no guest-sink ports"
+        fi
+        kill $pw; wait $pw
+        sed 's/^/GUEST-PW: /' /tmp/pipewire.log /tmp/pw-play.log >/dev/console
+        return $rc ;;
     capture|capturemmap)
         # Record; once the capture really runs, tell dom0 (data/capturing)
         # so that it plays the pattern into the sink whose monitor feeds us.
@@ -76,7 +122,7 @@ while true; do
         last=$go
         [ "$go" = loop ] && run_step loop
         if out=$(run_step "$go" 2>&1); then
-            echo "GUEST: $go ok $(echo "$out" | grep '^compare:\|^guest-latency:')"
+            echo "GUEST: $go ok $(echo "$out" | grep '^compare:\|^guest-latency:\|^pipewire:')"
         else
             echo "GUEST: $go failed: $(echo "$out" | tail -3 | tr '\n' ' ')"
         fi
