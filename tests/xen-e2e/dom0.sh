@@ -236,8 +236,10 @@ why=$(grep -a "connected:" $glog)
 check "${L}both ends speak the delay extension" guest_said "connected: 2 streams, delay reports on"
 playback_step play48 48000 "$L"
 playback_step play48mmap 48000 "$L"
-# A guest running PipeWire: its ALSA sink writes to the card through mmap.
+# A guest running PipeWire: its ALSA sink and source use the card through
+# mmap.
 playback_step pwplay 48000 "${L}guest PipeWire: "
+capture_step pwrecord "${L}guest PipeWire: "
 capture_step capturemmap "$L"
 capture_step capture "$L"
 # The driver logs each stream's figures when it is released:

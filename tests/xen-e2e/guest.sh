@@ -40,11 +40,32 @@ wait_until() {
         sleep 0.1
     done
 }
+pcm=/proc/asound/card0/pcm0p/sub0 pcmc=/proc/asound/card0/pcm0c/sub0
+# pcm_ptr <pcm> <hw_ptr|appl_ptr>: a PCM's pointer, in frames.
+pcm_ptr() { sed -n "s/^$2 *: *//p" $1/status; }
+pcm_past() { [ "$(pcm_ptr $1 $2)" -ge "$3" ]; }
+uses_mmap() { grep -q "access: MMAP_INTERLEAVED" $1/hw_params; }
+
+# PipeWire in the guest (guest-pipewire.conf: no session manager, an ALSA
+# sink and source on hw:0,0, both through mmap). Clients get their ports at
+# once (PW_CLIENT) and are linked by hand.
+PW_CLIENT="adapter.auto-port-config = { mode = dsp }"
+pw_start() {
+    export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
+    mkdir -p /tmp/pw
+    PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire -c vsnd-guest.conf >/tmp/pipewire.log 2>&1 &
+    pw=$!
+    wait_until 30 pw_port -o guest-source:capture_FR && wait_until 30 pw_port -i guest-sink:playback_FR ||
+        { echo "no guest-sink/guest-source ports"; pw_stop; return 1; }
+}
+# pw_stop: stops PipeWire; its log and the client's go to the console.
+pw_stop() {
+    kill $pw; wait $pw
+    sed 's/^/GUEST-PW: /' /tmp/pipewire.log /tmp/pw-client.log >/dev/console 2>/dev/null
+}
 pw_port() { pw-link $1 | grep -qx "$2"; }
-# pcm_ptr <hw_ptr|appl_ptr>: the playback PCM's pointer, in frames.
-pcm=/proc/asound/card0/pcm0p/sub0
-pcm_ptr() { sed -n "s/^$1 *: *//p" $pcm/status; }
-played_to() { [ "$(pcm_ptr hw_ptr)" -ge "$1" ]; }
+# pw_link_stereo <output port prefix> <input port prefix>: links FL and FR.
+pw_link_stereo() { pw-link $1FL $2FL && pw-link $1FR $2FR; }
 
 run_step() {
     case $1 in
@@ -55,36 +76,47 @@ run_step() {
     play48mmap)
         aplay -M -D hw:0,0 $BUF /pattern48.wav ;;
     pwplay)
-        # PipeWire in the guest (guest-pipewire.conf, no session manager):
-        # its ALSA sink drives hw:0,0 through mmap; pw-play of the pattern
-        # is linked to it by hand. pw-play returns once the sink took its
-        # last frames, which the card still holds: wait until its hardware
-        # pointer has passed them (stopping PipeWire drops the rest).
-        export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
-        mkdir -p /tmp/pw
-        PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire -c vsnd-guest.conf >/tmp/pipewire.log 2>&1 &
-        pw=$!
+        # pw-play of the pattern, linked by hand to the guest PipeWire's
+        # sink. pw-play returns once the sink took its last frames, which
+        # the card still holds: wait until its hardware pointer has passed
+        # them (stopping PipeWire drops the rest).
+        pw_start || return 1
         rc=1
-        if wait_until 30 pw_port -i guest-sink:playback_FR; then
-            pw-play -P '{ node.name = guest-player adapter.auto-port-config = { mode = dsp } }' \
-                /pattern48-lead.wav >/tmp/pw-play.log 2>&1 &
-            play=$!
-            if ! wait_until 30 pw_port -o guest-player:output_FR; then echo "no pw-play ports"
-            elif ! pw-link guest-player:output_FL guest-sink:playback_FL ||
-                 ! pw-link guest-player:output_FR guest-sink:playback_FR; then echo "pw-link failed"
-            elif ! wait $play; then echo "pw-play failed"
-            elif ! grep -q "access: MMAP_INTERLEAVED" $pcm/hw_params; then
-                echo "PipeWire does not use mmap: $(cat $pcm/hw_params)"
-            elif ! end=$(pcm_ptr appl_ptr) || ! wait_until 10 played_to "$end"; then
-                echo "the card did not play to $end: $(cat $pcm/status)"
-            else
-                echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $pcm/hw_params | tr '\n' ' ')"
-                rc=0
-            fi
-        else echo "no guest-sink ports"
+        pw-play -P "{ $PW_CLIENT node.name = guest-player }" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
+        play=$!
+        if ! wait_until 30 pw_port -o guest-player:output_FR; then echo "no pw-play ports"
+        elif ! pw_link_stereo guest-player:output_ guest-sink:playback_; then echo "pw-link failed"
+        elif ! wait $play; then echo "pw-play failed"
+        elif ! uses_mmap $pcm; then echo "PipeWire does not use mmap: $(cat $pcm/hw_params)"
+        elif ! end=$(pcm_ptr $pcm appl_ptr) || ! wait_until 10 pcm_past $pcm hw_ptr "$end"; then
+            echo "the card did not play to $end: $(cat $pcm/status)"
+        else
+            echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $pcm/hw_params | tr '\n' ' ')"
+            rc=0
         fi
-        kill $pw; wait $pw
-        sed 's/^/GUEST-PW: /' /tmp/pipewire.log /tmp/pw-play.log >/dev/console
+        pw_stop
+        return $rc ;;
+    pwrecord)
+        # pw-record linked by hand to the guest PipeWire's source; once the
+        # card captures, dom0 plays the pattern into the sink whose monitor
+        # feeds the guest. 10 s recorded, then compared.
+        pw_start || return 1
+        rc=1
+        pw-record -P "{ $PW_CLIENT node.name = guest-recorder }" --format s16 --rate 48000 --channels 2 \
+            /tmp/cap.wav >/tmp/pw-client.log 2>&1 &
+        rec=$!
+        if ! wait_until 30 pw_port -i guest-recorder:input_FR; then echo "no pw-record ports"
+        elif ! pw_link_stereo guest-source:capture_ guest-recorder:input_; then echo "pw-link failed"
+        elif ! wait_until 30 grep -q RUNNING $pcmc/status; then echo "the capture does not run"
+        elif ! uses_mmap $pcmc; then echo "PipeWire does not use mmap: $(cat $pcmc/hw_params)"
+        elif ! xenstore-write data/capturing $1 || ! wait_until 60 pcm_past $pcmc hw_ptr 480000; then
+            echo "the card did not capture 10 s: $(cat $pcmc/status)"
+        else
+            echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $pcmc/hw_params | tr '\n' ' ')"
+            kill -INT $rec; wait $rec
+            xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav && rc=0
+        fi
+        pw_stop
         return $rc ;;
     capture|capturemmap)
         # Record; once the capture really runs, tell dom0 (data/capturing)
