@@ -45,6 +45,8 @@ pcm=/proc/asound/card0/pcm0p/sub0 pcmc=/proc/asound/card0/pcm0c/sub0
 pcm_ptr() { sed -n "s/^$2 *: *//p" $1/status; }
 pcm_past() { [ "$(pcm_ptr $1 $2)" -ge "$3" ]; }
 uses_mmap() { grep -q "access: MMAP_INTERLEAVED" $1/hw_params; }
+# pcm_setup <pcm>: what PipeWire set the PCM up with, on one line.
+pcm_setup() { echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $1/hw_params | tr '\n' ' ')"; }
 
 # PipeWire in the guest (guest-pipewire.conf: no session manager, an ALSA
 # sink and source on hw:0,0, both through mmap). Clients get their ports at
@@ -91,7 +93,7 @@ run_step() {
         elif ! end=$(pcm_ptr $pcm appl_ptr) || ! wait_until 10 pcm_past $pcm hw_ptr "$end"; then
             echo "the card did not play to $end: $(cat $pcm/status)"
         else
-            echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $pcm/hw_params | tr '\n' ' ')"
+            pcm_setup $pcm
             rc=0
         fi
         pw_stop
@@ -112,7 +114,7 @@ run_step() {
         elif ! xenstore-write data/capturing $1 || ! wait_until 60 pcm_past $pcmc hw_ptr 480000; then
             echo "the card did not capture 10 s: $(cat $pcmc/status)"
         else
-            echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $pcmc/hw_params | tr '\n' ' ')"
+            pcm_setup $pcmc
             kill -INT $rec; wait $rec
             xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav && rc=0
         fi
