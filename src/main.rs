@@ -66,6 +66,10 @@ enum Cmd {
         /// linked one by one starts with some of its channels unlinked).
         #[arg(long, default_value_t = 0.0)]
         lead_in: f64,
+        /// Seconds of silence after it (a sink that pauses when its last
+        /// stream leaves drops what its device still holds).
+        #[arg(long, default_value_t = 0.0)]
+        lead_out: f64,
         #[arg(long)]
         out: PathBuf,
     },
@@ -103,10 +107,11 @@ fn main() {
             },
         ),
         Cmd::SimGuest(o) => sim_guest(&o),
-        Cmd::Signal { kind, seconds, rate, channels, lead_in, out } => {
-            let lead = (lead_in.max(0.0) * rate as f64) as usize * channels as usize;
-            let mut s = vec![0i16; lead];
+        Cmd::Signal { kind, seconds, rate, channels, lead_in, lead_out, out } => {
+            let silence = |secs: f64| vec![0i16; (secs.max(0.0) * rate as f64) as usize * channels as usize];
+            let mut s = silence(lead_in);
             s.extend(xen_vsnd::sim::signal::generate(kind, rate, channels, (seconds * rate as f64) as usize));
+            s.extend(silence(lead_out));
             xen_vsnd::sim::signal::write_wav_s16(&out, rate, channels, &s)
         }
         Cmd::Compare { sent, got, min_fraction } => compare(&sent, &got, min_fraction),

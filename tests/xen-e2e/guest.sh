@@ -60,10 +60,30 @@ pw_start() {
     wait_until 30 pw_port -o guest-source:capture_FR && wait_until 30 pw_port -i guest-sink:playback_FR ||
         { echo "no guest-sink/guest-source ports"; pw_stop; return 1; }
 }
-# pw_stop: stops PipeWire; its log and the client's go to the console.
+# wp_start: the guest as a desktop runs it: udev, PipeWire with its default
+# configuration and WirePlumber, which finds the card and makes its nodes.
+wp_start() {
+    if [ ! -d /run/udev ]; then
+        mkdir -p /run/udev; systemd-udevd --daemon
+    fi
+    udevadm trigger --action=add --subsystem-match=sound && udevadm settle --timeout=30
+    export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
+    mkdir -p /tmp/pw
+    PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire >/tmp/pipewire.log 2>&1 &
+    pw=$!
+    wait_until 30 test -S /tmp/pw/pipewire-0 || { echo "PipeWire did not start"; pw_stop; return 1; }
+    WIREPLUMBER_DEBUG=${PWDEBUG:-2} wireplumber >/tmp/wireplumber.log 2>&1 &
+    wp=$!
+    wait_until 60 card_port -i alsa_output playback_FR ||
+        { echo "WirePlumber made no sink on the card"; pw_stop; return 1; }
+}
+# card_port <-i|-o> <alsa_output|alsa_input> <port>: the card's node has the port.
+card_port() { pw-link $1 | grep -q "^$2\..*:$3\$"; }
+# pw_stop: stops WirePlumber and PipeWire; their logs and the client's go to
+# the console.
 pw_stop() {
-    kill $pw; wait $pw
-    sed 's/^/GUEST-PW: /' /tmp/pipewire.log /tmp/pw-client.log >/dev/console 2>/dev/null
+    kill $wp $pw 2>/dev/null; wait $wp $pw 2>/dev/null; wp=
+    sed 's/^/GUEST-PW: /' /tmp/pipewire.log /tmp/wireplumber.log /tmp/pw-client.log >/dev/console 2>/dev/null
 }
 pw_port() { pw-link $1 | grep -qx "$2"; }
 # pw_link_stereo <output port prefix> <input port prefix>: links FL and FR.
@@ -117,6 +137,22 @@ run_step() {
             pcm_setup $pcmc
             kill -INT $rec; wait $rec
             xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav && rc=0
+        fi
+        pw_stop
+        return $rc ;;
+    wpplay)
+        # pw-play to the sink WirePlumber made on the card (it links them).
+        wp_start || return 1
+        rc=1
+        sink=$(pw-link -i | sed -n 's/^\(alsa_output\.[^:]*\):playback_FR$/\1/p' | head -1)
+        pw-cli info "$sink" 2>&1 | grep -a "node.name\|alsa\.\|api.alsa" | sed 's/^/GUEST-PW: node /' >/dev/console
+        pw-play --target "$sink" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
+        play=$!
+        if ! wait_until 30 grep -q RUNNING $pcm/status; then echo "$sink does not play"
+        elif ! uses_mmap $pcm; then echo "PipeWire does not use mmap: $(cat $pcm/hw_params)"
+        else
+            pcm_setup $pcm
+            wait $play && rc=0
         fi
         pw_stop
         return $rc ;;
