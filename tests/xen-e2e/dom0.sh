@@ -242,6 +242,7 @@ playback_step pwplay 48000 "${L}guest PipeWire: "
 capture_step pwrecord "${L}guest PipeWire: "
 # ... and as a desktop runs it, with udev and WirePlumber.
 playback_step wpplay 48000 "${L}guest PipeWire + WirePlumber: "
+capture_step wprecord "${L}guest PipeWire + WirePlumber: "
 capture_step capturemmap "$L"
 capture_step capture "$L"
 # The driver logs each stream's figures when it is released:

@@ -44,9 +44,22 @@ pcm=/proc/asound/card0/pcm0p/sub0 pcmc=/proc/asound/card0/pcm0c/sub0
 # pcm_ptr <pcm> <hw_ptr|appl_ptr>: a PCM's pointer, in frames.
 pcm_ptr() { sed -n "s/^$2 *: *//p" $1/status; }
 pcm_past() { [ "$(pcm_ptr $1 $2)" -ge "$3" ]; }
-uses_mmap() { grep -q "access: MMAP_INTERLEAVED" $1/hw_params; }
-# pcm_setup <pcm>: what PipeWire set the PCM up with, on one line.
-pcm_setup() { echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $1/hw_params | tr '\n' ' ')"; }
+# runs_mmap <pcm>: the PCM starts running, through mmap; prints its setup.
+runs_mmap() {
+    wait_until 30 grep -q RUNNING $1/status || { echo "$1 does not run"; return 1; }
+    grep -q "access: MMAP_INTERLEAVED" $1/hw_params || { echo "not mmap: $(cat $1/hw_params)"; return 1; }
+    echo "pipewire: $(grep -h "access\|period_size\|buffer_size" $1/hw_params | tr '\n' ' ')"
+}
+# record_pattern <step>: once the recorder ($rec) runs on the card, tell
+# dom0 (data/capturing), which plays the pattern into the sink whose monitor
+# feeds the guest; after 10 s captured, compare.
+record_pattern() {
+    runs_mmap $pcmc || return 1
+    xenstore-write data/capturing $1
+    wait_until 60 pcm_past $pcmc hw_ptr 480000 || { echo "the card did not capture 10 s: $(cat $pcmc/status)"; return 1; }
+    kill -INT $rec; wait $rec
+    xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav
+}
 
 # PipeWire in the guest (guest-pipewire.conf: no session manager, an ALSA
 # sink and source on hw:0,0, both through mmap). Clients get their ports at
@@ -74,11 +87,12 @@ wp_start() {
     wait_until 30 test -S /tmp/pw/pipewire-0 || { echo "PipeWire did not start"; pw_stop; return 1; }
     WIREPLUMBER_DEBUG=${PWDEBUG:-2} wireplumber >/tmp/wireplumber.log 2>&1 &
     wp=$!
-    wait_until 60 card_port -i alsa_output playback_FR ||
-        { echo "WirePlumber made no sink on the card"; pw_stop; return 1; }
+    wait_until 60 card_node -i alsa_output playback_FR && wait_until 60 card_node -o alsa_input capture_FR ||
+        { echo "WirePlumber made no sink and source on the card"; pw_stop; return 1; }
 }
-# card_port <-i|-o> <alsa_output|alsa_input> <port>: the card's node has the port.
-card_port() { pw-link $1 | grep -q "^$2\..*:$3\$"; }
+# card_node <-i|-o> <alsa_output|alsa_input> <port>: the name of the card's
+# node that has the port (fails if there is none).
+card_node() { pw-link $1 | sed -n "s/^\($2\.[^:]*\):$3\$/\1/p" | head -1 | grep .; }
 # pw_stop: stops WirePlumber and PipeWire; their logs and the client's go to
 # the console.
 pw_stop() {
@@ -108,20 +122,16 @@ run_step() {
         play=$!
         if ! wait_until 30 pw_port -o guest-player:output_FR; then echo "no pw-play ports"
         elif ! pw_link_stereo guest-player:output_ guest-sink:playback_; then echo "pw-link failed"
-        elif ! wait $play; then echo "pw-play failed"
-        elif ! uses_mmap $pcm; then echo "PipeWire does not use mmap: $(cat $pcm/hw_params)"
-        elif ! end=$(pcm_ptr $pcm appl_ptr) || ! wait_until 10 pcm_past $pcm hw_ptr "$end"; then
-            echo "the card did not play to $end: $(cat $pcm/status)"
-        else
-            pcm_setup $pcm
-            rc=0
+        elif runs_mmap $pcm && wait $play; then
+            end=$(pcm_ptr $pcm appl_ptr)
+            if wait_until 10 pcm_past $pcm hw_ptr "$end"; then rc=0
+            else echo "the card did not play to $end: $(cat $pcm/status)"
+            fi
         fi
         pw_stop
         return $rc ;;
     pwrecord)
-        # pw-record linked by hand to the guest PipeWire's source; once the
-        # card captures, dom0 plays the pattern into the sink whose monitor
-        # feeds the guest. 10 s recorded, then compared.
+        # pw-record linked by hand to the guest PipeWire's source.
         pw_start || return 1
         rc=1
         pw-record -P "{ $PW_CLIENT node.name = guest-recorder }" --format s16 --rate 48000 --channels 2 \
@@ -129,31 +139,30 @@ run_step() {
         rec=$!
         if ! wait_until 30 pw_port -i guest-recorder:input_FR; then echo "no pw-record ports"
         elif ! pw_link_stereo guest-source:capture_ guest-recorder:input_; then echo "pw-link failed"
-        elif ! wait_until 30 grep -q RUNNING $pcmc/status; then echo "the capture does not run"
-        elif ! uses_mmap $pcmc; then echo "PipeWire does not use mmap: $(cat $pcmc/hw_params)"
-        elif ! xenstore-write data/capturing $1 || ! wait_until 60 pcm_past $pcmc hw_ptr 480000; then
-            echo "the card did not capture 10 s: $(cat $pcmc/status)"
-        else
-            pcm_setup $pcmc
-            kill -INT $rec; wait $rec
-            xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav && rc=0
+        else record_pattern $1 && rc=0
         fi
         pw_stop
         return $rc ;;
     wpplay)
-        # pw-play to the sink WirePlumber made on the card (it links them).
+        # pw-play to the sink WirePlumber made on the card (it links them;
+        # the sink pauses when pw-play leaves: the file ends in silence).
         wp_start || return 1
         rc=1
-        sink=$(pw-link -i | sed -n 's/^\(alsa_output\.[^:]*\):playback_FR$/\1/p' | head -1)
+        sink=$(card_node -i alsa_output playback_FR)
         pw-cli info "$sink" 2>&1 | grep -a "node.name\|alsa\.\|api.alsa" | sed 's/^/GUEST-PW: node /' >/dev/console
         pw-play --target "$sink" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
         play=$!
-        if ! wait_until 30 grep -q RUNNING $pcm/status; then echo "$sink does not play"
-        elif ! uses_mmap $pcm; then echo "PipeWire does not use mmap: $(cat $pcm/hw_params)"
-        else
-            pcm_setup $pcm
-            wait $play && rc=0
-        fi
+        runs_mmap $pcm && wait $play && rc=0
+        pw_stop
+        return $rc ;;
+    wprecord)
+        # pw-record from the source WirePlumber made on the card.
+        wp_start || return 1
+        rc=1
+        pw-record --target "$(card_node -o alsa_input capture_FR)" --format s16 --rate 48000 --channels 2 \
+            /tmp/cap.wav >/tmp/pw-client.log 2>&1 &
+        rec=$!
+        record_pattern $1 && rc=0
         pw_stop
         return $rc ;;
     capture|capturemmap)
