@@ -66,10 +66,7 @@ record_pattern() {
 # once (PW_CLIENT) and are linked by hand.
 PW_CLIENT="adapter.auto-port-config = { mode = dsp }"
 pw_start() {
-    export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
-    mkdir -p /tmp/pw
-    PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire -c vsnd-guest.conf >/tmp/pipewire.log 2>&1 &
-    pw=$!
+    pw_daemon -c vsnd-guest.conf
     wait_until 30 pw_port -o guest-source:capture_FR && wait_until 30 pw_port -i guest-sink:playback_FR ||
         { echo "no guest-sink/guest-source ports"; pw_stop; return 1; }
 }
@@ -80,15 +77,20 @@ wp_start() {
         mkdir -p /run/udev; systemd-udevd --daemon
     fi
     udevadm trigger --action=add --subsystem-match=sound && udevadm settle --timeout=30
-    export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
-    mkdir -p /tmp/pw
-    PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire >/tmp/pipewire.log 2>&1 &
-    pw=$!
+    pw_daemon
     wait_until 30 test -S /tmp/pw/pipewire-0 || { echo "PipeWire did not start"; pw_stop; return 1; }
     WIREPLUMBER_DEBUG=${PWDEBUG:-2} wireplumber >/tmp/wireplumber.log 2>&1 &
     wp=$!
     wait_until 60 card_node -i alsa_output playback_FR && wait_until 60 card_node -o alsa_input capture_FR ||
         { echo "WirePlumber made no sink and source on the card"; pw_stop; return 1; }
+}
+# pw_daemon [pipewire options]: starts PipeWire ($pw) for this shell and
+# its clients.
+pw_daemon() {
+    export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw HOME=/tmp
+    mkdir -p /tmp/pw
+    PIPEWIRE_DEBUG=${PWDEBUG:-2} pipewire "$@" >/tmp/pipewire.log 2>&1 &
+    pw=$!
 }
 # card_node <-i|-o> <alsa_output|alsa_input> <port>: the name of the card's
 # node that has the port (fails if there is none).
