@@ -173,10 +173,7 @@ run_step() {
         mode=; [ $1 = capturemmap ] && mode=-M
         arecord $mode -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d 10 /tmp/cap.wav &
         rec=$!
-        for i in $(seq 100); do
-            grep -q RUNNING /proc/asound/card0/pcm0c/sub0/status 2>/dev/null && break
-            sleep 0.1
-        done
+        wait_until 10 grep -q RUNNING $pcmc/status
         xenstore-write data/capturing $1
         wait $rec && xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
     latency)
