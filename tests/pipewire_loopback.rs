@@ -22,7 +22,7 @@ fn guest_playback_arrives_at_the_sink_sample_exact() {
     assert_eq!(p["early_interrupts"], 0);
     assert!(p["period_interrupts"].as_u64().unwrap() >= 40, "{p}");
     assert!(p["final_position_bytes"].as_u64().unwrap() >= 96000 * 4);
-    assert_arrived_intact(&pattern(2.0), &wav);
+    assert_arrived_intact(&env, &pattern(2.0), &wav);
 }
 
 /// A guest closes its stream right after the cycle that carries its last
@@ -45,7 +45,7 @@ fn the_last_frames_before_close_reach_the_sink() {
     assert!(ok, "sim-guest failed: {err}");
     assert_eq!(report["playback"]["frames"], 132300);
     finish_recording(&mut rec, &sent, &wav);
-    assert_arrived_intact(&sent, &wav);
+    assert_arrived_intact(&env, &sent, &wav);
 }
 
 #[test]
@@ -72,7 +72,7 @@ fn guest_capture_receives_what_pipewire_plays() {
     assert_eq!(report["capture"]["xruns"], 0);
     assert_eq!(report["capture"]["bad_event_ids"], 0);
     assert_eq!(report["capture"]["early_interrupts"], 0);
-    assert_arrived_intact(&sent, &cap);
+    assert_arrived_intact(&env, &sent, &cap);
 }
 
 fn node_props<'a>(dump: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {

@@ -120,3 +120,35 @@ fn quantum_changes_keep_the_exact_rule_correct_even_above_the_period() {
     // 2048 frames per cycle is two guest periods per cycle.
     quantum_changes("exact", &[256, 2048, 128]);
 }
+
+/// The guest's position moves on whatever the host does, so a host that
+/// runs the backend's real-time thread late (no real-time scheduling, an
+/// overloaded CPU) would glitch unseen: the backend counts those cycles.
+#[test]
+fn cycles_the_host_runs_late_are_counted() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend();
+    let play = |domain: &str| {
+        env.spawn_sim(&sock, &["--domain", domain, "--play", "tone", "--seconds", "2", "--period", "1024"])
+    };
+    let (ok, _, err) = finish_sim(play("on-time-vm"));
+    assert!(ok, "{err}");
+    assert_eq!(env.closed_counter("xen-vsnd.on-time-vm.0.0.playback", "late_cycles"), 0);
+
+    let sim = play("late-vm");
+    wait_until("the guest to play", Duration::from_secs(10), || {
+        env.links().contains("xen-vsnd.late-vm.0.0.playback:output_FL")
+    });
+    // The host stops the whole backend for ten cycles' time.
+    let pid = nix::unistd::Pid::from_raw(env.backend_pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT).unwrap();
+    let (ok, _, err) = finish_sim(sim);
+    assert!(ok, "{err}");
+    let late = env.closed_counter("xen-vsnd.late-vm.0.0.playback", "late_cycles");
+    // Cycles are at most 512 frames (node.latency: half the period), so at
+    // least 9 began during the stop; the last callback before it may have
+    // been up to one cycle earlier.
+    assert!(late >= 7, "a 100 ms stop made only {late} cycles late");
+}

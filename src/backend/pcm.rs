@@ -12,7 +12,7 @@ use crate::sndif::{
 };
 use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,7 +97,8 @@ pub struct PcmStream {
     opened: Option<Opened>,
     log: LogLimiter,
     /// Counters at the last `log_stats`, to report the interval since.
-    stats_prev: Option<(Vec<u64>, u64, u64)>,
+    /// (callback time histogram, [underruns, overruns, late cycles])
+    stats_prev: Option<(Vec<u64>, [u64; 3])>,
 }
 
 /// Smallest period the backend accepts, in frames.
@@ -147,14 +148,13 @@ impl PcmStream {
             return;
         };
         let s = &o.shared;
-        let now = (
-            s.cycle_time.snapshot(),
-            s.underruns.load(Ordering::Relaxed),
-            s.overruns.load(Ordering::Relaxed),
-        );
-        let (counts, under, over) = match &self.stats_prev {
-            Some((c, u, v)) => (crate::dma::histogram_delta(c, &now.0), now.1 - u, now.2 - v),
-            None => (now.0.clone(), now.1, now.2),
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let now = (s.cycle_time.snapshot(), [load(&s.underruns), load(&s.overruns), load(&s.late_cycles)]);
+        let (counts, [under, over, late]) = match &self.stats_prev {
+            Some((c, prev)) => {
+                (crate::dma::histogram_delta(c, &now.0), std::array::from_fn(|i| now.1[i] - prev[i]))
+            }
+            None => now.clone(),
         };
         tracing::info!(
             stream = %self.ident.node_name(),
@@ -163,6 +163,7 @@ impl PcmStream {
             callback_p99_us = crate::dma::quantile_us_of(&counts, 0.99).unwrap_or(0.0),
             underruns = under,
             overruns = over,
+            late_cycles = late,
             delay_frames = s.delay_frames.load(Ordering::Relaxed),
             "stats"
         );
@@ -336,6 +337,7 @@ impl PcmStream {
                 underruns = s.underruns.load(Ordering::Relaxed),
                 overruns = s.overruns.load(Ordering::Relaxed),
                 silent_frames = s.silent_frames.load(Ordering::Relaxed),
+                late_cycles = s.late_cycles.load(Ordering::Relaxed),
                 events_dropped = s.events_dropped.load(Ordering::Relaxed),
                 notify_failures = s.notify_failures.load(Ordering::Relaxed),
                 callback_p50_us = s.cycle_time.quantile_us(0.5).unwrap_or(0.0),

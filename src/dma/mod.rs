@@ -35,6 +35,12 @@ pub struct DmaShared {
     /// Frames replaced by silence because of underruns.
     pub silent_frames: AtomicU64,
     pub cycles: AtomicU64,
+    /// Host cycles whose callback finished after the graph's next cycle had
+    /// begun: the host heard silence and then this stream one cycle late,
+    /// although the guest's position moved on as usual. Counts the host not
+    /// running the real-time thread in time (no real-time scheduling, an
+    /// overloaded CPU), which no guest-visible counter shows otherwise.
+    pub late_cycles: AtomicU64,
     /// Events that did not fit because the guest stopped consuming them.
     pub events_dropped: AtomicU64,
     pub notify_failures: AtomicU64,

@@ -2,6 +2,7 @@
 //! One trait; PipeWire is the default implementation.
 
 pub mod pipewire;
+pub mod punctuality;
 pub mod pw_graph;
 
 use crate::dma::DmaEngine;

@@ -3,6 +3,7 @@
 //! `pipewire::channel`. The process callback runs in PipeWire's data thread
 //! (`RT_PROCESS`) and only calls the DMA engine.
 
+use super::punctuality::{frames_ns, Punctuality};
 use super::pw_graph::{Graph, Kind};
 use super::{HostBackend, HostStream, StreamSpec};
 use crate::dma::histogram::now_ns;
@@ -197,6 +198,7 @@ struct Rt {
     engine: Box<DmaEngine>,
     kind: StreamKind,
     unreported_cycles: Arc<AtomicU32>,
+    punctuality: Punctuality,
 }
 
 fn run_loop(
@@ -366,7 +368,12 @@ fn open_stream(
     }
     let stream = pw::stream::StreamRc::new(core.clone(), &spec.node_name, props).context("pw_stream_new")?;
     let unreported_cycles = Arc::new(AtomicU32::new(0));
-    let rt = Rt { engine, kind: spec.kind, unreported_cycles: unreported_cycles.clone() };
+    let rt = Rt {
+        engine,
+        kind: spec.kind,
+        unreported_cycles: unreported_cycles.clone(),
+        punctuality: Punctuality::default(),
+    };
     let listener = stream
         .add_local_listener_with_user_data(rt)
         .process(process)
@@ -434,28 +441,41 @@ fn open_stream(
     })
 }
 
-/// The real-time cycle, timed into the stream's histogram.
+/// The real-time cycle, timed into the stream's histogram and checked
+/// against the graph's clock.
 fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
     let start = now_ns();
-    process_cycle(stream, rt);
-    rt.engine.shared.cycle_time.record(now_ns().saturating_sub(start));
+    let time = stream.time().ok();
+    let frames = process_cycle(stream, time.as_ref(), rt);
+    let end = now_ns();
+    let shared = &rt.engine.shared;
+    shared.cycle_time.record(end.saturating_sub(start));
+    match (time, frames) {
+        (Some(t), Some(frames)) if shared.running.load(Ordering::Relaxed) => {
+            let cycle_start = u64::try_from(t.as_raw().now).unwrap_or(0);
+            let late = rt.punctuality.cycle(cycle_start, frames_ns(frames, rt.engine.geom.rate), end);
+            if late > 0 {
+                shared.late_cycles.fetch_add(late, Ordering::Relaxed);
+            }
+        }
+        _ => rt.punctuality.pause(),
+    }
 }
 
-/// One cycle's work. No allocation, no locks, no logging.
-fn process_cycle(stream: &pw::stream::Stream, rt: &mut Rt) {
-    let Some(mut buffer) = stream.dequeue_buffer() else {
-        return;
-    };
+/// One cycle's work; returns the frames moved. No allocation, no locks, no
+/// logging.
+fn process_cycle(stream: &pw::stream::Stream, time: Option<&pw::stream::Time>, rt: &mut Rt) -> Option<usize> {
+    let mut buffer = stream.dequeue_buffer()?;
     let requested = buffer.requested() as usize;
     let stride = rt.engine.frame_bytes();
     let rate = rt.engine.geom.rate;
-    let mut delay = stream.time().map(|t| delay_frames(&t, rate, stride)).unwrap_or(0);
+    let mut delay = time.map(|t| delay_frames(t, rate, stride)).unwrap_or(0);
     let datas = buffer.datas_mut();
-    let Some(d) = datas.first_mut() else { return };
+    let d = datas.first_mut()?;
     match rt.kind {
         StreamKind::Playback => {
             let frames = {
-                let Some(slice) = d.data() else { return };
+                let slice = d.data()?;
                 let max = slice.len() / stride.max(1);
                 let frames = if requested == 0 { max } else { requested.min(max) };
                 rt.engine.playback_cycle(&mut slice[..frames * stride], delay);
@@ -465,13 +485,14 @@ fn process_cycle(stream: &pw::stream::Stream, rt: &mut Rt) {
             *chunk.offset_mut() = 0;
             *chunk.stride_mut() = stride as i32;
             *chunk.size_mut() = (frames * stride) as u32;
+            Some(frames)
         }
         StreamKind::Capture => {
             let (offset, size) = {
                 let c = d.chunk();
                 (c.offset() as usize, c.size() as usize)
             };
-            let Some(slice) = d.data() else { return };
+            let slice = d.data()?;
             let end = offset.saturating_add(size).min(slice.len());
             let start = offset.min(end);
             let whole = (end - start) / stride.max(1) * stride;
@@ -479,6 +500,7 @@ fn process_cycle(stream: &pw::stream::Stream, rt: &mut Rt) {
             let cycles = rt.unreported_cycles.load(Ordering::Relaxed);
             delay = delay.saturating_add(cycles.saturating_mul((whole / stride.max(1)) as u32));
             rt.engine.capture_cycle(&slice[start..start + whole], delay);
+            Some(whole / stride.max(1))
         }
     }
 }

@@ -55,6 +55,8 @@ impl Drop for Proc {
 pub struct PwEnv {
     pub dir: tempfile::TempDir,
     procs: Vec<Proc>,
+    /// The log of the last backend started.
+    backend_log: Option<PathBuf>,
 }
 
 impl PwEnv {
@@ -115,7 +117,7 @@ impl PwEnv {
         .unwrap();
         std::fs::write(dir.path().join("config/pipewire/pipewire.conf.d/test-extra.conf"), extra_conf)
             .unwrap();
-        let mut env = PwEnv { dir, procs: Vec::new() };
+        let mut env = PwEnv { dir, procs: Vec::new(), backend_log: None };
         env.spawn_logged("pipewire", "pipewire", &[]);
         wait_until("the PipeWire socket", Duration::from_secs(10), || {
             env.runtime().join("pipewire-0").exists()
@@ -147,6 +149,50 @@ impl PwEnv {
         String::from_utf8_lossy(&self.run("pw-link", &["-l"]).stdout).into_owned()
     }
 
+    /// The nodes PipeWire counted graph xruns on (pw-top's ERR column),
+    /// with their counts; nodes without any are left out.
+    pub fn graph_xruns(&self) -> Vec<(String, u64)> {
+        let out = self.run("pw-top", &["-b", "-n", "2"]);
+        let mut xruns = std::collections::BTreeMap::new();
+        // S ID QUANT RATE WAIT BUSY W/Q B/Q ERR FORMAT... NAME; the second
+        // sample overwrites the first.
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(err), Some(name)) = (f.get(8).and_then(|e| e.parse::<u64>().ok()), f.last()) {
+                xruns.insert(name.to_string(), err);
+            }
+        }
+        xruns.into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+
+    /// The process id of the last backend started.
+    pub fn backend_pid(&self) -> u32 {
+        self.procs.iter().rev().find(|p| p.1 == "backend").expect("a backend").0.id()
+    }
+
+    /// The counter `key` in the backend's `closed` line for `stream`.
+    pub fn closed_counter(&self, stream: &str, key: &str) -> u64 {
+        let prefix = format!("stream={stream} ");
+        let line = self
+            .closed_streams()
+            .into_iter()
+            .find(|l| l.contains(&prefix))
+            .unwrap_or_else(|| panic!("no closed line for {stream}: {:#?}", self.closed_streams()));
+        let field = format!("{key}=");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&field))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    }
+
+    /// The backend's `closed` log lines: each stream's counters at its end
+    /// (underruns, late cycles...).
+    pub fn closed_streams(&self) -> Vec<String> {
+        let text =
+            self.backend_log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+        text.lines().filter(|l| l.contains(" closed ")).map(str::to_owned).collect()
+    }
+
     /// `pw-dump` parsed as JSON.
     pub fn dump(&self) -> serde_json::Value {
         serde_json::from_slice(&self.run("pw-dump", &[]).stdout).expect("pw-dump JSON")
@@ -163,6 +209,7 @@ impl PwEnv {
         let spec = format!("loopback:{}", sock.display());
         let args = [&["serve", "--transport", spec.as_str()][..], extra].concat();
         let log = self.spawn_logged("backend", BIN, &args);
+        self.backend_log = Some(log.clone());
         let l2 = log.clone();
         wait_until("the backend to serve", Duration::from_secs(15), || {
             std::fs::read_to_string(&l2).unwrap_or_default().contains("serving vsnd devices")
@@ -194,9 +241,13 @@ impl PwEnv {
     }
 
     /// Starts a simulated guest in the background (stdout and stderr piped).
+    /// It runs at nice 10: a guest's own work runs on its vCPUs, not on
+    /// dom0's, so here it must not take the CPU from the backend and the
+    /// PipeWire graph it stands beside (without real-time scheduling, a
+    /// dozen busy simulated guests on two cores made the graph late).
     pub fn spawn_sim(&self, sock: &Path, args: &[&str]) -> Child {
-        self.cmd(BIN)
-            .args(["sim-guest", "--connect"])
+        self.cmd("nice")
+            .args(["-n", "10", BIN, "sim-guest", "--connect"])
             .arg(sock)
             .args(args)
             .stdout(Stdio::piped())
@@ -265,14 +316,24 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
 }
 
 /// Asserts every frame of `sent` arrived, in order and unchanged, in `wav`.
-pub fn assert_arrived_intact(sent: &[i16], wav: &Path) {
+/// A failure says how the rest arrived, which nodes of `env`'s graph
+/// PipeWire counted xruns on and the backend's streams' counters, so a loss
+/// can be told from a late node.
+pub fn assert_arrived_intact(env: &PwEnv, sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
     let (start, n) = arrived(sent, wav)
         .unwrap_or_else(|| panic!("the signal's first 64 frames never appear in {}", wav.display()));
-    assert_eq!(
-        n, frames,
-        "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start})"
-    );
+    if n != frames {
+        let got = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples).unwrap_or_default();
+        let from_start = &got[(start * 2).min(got.len())..];
+        panic!(
+            "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start}); \
+             laid over the recording: {:?}; graph xruns: {:?}; backend streams: {:#?}",
+            xen_vsnd::sim::signal::align(sent, from_start, 2),
+            env.graph_xruns(),
+            env.closed_streams()
+        );
+    }
 }
 
 /// Asserts the last `frames` frames of `sent` arrived contiguous and unchanged.
