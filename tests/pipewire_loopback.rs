@@ -6,10 +6,13 @@ mod common;
 use common::*;
 use std::time::Duration;
 
+/// What the backend logs when its data thread has no real-time scheduling.
+const NO_RT_WARNING: &str = "data thread runs without real-time scheduling";
+
 #[test]
 fn guest_playback_arrives_at_the_sink_sample_exact() {
     let mut env = PwEnv::start();
-    let (sock, _log) = env.start_backend();
+    let (sock, log) = env.start_backend();
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor(&wav);
     let (ok, report, err) = env.sim(&sock, &["--domain", "play-vm", "--play", "pattern", "--seconds", "2"]);
@@ -23,6 +26,10 @@ fn guest_playback_arrives_at_the_sink_sample_exact() {
     assert!(p["period_interrupts"].as_u64().unwrap() >= 40, "{p}");
     assert!(p["final_position_bytes"].as_u64().unwrap() >= 96000 * 4);
     assert_arrived_intact(&env, &pattern(2.0), &wav);
+    // Where the host gives real-time scheduling, nothing to warn about.
+    if env.backend_data_threads().iter().any(|(_, p)| *p == "SCHED_FIFO") {
+        assert!(!std::fs::read_to_string(&log).unwrap().contains(NO_RT_WARNING));
+    }
 }
 
 /// A guest closes its stream right after the cycle that carries its last
@@ -225,7 +232,7 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
     finish_recording(&mut rec, &sent, &wav);
     // The dead guest's tone was mixed in for a while: compare only after it
     // stopped, i.e. the steady guest's tail must be intact and gap-free.
-    assert_tail_intact(&sent, &wav, 48000);
+    assert_tail_intact(&env, &sent, &wav, 48000);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("disconnecting: backend directory removed"), "{text}");
     // The backend still serves a new guest.
@@ -278,4 +285,24 @@ fn delay_is_reported_only_to_guests_that_opt_in() {
     let (ok, without, err) = env.sim(&sock, &[&["--domain", "plain-vm"][..], &args].concat());
     assert!(ok, "{err}");
     assert_eq!(without["playback"]["max_delay_frames"], 0, "reserved bytes must stay zero without opt-in");
+}
+
+/// A host that gives the backend no real-time scheduling gets told so in
+/// the log, once, when the first stream runs.
+#[test]
+fn a_backend_without_realtime_scheduling_says_so() {
+    let mut env = PwEnv::start();
+    // No RLIMIT_RTPRIO and no CAP_SYS_NICE: neither PipeWire's module-rt nor
+    // anything else can raise the data thread (there is no RTKit here).
+    let no_rt =
+        ["prlimit", "--rtprio=0", "setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"];
+    let (sock, log) = env.start_backend_under(&no_rt, &[]);
+    for domain in ["first-vm", "second-vm"] {
+        let (ok, _, err) = env.sim(&sock, &["--domain", domain, "--play", "tone", "--seconds", "0.3"]);
+        assert!(ok, "{err}");
+    }
+    let threads = env.backend_data_threads();
+    assert!(!threads.is_empty() && threads.iter().all(|(_, p)| *p == "SCHED_OTHER"), "{threads:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches(NO_RT_WARNING).count(), 1, "{text}");
 }

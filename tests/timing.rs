@@ -107,7 +107,7 @@ fn quantum_changes(rule: &str, quanta: &[u32]) {
     // to contiguous, unchanged output.
     let sent = pattern(seconds);
     finish_recording(&mut rec, &sent, &wav);
-    assert_tail_intact(&sent, &wav, 24000);
+    assert_tail_intact(&env, &sent, &wav, 24000);
 }
 
 #[test]

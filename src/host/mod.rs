@@ -4,6 +4,7 @@
 pub mod pipewire;
 pub mod punctuality;
 pub mod pw_graph;
+pub mod realtime;
 
 use crate::dma::DmaEngine;
 use crate::sndif::StreamKind;

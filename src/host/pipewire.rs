@@ -384,6 +384,9 @@ fn open_stream(
         .add_local_listener_with_user_data(gains.clone())
         .state_changed(|stream, gains, _old, new| {
             use pw::stream::StreamState::{Paused, Streaming};
+            if matches!(new, Streaming) {
+                super::realtime::warn_once_without_realtime();
+            }
             if matches!(new, Paused | Streaming) {
                 if let Some(g) = gains.borrow().as_ref() {
                     let _ = stream.set_control(spa::sys::SPA_PROP_channelVolumes, g);

@@ -170,6 +170,24 @@ impl PwEnv {
         self.procs.iter().rev().find(|p| p.1 == "backend").expect("a backend").0.id()
     }
 
+    /// The backend's PipeWire data threads and their scheduling policy
+    /// (`/proc`): whether the host gave the real-time thread real-time
+    /// scheduling, for failure messages.
+    pub fn backend_data_threads(&self) -> Vec<(String, &'static str)> {
+        xen_vsnd::host::realtime::thread_policies(&self.backend_pid().to_string(), "data-loop")
+    }
+
+    /// What a failed audio check prints about the host: the graph's xruns,
+    /// the backend's data threads and its streams' counters.
+    pub fn host_report(&self) -> String {
+        format!(
+            "graph xruns: {:?}; backend data threads: {:?}; backend streams: {:#?}",
+            self.graph_xruns(),
+            self.backend_data_threads(),
+            self.closed_streams()
+        )
+    }
+
     /// The counter `key` in the backend's `closed` line for `stream`.
     pub fn closed_counter(&self, stream: &str, key: &str) -> u64 {
         let prefix = format!("stream={stream} ");
@@ -205,10 +223,16 @@ impl PwEnv {
 
     /// Like `start_backend`, with extra `serve` arguments.
     pub fn start_backend_with(&mut self, extra: &[&str]) -> (PathBuf, PathBuf) {
+        self.start_backend_under(&[], extra)
+    }
+
+    /// Like `start_backend_with`, run by `wrapper` (a command that execs
+    /// the rest of its arguments, so the backend keeps its process id).
+    pub fn start_backend_under(&mut self, wrapper: &[&str], extra: &[&str]) -> (PathBuf, PathBuf) {
         let sock = self.dir.path().join("vsnd.sock");
         let spec = format!("loopback:{}", sock.display());
-        let args = [&["serve", "--transport", spec.as_str()][..], extra].concat();
-        let log = self.spawn_logged("backend", BIN, &args);
+        let args = [wrapper, &[BIN, "serve", "--transport", spec.as_str()][..], extra].concat();
+        let log = self.spawn_logged("backend", args[0], &args[1..]);
         self.backend_log = Some(log.clone());
         let l2 = log.clone();
         wait_until("the backend to serve", Duration::from_secs(15), || {
@@ -316,9 +340,8 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
 }
 
 /// Asserts every frame of `sent` arrived, in order and unchanged, in `wav`.
-/// A failure says how the rest arrived, which nodes of `env`'s graph
-/// PipeWire counted xruns on and the backend's streams' counters, so a loss
-/// can be told from a late node.
+/// A failure says how the rest arrived and what `env.host_report()` says,
+/// so a loss can be told from a host that ran the node late.
 pub fn assert_arrived_intact(env: &PwEnv, sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
     let (start, n) = arrived(sent, wav)
@@ -328,19 +351,19 @@ pub fn assert_arrived_intact(env: &PwEnv, sent: &[i16], wav: &Path) {
         let from_start = &got[(start * 2).min(got.len())..];
         panic!(
             "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start}); \
-             laid over the recording: {:?}; graph xruns: {:?}; backend streams: {:#?}",
+             laid over the recording: {:?}; {}",
             xen_vsnd::sim::signal::align(sent, from_start, 2),
-            env.graph_xruns(),
-            env.closed_streams()
+            env.host_report()
         );
     }
 }
 
-/// Asserts the last `frames` frames of `sent` arrived contiguous and unchanged.
-pub fn assert_tail_intact(sent: &[i16], wav: &Path, frames: usize) {
+/// Asserts the last `frames` frames of `sent` arrived contiguous and
+/// unchanged (a failure tells as `assert_arrived_intact`'s does).
+pub fn assert_tail_intact(env: &PwEnv, sent: &[i16], wav: &Path, frames: usize) {
     let got = xen_vsnd::sim::signal::read_wav(wav).expect("recorded WAV");
     let tail = &sent[sent.len() - frames * 2..];
     let (_, n) = xen_vsnd::sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
         .unwrap_or_else(|| panic!("the signal's tail never appears in {}", wav.display()));
-    assert_eq!(n, frames, "only {n} of the last {frames} frames arrived intact");
+    assert!(n == frames, "only {n} of the last {frames} frames arrived intact; {}", env.host_report());
 }
