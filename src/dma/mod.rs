@@ -35,11 +35,12 @@ pub struct DmaShared {
     /// Frames replaced by silence because of underruns.
     pub silent_frames: AtomicU64,
     pub cycles: AtomicU64,
-    /// Host cycles whose callback finished after the graph's next cycle had
-    /// begun: the host heard silence and then this stream one cycle late,
-    /// although the guest's position moved on as usual. Counts the host not
-    /// running the real-time thread in time (no real-time scheduling, an
-    /// overloaded CPU), which no guest-visible counter shows otherwise.
+    /// Graph cycles that went by without this stream's data: its callback
+    /// finished after the next cycle had begun, or cycles passed without
+    /// one (`host::punctuality`). The sink then played silence and this
+    /// stream later, although the guest's position moved on as usual: the
+    /// host did not run the real-time thread in time (no real-time
+    /// scheduling, an overloaded CPU), which no guest-visible counter shows.
     pub late_cycles: AtomicU64,
     /// Events that did not fit because the guest stopped consuming them.
     pub events_dropped: AtomicU64,
