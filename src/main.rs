@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use xen_vsnd::host::jack::{JackConfig, JackConnect, JackHost};
 use xen_vsnd::host::pipewire::{PipeWireConfig, PipeWireHost};
 use xen_vsnd::host::HostBackend;
 use xen_vsnd::sim::{self, SimOptions};
@@ -34,6 +35,16 @@ enum Cmd {
         /// to serve simulated guests that connect to <socket>.
         #[arg(long, default_value = "xen")]
         transport: String,
+        /// Where guest streams go: `pipewire` nodes, or `jack` clients (of
+        /// the default server or $JACK_DEFAULT_SERVER; guests then run at
+        /// the server's rate).
+        #[arg(long, value_enum, default_value = "pipewire")]
+        host: HostKind,
+        /// JACK: where each new stream's ports are connected, channel by
+        /// channel: `physical` (the server's physical ports), `none`, or a
+        /// regular expression over full port names (e.g. '^mixer:').
+        #[arg(long, value_name = "PORTS", default_value = "physical")]
+        jack_connect: String,
         /// PipeWire remote to connect to (default: $PIPEWIRE_REMOTE or pipewire-0).
         #[arg(long)]
         pipewire_remote: Option<String>,
@@ -98,9 +109,29 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { transport, pipewire_remote, node_properties, stats_interval, no_delay_report } => serve(
+        Cmd::Serve {
+            transport,
+            host,
+            jack_connect,
+            pipewire_remote,
+            node_properties,
+            stats_interval,
+            no_delay_report,
+        } => serve(
             &transport,
-            PipeWireConfig { remote: pipewire_remote, node_props: node_properties },
+            match host {
+                HostKind::Pipewire => HostChoice::PipeWire(PipeWireConfig {
+                    remote: pipewire_remote,
+                    node_props: node_properties,
+                }),
+                HostKind::Jack => HostChoice::Jack(JackConfig {
+                    connect: match jack_connect.as_str() {
+                        "physical" => JackConnect::Physical,
+                        "none" => JackConnect::Nowhere,
+                        pattern => JackConnect::Matching(pattern.to_owned()),
+                    },
+                }),
+            },
             xen_vsnd::backend::Options {
                 stats_interval: stats_interval.map(std::time::Duration::from_secs_f64),
                 delay_reports: !no_delay_report,
@@ -129,12 +160,26 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn serve(transport: &str, pw: PipeWireConfig, options: xen_vsnd::backend::Options) -> anyhow::Result<()> {
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HostKind {
+    Pipewire,
+    Jack,
+}
+
+enum HostChoice {
+    PipeWire(PipeWireConfig),
+    Jack(JackConfig),
+}
+
+fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
     }
-    let host: Arc<dyn HostBackend> = Arc::new(PipeWireHost::start(pw).context("starting the PipeWire host")?);
+    let host: Arc<dyn HostBackend> = match host {
+        HostChoice::PipeWire(c) => Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?),
+        HostChoice::Jack(c) => Arc::new(JackHost::start(c).context("starting the JACK host")?),
+    };
     let t = if transport == "xen" {
         linux::open().context("opening the Xen transport (/dev/xen)")?
     } else if let Some(path) = transport.strip_prefix("loopback:") {

@@ -214,7 +214,7 @@ impl PcmStream {
         if !p.formats.contains(&format) || !self.host.supports(format) {
             return refuse(-errno::EINVAL, format!("OPEN: format {} not offered", format.name()));
         }
-        if !p.rates.contains(&o.rate) {
+        if !p.rates.contains(&o.rate) || !self.host.supports_rate(o.rate) {
             return refuse(-errno::EINVAL, format!("OPEN: rate {} not offered", o.rate));
         }
         let ch = o.channels as u32;
@@ -408,8 +408,12 @@ impl PcmStream {
             }
         }
         formats &= q.formats;
-        let rates: Vec<u32> =
-            p.rates.iter().copied().filter(|r| *r >= q.rates.0 && *r <= q.rates.1).collect();
+        let rates: Vec<u32> = p
+            .rates
+            .iter()
+            .copied()
+            .filter(|r| *r >= q.rates.0 && *r <= q.rates.1 && self.host.supports_rate(*r))
+            .collect();
         let ch = (q.channels.0.max(p.channels_min), q.channels.1.min(p.channels_max));
         if formats == 0 || rates.is_empty() || ch.0 > ch.1 {
             return refuse(-errno::EINVAL, "HW_PARAM_QUERY: no configuration satisfies the request");
@@ -517,8 +521,9 @@ mod tests {
         }
     }
 
+    /// Records the gains it is given; takes only rate `.1` when set.
     #[derive(Default)]
-    struct FakeHost(Mutex<Vec<Vec<f32>>>);
+    struct FakeHost(Mutex<Vec<Vec<f32>>>, Option<u32>);
     struct FakeStream(Arc<FakeHost>);
     impl HostStream for FakeStream {
         fn set_active(&self, _: bool) {}
@@ -529,6 +534,9 @@ mod tests {
     impl HostBackend for Arc<FakeHost> {
         fn supports(&self, _: PcmFormat) -> bool {
             true
+        }
+        fn supports_rate(&self, rate: u32) -> bool {
+            self.1.is_none_or(|only| only == rate)
         }
         fn open(&self, _: StreamSpec, _: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
             Ok(Box::new(FakeStream(self.clone())))
@@ -549,6 +557,10 @@ mod tests {
     }
 
     fn stream() -> (PcmStream, Arc<FakeGrants>, Arc<FakeHost>) {
+        stream_on(FakeHost::default())
+    }
+
+    fn stream_on(host: FakeHost) -> (PcmStream, Arc<FakeGrants>, Arc<FakeHost>) {
         let card = parse_card(&libxl_dump()).unwrap();
         let ident = Arc::new(StreamIdentity {
             domid: 7,
@@ -560,7 +572,7 @@ mod tests {
             cfg: card.pcms[0].streams[0].clone(),
         });
         let grants = Arc::new(FakeGrants(64));
-        let host = Arc::new(FakeHost::default());
+        let host = Arc::new(host);
         let s = PcmStream::new(
             ident,
             grants.clone(),
@@ -665,6 +677,23 @@ mod tests {
         let none = HwParam { rates: (96000, 192000), ..q };
         let r = send(&mut s, Request::HwParamQuery(none));
         assert_eq!((r.status, r.hw_param), (-errno::EINVAL, None));
+    }
+
+    #[test]
+    fn a_host_of_one_rate_narrows_query_and_open() {
+        // The card offers 44100 and 48000; a JACK server runs at 48000.
+        let (mut s, _, _) = stream_on(FakeHost(Mutex::default(), Some(48000)));
+        let q = HwParam {
+            formats: u64::MAX,
+            rates: (8000, 192000),
+            channels: (1, 8),
+            buffer_frames: (1, u32::MAX),
+            period_frames: (1, u32::MAX),
+        };
+        let r = send(&mut s, Request::HwParamQuery(q));
+        assert_eq!(r.hw_param.map(|h| h.rates), Some((48000, 48000)));
+        let at_44k = OpenReq { rate: 44100, ..open_req(4096) };
+        assert_eq!(send(&mut s, Request::Open(at_44k)).status, -errno::EINVAL);
     }
 
     #[test]

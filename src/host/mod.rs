@@ -1,6 +1,8 @@
 //! Host audio backends: where a guest stream's frames go to / come from.
-//! One trait; PipeWire is the default implementation.
+//! One trait; PipeWire is the default implementation, JACK the other.
 
+pub mod convert;
+pub mod jack;
 pub mod pipewire;
 pub mod punctuality;
 pub mod pw_graph;
@@ -34,5 +36,37 @@ pub trait HostStream: Send {
 pub trait HostBackend: Send + Sync {
     /// Which sample formats this host can carry.
     fn supports(&self, format: crate::sndif::PcmFormat) -> bool;
+    /// Which sample rates this host can carry (a host that resamples takes
+    /// them all).
+    fn supports_rate(&self, _rate: u32) -> bool {
+        true
+    }
     fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>>;
+}
+
+/// Channel position names for `n` channels: the usual layouts up to 8
+/// (PipeWire's and PulseAudio's), `AUX<i>` beyond.
+pub fn channel_names(n: u32) -> Vec<String> {
+    let layout: &[&str] = match n {
+        1 => &["MONO"],
+        2 => &["FL", "FR"],
+        3 => &["FL", "FR", "LFE"],
+        4 => &["FL", "FR", "RL", "RR"],
+        6 => &["FL", "FR", "FC", "LFE", "RL", "RR"],
+        8 => &["FL", "FR", "FC", "LFE", "RL", "RR", "SL", "SR"],
+        _ => &[],
+    };
+    (0..n as usize).map(|i| layout.get(i).map_or_else(|| format!("AUX{i}"), |s| s.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_layouts() {
+        assert_eq!(channel_names(2), ["FL", "FR"]);
+        assert_eq!(channel_names(6)[3], "LFE");
+        assert_eq!(channel_names(5), ["AUX0", "AUX1", "AUX2", "AUX3", "AUX4"]);
+    }
 }

@@ -91,37 +91,23 @@ fn spa_format(f: PcmFormat) -> Option<AudioFormat> {
     })
 }
 
-/// Channel positions for `n` channels: the usual layouts up to 8, AUX beyond.
+/// SPA channel positions for `n` channels, after `channel_names`.
 fn positions(n: u32) -> [u32; spa::param::audio::MAX_CHANNELS] {
     use spa::sys::*;
     let mut p = [0u32; spa::param::audio::MAX_CHANNELS];
-    let layout: &[u32] = match n {
-        1 => &[SPA_AUDIO_CHANNEL_MONO],
-        2 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR],
-        3 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_LFE],
-        4 => &[SPA_AUDIO_CHANNEL_FL, SPA_AUDIO_CHANNEL_FR, SPA_AUDIO_CHANNEL_RL, SPA_AUDIO_CHANNEL_RR],
-        6 => &[
-            SPA_AUDIO_CHANNEL_FL,
-            SPA_AUDIO_CHANNEL_FR,
-            SPA_AUDIO_CHANNEL_FC,
-            SPA_AUDIO_CHANNEL_LFE,
-            SPA_AUDIO_CHANNEL_RL,
-            SPA_AUDIO_CHANNEL_RR,
-        ],
-        8 => &[
-            SPA_AUDIO_CHANNEL_FL,
-            SPA_AUDIO_CHANNEL_FR,
-            SPA_AUDIO_CHANNEL_FC,
-            SPA_AUDIO_CHANNEL_LFE,
-            SPA_AUDIO_CHANNEL_RL,
-            SPA_AUDIO_CHANNEL_RR,
-            SPA_AUDIO_CHANNEL_SL,
-            SPA_AUDIO_CHANNEL_SR,
-        ],
-        _ => &[],
-    };
-    for (i, slot) in p.iter_mut().enumerate().take(n as usize) {
-        *slot = layout.get(i).copied().unwrap_or(SPA_AUDIO_CHANNEL_AUX0 + i as u32);
+    for (i, (slot, name)) in p.iter_mut().zip(super::channel_names(n)).enumerate() {
+        *slot = match name.as_str() {
+            "MONO" => SPA_AUDIO_CHANNEL_MONO,
+            "FL" => SPA_AUDIO_CHANNEL_FL,
+            "FR" => SPA_AUDIO_CHANNEL_FR,
+            "FC" => SPA_AUDIO_CHANNEL_FC,
+            "LFE" => SPA_AUDIO_CHANNEL_LFE,
+            "RL" => SPA_AUDIO_CHANNEL_RL,
+            "RR" => SPA_AUDIO_CHANNEL_RR,
+            "SL" => SPA_AUDIO_CHANNEL_SL,
+            "SR" => SPA_AUDIO_CHANNEL_SR,
+            _ => SPA_AUDIO_CHANNEL_AUX0 + i as u32,
+        };
     }
     p
 }

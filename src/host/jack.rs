@@ -1,0 +1,309 @@
+//! The JACK host: each guest stream is a JACK client of its own, named after
+//! the stream (`xen-vsnd.work-vm.0.0.playback`), with one port per channel
+//! (`output_FL`, `input_FR`, ...: the names PipeWire gives its ports). The
+//! JACK period drives the guest as PipeWire's quantum does, and the latency
+//! JACK reports for the ports is the delay sent to the guest. JACK neither
+//! resamples nor converts, so a guest stream runs at the server's rate and
+//! its samples are converted to and from JACK's floats here.
+//!
+//! The server is libjack's default, or the one `JACK_DEFAULT_SERVER` names.
+
+use super::convert::{from_f32, to_f32};
+use super::punctuality::{frames_ns, Punctuality};
+use super::{channel_names, HostBackend, HostStream, StreamSpec};
+use crate::dma::histogram::now_ns;
+use crate::dma::DmaEngine;
+use crate::sndif::{PcmFormat, StreamKind};
+use anyhow::{anyhow, bail, Context};
+use jack::PortSpec;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// Longest JACK client name (`jack_client_name_size()` less the NUL).
+const MAX_CLIENT_NAME: usize = 63;
+/// Largest JACK period the scratch buffer is made for before the first
+/// `buffer_size` callback says the real one.
+const INITIAL_FRAMES: usize = 8192;
+
+#[derive(Debug, Clone, Default)]
+pub struct JackConfig {
+    pub connect: JackConnect,
+}
+
+/// Where a new stream's ports are connected, channel by channel: playback
+/// outputs to input ports, capture inputs from output ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum JackConnect {
+    /// The server's physical ports, as JACK applications usually do.
+    #[default]
+    Physical,
+    /// The ports whose full names match this regular expression (JACK's
+    /// own port search), in the server's order.
+    Matching(String),
+    /// Nowhere: connect them yourself (qjackctl, jack_connect, a patchbay).
+    Nowhere,
+}
+
+pub struct JackHost {
+    config: JackConfig,
+    rate: u32,
+}
+
+impl JackHost {
+    /// Checks that a JACK server answers and learns its sample rate.
+    pub fn start(config: JackConfig) -> anyhow::Result<JackHost> {
+        let (probe, _) = jack::Client::new("xen-vsnd", jack::ClientOptions::NO_START_SERVER)
+            .map_err(|e| anyhow!("{e:?}"))
+            .context("connecting to the JACK server")?;
+        let rate = probe.sample_rate();
+        tracing::info!(rate, buffer = probe.buffer_size(), "JACK server");
+        Ok(JackHost { config, rate })
+    }
+}
+
+impl HostBackend for JackHost {
+    fn supports(&self, _format: PcmFormat) -> bool {
+        true // every wire format converts to and from floats
+    }
+
+    fn supports_rate(&self, rate: u32) -> bool {
+        rate == self.rate
+    }
+
+    fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+        let name = client_name(&spec.node_name);
+        let (client, _) = jack::Client::new(&name, jack::ClientOptions::NO_START_SERVER)
+            .map_err(|e| anyhow!("{e:?}"))
+            .with_context(|| format!("opening JACK client {name}"))?;
+        if client.sample_rate() != engine.geom.rate {
+            bail!(
+                "the JACK server runs at {} Hz, the guest stream at {}",
+                client.sample_rate(),
+                engine.geom.rate
+            );
+        }
+        let names = channel_names(engine.geom.channels);
+        let ports = match spec.kind {
+            StreamKind::Playback => {
+                Ports::Out(register(&client, &names, "output", jack::AudioOut::default())?)
+            }
+            StreamKind::Capture => Ports::In(register(&client, &names, "input", jack::AudioIn::default())?),
+        };
+        let gains: Arc<[AtomicU32]> = (0..names.len()).map(|_| AtomicU32::new(1f32.to_bits())).collect();
+        let frame_bytes = engine.frame_bytes();
+        let rt = JackRt {
+            engine: Box::new(engine),
+            ports,
+            scratch: vec![0; INITIAL_FRAMES * frame_bytes],
+            gains: gains.clone(),
+            punctuality: Punctuality::default(),
+        };
+        let active = client.activate_async((), rt).map_err(|e| anyhow!("{e:?}")).context("activating")?;
+        autoconnect(active.as_client(), &self.config.connect, spec.kind, &name, &names);
+        tracing::debug!(client = name, "JACK client up");
+        Ok(Box::new(JackStream { client: Some(active), gains }))
+    }
+}
+
+/// A JACK client name for a stream, cut to JACK's limit.
+fn client_name(node_name: &str) -> String {
+    let mut end = node_name.len().min(MAX_CLIENT_NAME);
+    while !node_name.is_char_boundary(end) {
+        end -= 1;
+    }
+    node_name[..end].to_owned()
+}
+
+fn register<PS: jack::PortSpec + Clone>(
+    client: &jack::Client,
+    names: &[String],
+    prefix: &str,
+    spec: PS,
+) -> anyhow::Result<Vec<jack::Port<PS>>> {
+    names
+        .iter()
+        .map(|ch| {
+            client
+                .register_port(&format!("{prefix}_{ch}"), spec.clone())
+                .map_err(|e| anyhow!("{e:?}"))
+                .with_context(|| format!("registering port {prefix}_{ch}"))
+        })
+        .collect()
+}
+
+/// Connects channel i to the i-th port `connect` chooses.
+fn autoconnect(
+    client: &jack::Client,
+    connect: &JackConnect,
+    kind: StreamKind,
+    name: &str,
+    channels: &[String],
+) {
+    let (mut flags, prefix) = match kind {
+        StreamKind::Playback => (jack::PortFlags::IS_INPUT, "output"),
+        StreamKind::Capture => (jack::PortFlags::IS_OUTPUT, "input"),
+    };
+    let pattern = match connect {
+        JackConnect::Nowhere => return,
+        JackConnect::Physical => {
+            flags |= jack::PortFlags::IS_PHYSICAL;
+            None
+        }
+        JackConnect::Matching(p) => Some(p.as_str()),
+    };
+    let targets = client.ports(pattern, Some(jack::AudioIn::default().jack_port_type()), flags);
+    // Never our own ports (a pattern may match them).
+    let own = format!("{name}:");
+    let targets = targets.iter().filter(|p| !p.starts_with(&own));
+    for (ch, other) in channels.iter().zip(targets) {
+        let ours = format!("{name}:{prefix}_{ch}");
+        let result = match kind {
+            StreamKind::Playback => client.connect_ports_by_name(&ours, other),
+            StreamKind::Capture => client.connect_ports_by_name(other, &ours),
+        };
+        if let Err(e) = result {
+            tracing::warn!(port = ours, other, "JACK autoconnect: {e:?}");
+        }
+    }
+}
+
+enum Ports {
+    Out(Vec<jack::Port<jack::AudioOut>>),
+    In(Vec<jack::Port<jack::AudioIn>>),
+}
+
+/// State owned by the JACK process callback.
+struct JackRt {
+    engine: Box<DmaEngine>,
+    ports: Ports,
+    /// One period of interleaved guest-format frames; sized in
+    /// `buffer_size`, which JACK calls before the first cycle and whenever
+    /// the period changes (allocating there is allowed).
+    scratch: Vec<u8>,
+    gains: Arc<[AtomicU32]>,
+    punctuality: Punctuality,
+}
+
+impl jack::ProcessHandler for JackRt {
+    fn process(&mut self, client: &jack::Client, ps: &jack::ProcessScope) -> jack::Control {
+        let start = now_ns();
+        let frames = ps.n_frames() as usize;
+        let format = self.engine.geom.format;
+        let (channels, sample) = (self.engine.geom.channels as usize, format.sample_bytes());
+        let bytes = frames * channels * sample;
+        if bytes > self.scratch.len() {
+            // Cannot happen (buffer_size came first); never panic here.
+            self.silence(ps);
+            return jack::Control::Continue;
+        }
+        let gain = |c: usize| f32::from_bits(self.gains[c].load(Ordering::Relaxed));
+        let scratch = &mut self.scratch[..bytes];
+        match &mut self.ports {
+            Ports::Out(ports) => {
+                let delay = max_latency(ports, jack::LatencyType::Playback);
+                self.engine.playback_cycle(scratch, delay);
+                for (c, port) in ports.iter_mut().enumerate() {
+                    let g = gain(c);
+                    for (f, out) in port.as_mut_slice(ps).iter_mut().enumerate() {
+                        let at = (f * channels + c) * sample;
+                        *out = to_f32(format, &scratch[at..at + sample]) * g;
+                    }
+                }
+            }
+            Ports::In(ports) => {
+                for (c, port) in ports.iter().enumerate() {
+                    let g = gain(c);
+                    for (f, v) in port.as_slice(ps).iter().enumerate() {
+                        let at = (f * channels + c) * sample;
+                        from_f32(format, v * g, &mut scratch[at..at + sample]);
+                    }
+                }
+                let delay = max_latency(ports, jack::LatencyType::Capture);
+                self.engine.capture_cycle(scratch, delay);
+            }
+        }
+        let end = now_ns();
+        let shared = &self.engine.shared;
+        shared.cycle_time.record(end.saturating_sub(start));
+        match ps.cycle_times() {
+            Ok(t) if shared.running.load(Ordering::Relaxed) => {
+                // JACK's clock is microseconds on the monotonic clock.
+                let late = self.punctuality.cycle(
+                    t.current_usecs * 1000,
+                    frames_ns(frames, self.engine.geom.rate),
+                    client.time() * 1000,
+                );
+                if late > 0 {
+                    shared.late_cycles.fetch_add(late, Ordering::Relaxed);
+                }
+            }
+            _ => self.punctuality.pause(),
+        }
+        jack::Control::Continue
+    }
+
+    fn buffer_size(&mut self, _: &jack::Client, frames: jack::Frames) -> jack::Control {
+        let bytes = frames as usize * self.engine.frame_bytes();
+        if self.scratch.len() < bytes {
+            self.scratch.resize(bytes, 0);
+        }
+        jack::Control::Continue
+    }
+}
+
+impl JackRt {
+    fn silence(&mut self, ps: &jack::ProcessScope) {
+        if let Ports::Out(ports) = &mut self.ports {
+            for p in ports {
+                p.as_mut_slice(ps).fill(0.0);
+            }
+        }
+    }
+}
+
+/// The largest latency JACK reports for any of the ports, in frames.
+fn max_latency<PS>(ports: &[jack::Port<PS>], mode: jack::LatencyType) -> u32 {
+    ports.iter().map(|p| p.get_latency_range(mode).1).max().unwrap_or(0)
+}
+
+struct JackStream {
+    /// Taken and deactivated on drop: JACK returns from deactivation only
+    /// once the process callback has finished for good.
+    client: Option<jack::AsyncClient<(), JackRt>>,
+    gains: Arc<[AtomicU32]>,
+}
+
+impl HostStream for JackStream {
+    /// JACK clients run from activation to the end; a stopped guest stream
+    /// plays silence (the DMA engine's running flag), as a card would.
+    fn set_active(&self, _active: bool) {}
+
+    fn set_volume(&self, gains: Vec<f32>) {
+        for (slot, g) in self.gains.iter().zip(gains) {
+            slot.store(g.to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for JackStream {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if let Err(e) = c.deactivate() {
+                tracing::warn!("JACK client deactivation: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_names_fit_jack() {
+        assert_eq!(client_name("xen-vsnd.vm.0.0.playback"), "xen-vsnd.vm.0.0.playback");
+        let long = format!("xen-vsnd.{}.0.0.playback", "é".repeat(40));
+        let n = client_name(&long);
+        assert!(n.len() <= MAX_CLIENT_NAME && long.starts_with(&n), "{n}");
+    }
+}

@@ -1,0 +1,252 @@
+//! The JACK host (`serve --host jack`) against a real JACK 2 server with its
+//! dummy driver: simulated guests play into and record from JACK clients of
+//! this test, frame for frame; the delay a guest gets is the latency JACK
+//! reports; a rate other than the server's is refused.
+//!
+//! One test: the server's name reaches this process's own JACK clients
+//! through `JACK_DEFAULT_SERVER`, set once before any of them exists.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+const RATE: u32 = 48000;
+/// The dummy driver's period and port latencies (`jack_lsp -l`).
+const PERIOD: u32 = 1024;
+
+struct JackEnv {
+    dir: tempfile::TempDir,
+    server: String,
+    procs: Vec<Proc>,
+}
+
+impl JackEnv {
+    /// Starts `jackd` (dummy driver, two physical ports each way).
+    fn start() -> JackEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let server = format!("xen-vsnd-test-{}", std::process::id());
+        // SAFETY (of set_var): the only test of this binary, before it
+        // starts any thread or JACK client.
+        std::env::set_var("JACK_DEFAULT_SERVER", &server);
+        let log = std::fs::File::create(dir.path().join("jackd.log")).unwrap();
+        let jackd = Command::new("jackd")
+            .args(["-n", &server, "-d", "dummy", "-r", &RATE.to_string()])
+            .args(["-p", &PERIOD.to_string(), "-C", "2", "-P", "2"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("jackd");
+        let env = JackEnv { dir, server, procs: vec![Proc(jackd, "jackd")] };
+        wait_until("the JACK server", Duration::from_secs(10), || {
+            jack::Client::new("xv-probe", jack::ClientOptions::NO_START_SERVER).is_ok()
+        });
+        env
+    }
+
+    /// Starts `xen-vsnd serve --host jack` on a loopback socket.
+    fn start_backend(&mut self, connect: &str) -> (PathBuf, PathBuf) {
+        let sock = self.dir.path().join(format!("vsnd-{}.sock", self.procs.len()));
+        let log = self.dir.path().join(format!("backend-{}.log", self.procs.len()));
+        let f = std::fs::File::create(&log).unwrap();
+        let spec = format!("loopback:{}", sock.display());
+        let child = Command::new(BIN)
+            .args(["serve", "--host", "jack", "--jack-connect", connect, "--transport", &spec])
+            .env("JACK_DEFAULT_SERVER", &self.server)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("xen-vsnd serve");
+        self.procs.push(Proc(child, "backend"));
+        wait_until("the backend to serve", Duration::from_secs(15), || {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("serving vsnd devices")
+        });
+        (sock, log)
+    }
+
+    fn spawn_sim(&self, sock: &Path, args: &[&str]) -> Child {
+        Command::new("nice")
+            .args(["-n", "10", BIN, "sim-guest", "--connect"])
+            .arg(sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sim-guest")
+    }
+}
+
+impl Drop for JackEnv {
+    fn drop(&mut self) {
+        while let Some(mut p) = self.procs.pop() {
+            p.interrupt_and_wait(Duration::from_secs(3));
+        }
+    }
+}
+
+/// S16 samples from JACK floats (exact for what came from S16).
+fn to_s16(v: f32) -> i16 {
+    (v * 32768.0).round().clamp(-32768.0, 32767.0) as i16
+}
+
+/// A JACK client of this test that records its two inputs, interleaved.
+struct Recorder {
+    _client: jack::AsyncClient<(), jack::contrib::ClosureProcessHandler<(), Box<RecordFn>>>,
+    cycles: mpsc::Receiver<Vec<i16>>,
+}
+
+type RecordFn = dyn FnMut(&jack::Client, &jack::ProcessScope) -> jack::Control + Send;
+
+impl Recorder {
+    fn start(name: &str) -> Recorder {
+        let (client, _) = jack::Client::new(name, jack::ClientOptions::NO_START_SERVER).unwrap();
+        let ins: Vec<_> = (1..=2)
+            .map(|i| client.register_port(&format!("in_{i}"), jack::AudioIn::default()).unwrap())
+            .collect();
+        let (tx, cycles) = mpsc::channel();
+        // A test may allocate in its own process callback.
+        let record: Box<RecordFn> = Box::new(move |_, ps| {
+            let (l, r) = (ins[0].as_slice(ps), ins[1].as_slice(ps));
+            let _ = tx.send(l.iter().zip(r).flat_map(|(a, b)| [to_s16(*a), to_s16(*b)]).collect());
+            jack::Control::Continue
+        });
+        let handler = jack::contrib::ClosureProcessHandler::new(record);
+        Recorder { _client: client.activate_async((), handler).unwrap(), cycles }
+    }
+
+    fn samples(&self) -> Vec<i16> {
+        self.cycles.try_iter().flatten().collect()
+    }
+}
+
+/// A JACK client of this test that plays `samples` (interleaved stereo)
+/// once `go` is set, and silence before and after.
+fn player(name: &str, samples: Vec<i16>, go: Arc<AtomicBool>) -> impl Drop {
+    let (client, _) = jack::Client::new(name, jack::ClientOptions::NO_START_SERVER).unwrap();
+    let mut outs: Vec<_> = (1..=2)
+        .map(|i| client.register_port(&format!("out_{i}"), jack::AudioOut::default()).unwrap())
+        .collect();
+    let mut at = 0;
+    let play = move |_: &jack::Client, ps: &jack::ProcessScope| {
+        let frames = ps.n_frames() as usize;
+        for (c, port) in outs.iter_mut().enumerate() {
+            let out = port.as_mut_slice(ps);
+            for (f, v) in out.iter_mut().enumerate() {
+                let i = (at + f) * 2 + c;
+                *v = if go.load(Ordering::Relaxed) {
+                    samples.get(i).map_or(0.0, |s| *s as f32 / 32768.0)
+                } else {
+                    0.0
+                };
+            }
+        }
+        if go.load(Ordering::Relaxed) {
+            at += frames;
+        }
+        jack::Control::Continue
+    };
+    client.activate_async((), jack::contrib::ClosureProcessHandler::new(play)).unwrap()
+}
+
+fn counter(log: &Path, stream: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains(" closed ") && l.contains(&format!("stream={stream} ")))
+        .unwrap_or_else(|| panic!("no closed line for {stream}:\n{text}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn guests_play_and_record_through_jack() {
+    let mut env = JackEnv::start();
+    let sent = pattern(2.0);
+
+    // Playback, into a recorder of this test: every frame, in order,
+    // unchanged (S16 -> JACK float -> S16 is exact).
+    let rec = Recorder::start("xv-rec");
+    let (sock, log) = env.start_backend("^xv-(rec|play):");
+    let (ok, report, err) =
+        finish_sim(env.spawn_sim(&sock, &["--domain", "jplay-vm", "--play", "pattern", "--seconds", "2"]));
+    assert!(ok, "{err}");
+    assert_eq!(report["playback"]["xruns"], 0, "{report}");
+    assert_eq!(report["playback"]["max_cycle_frames"], PERIOD, "the JACK period drives the guest");
+    let got = rec.samples();
+    let (start, n) =
+        xen_vsnd::sim::signal::find_and_compare(&sent, &got, 2, 64, 0).expect("the pattern reached JACK");
+    assert_eq!(n, sent.len() / 2, "only {n} frames intact from recorded frame {start}");
+    assert_eq!(counter(&log, "xen-vsnd.jplay-vm.0.0.playback", "late_cycles"), 0);
+
+    // Capture, from a player of this test that starts the pattern once the
+    // guest's capture client is connected to it.
+    let go = Arc::new(AtomicBool::new(false));
+    let _player = player("xv-play", sent.clone(), go.clone());
+    let cap = env.dir.path().join("captured.wav");
+    let sim = env.spawn_sim(
+        &sock,
+        &["--domain", "jcap-vm", "--capture-seconds", "4", "--capture-wav", cap.to_str().unwrap()],
+    );
+    let (probe, _) = jack::Client::new("xv-watch", jack::ClientOptions::NO_START_SERVER).unwrap();
+    wait_until("the guest's capture ports to be connected", Duration::from_secs(10), || {
+        probe
+            .port_by_name("xen-vsnd.jcap-vm.0.0.capture:input_FR")
+            .is_some_and(|p| p.connected_count().unwrap_or(0) > 0)
+    });
+    go.store(true, Ordering::Relaxed);
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "{err}");
+    assert_eq!(report["capture"]["xruns"], 0, "{report}");
+    let got = xen_vsnd::sim::signal::read_wav(&cap).unwrap().samples;
+    let (start, n) =
+        xen_vsnd::sim::signal::find_and_compare(&sent, &got, 2, 64, 0).expect("the guest heard the pattern");
+    assert_eq!(n, sent.len() / 2, "only {n} frames intact from captured frame {start}");
+
+    // The delay a guest is told is what JACK reports for its ports: here
+    // those of the dummy driver's physical ports they are connected to.
+    let (sock, _log) = env.start_backend("physical");
+    let physical_latency =
+        |port: &str, mode| probe.port_by_name(port).unwrap().get_latency_range(mode).1 as u64;
+    let cap = env.dir.path().join("delay-cap.wav");
+    let (ok, report, err) = finish_sim(env.spawn_sim(
+        &sock,
+        &[
+            "--domain",
+            "jdelay-vm",
+            "--play",
+            "tone",
+            "--seconds",
+            "1",
+            "--capture-seconds",
+            "1",
+            "--capture-wav",
+            cap.to_str().unwrap(),
+            "--delay-report",
+        ],
+    ));
+    assert!(ok, "{err}");
+    let playback_latency = physical_latency("system:playback_1", jack::LatencyType::Playback);
+    let capture_latency = physical_latency("system:capture_1", jack::LatencyType::Capture);
+    assert!(playback_latency > 0 && capture_latency > 0);
+    assert_eq!(report["playback"]["last_delay_frames"].as_u64(), Some(playback_latency), "{report}");
+    assert_eq!(report["capture"]["last_delay_frames"].as_u64(), Some(capture_latency), "{report}");
+
+    // JACK does not resample: another rate is refused, and the guest is
+    // told so at OPEN.
+    let (ok, _, err) =
+        finish_sim(env.spawn_sim(
+            &sock,
+            &["--domain", "j44-vm", "--play", "tone", "--seconds", "0.2", "--rate", "44100"],
+        ));
+    assert!(!ok, "a 44.1 kHz stream was accepted by a 48 kHz JACK server");
+    assert!(err.contains("-22"), "{err}");
+}
