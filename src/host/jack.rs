@@ -52,6 +52,7 @@ pub struct JackHost {
 impl JackHost {
     /// Checks that a JACK server answers and learns its sample rate.
     pub fn start(config: JackConfig) -> anyhow::Result<JackHost> {
+        jack::set_logger(jack::LoggerType::Custom { info: jack_info, error: jack_error });
         let (probe, _) = jack::Client::new("xen-vsnd", jack::ClientOptions::NO_START_SERVER)
             .map_err(|e| anyhow!("{e:?}"))
             .context("connecting to the JACK server")?;
@@ -103,6 +104,40 @@ impl HostBackend for JackHost {
         tracing::debug!(client = name, "JACK client up");
         Ok(Box::new(JackStream { client: Some(active), gains }))
     }
+}
+
+/// The text of a message libjack hands over.
+///
+/// # Safety
+/// `msg` is null or a NUL-terminated string that lives for the call.
+unsafe fn jack_message(msg: *const libc::c_char) -> String {
+    if msg.is_null() {
+        return String::new();
+    }
+    // SAFETY: as the caller promises.
+    unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+}
+
+/// libjack's informational messages, at debug level.
+unsafe extern "C" fn jack_info(msg: *const libc::c_char) {
+    // SAFETY: libjack passes a message string valid for the call.
+    let text = unsafe { jack_message(msg) };
+    let _ = std::panic::catch_unwind(|| tracing::debug!(target: "jack", "{text}"));
+}
+
+/// libjack's error messages. Closing a client through the bindings clears
+/// its thread-init callback, which libjack reports as an error although
+/// nothing failed: that one goes to debug.
+unsafe extern "C" fn jack_error(msg: *const libc::c_char) {
+    // SAFETY: libjack passes a message string valid for the call.
+    let text = unsafe { jack_message(msg) };
+    let _ = std::panic::catch_unwind(|| {
+        if text.contains("SetInitCallback") {
+            tracing::debug!(target: "jack", "{text}");
+        } else {
+            tracing::error!(target: "jack", "{text}");
+        }
+    });
 }
 
 /// A JACK client name for a stream, cut to JACK's limit.
