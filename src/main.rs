@@ -15,11 +15,12 @@ use xen_vsnd::xen::{linux, loopback::Hypervisor};
 #[command(
     name = "xen-vsnd",
     version,
-    about = "Xen PV sound backend: every guest PCM stream becomes a PipeWire node",
+    about = "Xen PV sound backend: every guest PCM stream becomes a PipeWire node (or a JACK client)",
     long_about = "Serves the Xen paravirtual sound protocol (vsnd, sndif.h) to guests. \
-Each guest stream becomes a PipeWire node named xen-vsnd.<domain>.<card>.<pcm>.<playback|capture>; \
-the PipeWire graph clock drives the guest's DMA position and period interrupts, and the \
-downstream latency is reported back to guests that opt in to the delay extension.\n\n\
+Each guest stream becomes a PipeWire node (with --host jack: a JACK client) named \
+xen-vsnd.<domain>.<card>.<pcm>.<playback|capture>; the graph clock drives the guest's DMA \
+position and period interrupts, and the downstream latency is reported back to guests that \
+opt in to the delay extension.\n\n\
 Logging: RUST_LOG (default info)."
 )]
 struct Cli {
@@ -53,7 +54,7 @@ enum Cmd {
         #[arg(long = "node-property", value_name = "KEY=VALUE", value_parser = parse_prop)]
         node_properties: Vec<(String, String)>,
         /// Log each open stream's figures (cycles, callback time, under- and
-        /// overruns, delay) every this many seconds.
+        /// overruns, late cycles, delay) every this many seconds.
         #[arg(long, value_name = "SECONDS")]
         stats_interval: Option<f64>,
         /// Do not offer the delay extension (`feature-delay-report`): guests
