@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use xen_vsnd::host::alsa::{AlsaConfig, AlsaHost};
 use xen_vsnd::host::jack::{JackConfig, JackConnect, JackHost};
 use xen_vsnd::host::pipewire::{PipeWireConfig, PipeWireHost};
 use xen_vsnd::host::HostBackend;
@@ -36,11 +37,23 @@ enum Cmd {
         /// to serve simulated guests that connect to <socket>.
         #[arg(long, default_value = "xen")]
         transport: String,
-        /// Where guest streams go: `pipewire` nodes, or `jack` clients (of
-        /// the default server or $JACK_DEFAULT_SERVER; guests then run at
-        /// the server's rate).
+        /// Where guest streams go: `pipewire` nodes, `jack` clients (of the
+        /// default server or $JACK_DEFAULT_SERVER; guests then run at the
+        /// server's rate), or `alsa` PCMs of their own (--alsa-device).
         #[arg(long, value_enum, default_value = "pipewire")]
         host: HostKind,
+        /// ALSA: the device guest streams play on and record from (e.g.
+        /// default, plughw:1,0, dmix); --alsa-capture-device sets capture's.
+        #[arg(long, value_name = "DEVICE", default_value = "default")]
+        alsa_device: String,
+        /// ALSA: the device guest capture streams record from (default:
+        /// --alsa-device).
+        #[arg(long, value_name = "DEVICE")]
+        alsa_capture_device: Option<String>,
+        /// ALSA: periods per device buffer (each period is half the guest's
+        /// period, rounded down to a power of two).
+        #[arg(long, default_value_t = 4)]
+        alsa_periods: u32,
         /// JACK: where each new stream's ports are connected, channel by
         /// channel: `physical` (the server's physical ports), `none`, or a
         /// regular expression over full port names (e.g. '^mixer:').
@@ -114,6 +127,9 @@ fn main() {
             transport,
             host,
             jack_connect,
+            alsa_device,
+            alsa_capture_device,
+            alsa_periods,
             pipewire_remote,
             node_properties,
             stats_interval,
@@ -124,6 +140,11 @@ fn main() {
                 HostKind::Pipewire => HostChoice::PipeWire(PipeWireConfig {
                     remote: pipewire_remote,
                     node_props: node_properties,
+                }),
+                HostKind::Alsa => HostChoice::Alsa(AlsaConfig {
+                    capture_device: alsa_capture_device.unwrap_or_else(|| alsa_device.clone()),
+                    playback_device: alsa_device,
+                    periods: alsa_periods,
                 }),
                 HostKind::Jack => HostChoice::Jack(JackConfig {
                     connect: match jack_connect.as_str() {
@@ -165,11 +186,13 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
 enum HostKind {
     Pipewire,
     Jack,
+    Alsa,
 }
 
 enum HostChoice {
     PipeWire(PipeWireConfig),
     Jack(JackConfig),
+    Alsa(AlsaConfig),
 }
 
 fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options) -> anyhow::Result<()> {
@@ -180,6 +203,7 @@ fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options)
     let host: Arc<dyn HostBackend> = match host {
         HostChoice::PipeWire(c) => Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?),
         HostChoice::Jack(c) => Arc::new(JackHost::start(c).context("starting the JACK host")?),
+        HostChoice::Alsa(c) => Arc::new(AlsaHost::new(c)),
     };
     let t = if transport == "xen" {
         linux::open().context("opening the Xen transport (/dev/xen)")?

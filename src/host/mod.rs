@@ -1,6 +1,8 @@
 //! Host audio backends: where a guest stream's frames go to / come from.
-//! One trait; PipeWire is the default implementation, JACK the other.
+//! One trait; PipeWire is the default implementation, JACK and plain ALSA
+//! the others.
 
+pub mod alsa;
 pub mod convert;
 pub mod jack;
 pub mod pipewire;
@@ -59,9 +61,27 @@ pub fn channel_names(n: u32) -> Vec<String> {
     (0..n as usize).map(|i| layout.get(i).map_or_else(|| format!("AUX{i}"), |s| s.to_string())).collect()
 }
 
+/// Frames per host cycle for a guest period (PipeWire's `node.latency`,
+/// the ALSA host's period): the largest power of two that is at most half
+/// the period, so cycles divide the period and every period interrupt
+/// falls on a cycle boundary.
+pub fn cycle_frames(period_frames: u32) -> u32 {
+    let half = (period_frames / 2).clamp(16, 8192);
+    1 << (31 - half.leading_zeros())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cycles_divide_the_period() {
+        assert_eq!(cycle_frames(1024), 512);
+        assert_eq!(cycle_frames(960), 256);
+        assert_eq!(cycle_frames(441), 128);
+        assert_eq!(cycle_frames(8), 16);
+        assert_eq!(cycle_frames(1 << 20), 8192);
+    }
 
     #[test]
     fn channel_layouts() {

@@ -112,14 +112,6 @@ fn positions(n: u32) -> [u32; spa::param::audio::MAX_CHANNELS] {
     p
 }
 
-/// `node.latency` for a guest period: the largest power of two that is at
-/// most half the period, so the quantum divides the period and every period
-/// interrupt falls on a cycle boundary.
-pub fn node_latency_frames(period_frames: u32) -> u32 {
-    let half = (period_frames / 2).clamp(16, 8192);
-    1 << (31 - half.leading_zeros())
-}
-
 /// Frames between the DMA position and the device (playback) or from the
 /// device to the position (capture), at the stream's rate.
 fn delay_frames(t: &pw::stream::Time, stream_rate: u32, frame_bytes: usize) -> u32 {
@@ -335,7 +327,7 @@ fn open_stream(
         StreamKind::Playback => ("Stream/Output/Audio", "Playback"),
         StreamKind::Capture => ("Stream/Input/Audio", "Capture"),
     };
-    let latency = format!("{}/{}", node_latency_frames(g.period_frames()), g.rate);
+    let latency = format!("{}/{}", super::cycle_frames(g.period_frames()), g.rate);
     let mut props = pw::properties::properties! {
         *pw::keys::MEDIA_TYPE => "Audio",
         *pw::keys::MEDIA_CATEGORY => category,
@@ -541,15 +533,6 @@ impl HostBackend for PipeWireHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn latency_divides_the_period() {
-        assert_eq!(node_latency_frames(1024), 512);
-        assert_eq!(node_latency_frames(960), 256);
-        assert_eq!(node_latency_frames(441), 128);
-        assert_eq!(node_latency_frames(8), 16);
-        assert_eq!(node_latency_frames(1 << 20), 8192);
-    }
 
     #[test]
     fn every_wire_format_maps() {

@@ -59,6 +59,30 @@ pub fn warn_once_without_realtime() {
     });
 }
 
+/// Real-time priority for the calling thread's own audio loop (the ALSA
+/// host's): below PipeWire's and JACK's, whose graphs it may feed.
+const OWN_PRIORITY: i32 = 70;
+
+/// Asks for real-time scheduling (SCHED_FIFO) for the calling thread, as
+/// PipeWire and JACK do for theirs. Without the privilege it stays as it
+/// is, and the log says so once.
+pub fn raise_this_thread() -> bool {
+    let param = libc::sched_param { sched_priority: OWN_PRIORITY };
+    // SAFETY: the calling thread's own handle and a valid parameter.
+    let r = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        static WARNED: Once = Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "no real-time scheduling for xen-vsnd's audio threads ({}): under load guest \
+                 streams will glitch (see late_cycles); give xen-vsnd CAP_SYS_NICE or an RLIMIT_RTPRIO",
+                std::io::Error::from_raw_os_error(r)
+            );
+        });
+    }
+    r == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

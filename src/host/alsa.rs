@@ -1,0 +1,296 @@
+//! The plain ALSA host: each guest stream opens a PCM of its own on an ALSA
+//! device (`default`, `plughw:1,0`, `hw:0,0`, `pipewire`, a dmix...) in the
+//! guest's format, rate and channels — a `plug` device converts, a `hw`
+//! device takes what the card takes, and an OPEN it refuses is refused to
+//! the guest. A thread per stream moves one ALSA period per cycle, paced by
+//! the device (blocking reads and writes): the device's clock drives the
+//! guest. The delay sent is `snd_pcm_delay()`: the frames between the
+//! guest's position and the DAC, or from the ADC to it.
+
+use super::convert::{from_f32, to_f32};
+use super::{HostBackend, HostStream, StreamSpec};
+use crate::dma::histogram::now_ns;
+use crate::dma::DmaEngine;
+use crate::sndif::{PcmFormat, StreamKind};
+use alsa::pcm::{Access, Format, HwParams, State, PCM};
+use alsa::{Direction, ValueOr};
+use anyhow::Context;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct AlsaConfig {
+    /// The ALSA device guest playback streams play on.
+    pub playback_device: String,
+    /// The ALSA device guest capture streams record from.
+    pub capture_device: String,
+    /// ALSA periods per buffer.
+    pub periods: u32,
+}
+
+impl Default for AlsaConfig {
+    fn default() -> Self {
+        AlsaConfig { playback_device: "default".into(), capture_device: "default".into(), periods: 4 }
+    }
+}
+
+pub struct AlsaHost {
+    config: AlsaConfig,
+}
+
+impl AlsaHost {
+    pub fn new(config: AlsaConfig) -> AlsaHost {
+        tracing::info!(
+            playback = config.playback_device,
+            capture = config.capture_device,
+            periods = config.periods,
+            "ALSA host"
+        );
+        AlsaHost { config }
+    }
+}
+
+/// The ALSA format of a wire format (24-bit ones are packed in 3 bytes).
+fn alsa_format(f: PcmFormat) -> Format {
+    use PcmFormat::*;
+    match f {
+        S8 => Format::S8,
+        U8 => Format::U8,
+        S16Le => Format::S16LE,
+        S16Be => Format::S16BE,
+        U16Le => Format::U16LE,
+        U16Be => Format::U16BE,
+        S24Le => Format::S243LE,
+        S24Be => Format::S243BE,
+        U24Le => Format::U243LE,
+        U24Be => Format::U243BE,
+        S32Le => Format::S32LE,
+        S32Be => Format::S32BE,
+        U32Le => Format::U32LE,
+        U32Be => Format::U32BE,
+        F32Le => Format::FloatLE,
+        F32Be => Format::FloatBE,
+        F64Le => Format::Float64LE,
+        F64Be => Format::Float64BE,
+    }
+}
+
+impl HostBackend for AlsaHost {
+    fn supports(&self, _format: PcmFormat) -> bool {
+        true // the device decides at OPEN
+    }
+
+    fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+        let (device, dir) = match spec.kind {
+            StreamKind::Playback => (&self.config.playback_device, Direction::Playback),
+            StreamKind::Capture => (&self.config.capture_device, Direction::Capture),
+        };
+        let pcm = PCM::new(device, dir, false).with_context(|| format!("opening ALSA PCM {device}"))?;
+        let g = engine.geom;
+        let period = {
+            let hw = HwParams::any(&pcm).context("hw params")?;
+            hw.set_access(Access::RWInterleaved).context("interleaved access")?;
+            hw.set_format(alsa_format(g.format)).with_context(|| format!("format {}", g.format.name()))?;
+            hw.set_channels(g.channels).with_context(|| format!("{} channels", g.channels))?;
+            hw.set_rate(g.rate, ValueOr::Nearest).with_context(|| format!("rate {}", g.rate))?;
+            hw.set_period_size_near(
+                super::cycle_frames(g.period_frames()) as alsa::pcm::Frames,
+                ValueOr::Nearest,
+            )
+            .context("period size")?;
+            hw.set_periods_near(self.config.periods, ValueOr::Nearest).context("periods")?;
+            pcm.hw_params(&hw).with_context(|| format!("configuring ALSA PCM {device}"))?;
+            hw.get_period_size().context("period size")? as usize
+        };
+        let frame_bytes = engine.frame_bytes();
+        let stop = Arc::new(AtomicBool::new(false));
+        let gains: Arc<[AtomicU32]> = (0..g.channels).map(|_| AtomicU32::new(1f32.to_bits())).collect();
+        let mut rt = AlsaRt {
+            engine,
+            pcm,
+            kind: spec.kind,
+            buf: vec![0; period * frame_bytes],
+            period,
+            gains: gains.clone(),
+            stop: stop.clone(),
+        };
+        tracing::debug!(stream = spec.node_name, device, period, "ALSA PCM up");
+        let thread = std::thread::Builder::new()
+            .name("vsnd-alsa".into())
+            .spawn(move || rt.run())
+            .context("spawning the ALSA stream thread")?;
+        Ok(Box::new(AlsaStream { thread: Some(thread), stop, gains }))
+    }
+}
+
+/// One stream's device loop, owned by its thread.
+struct AlsaRt {
+    engine: DmaEngine,
+    pcm: PCM,
+    kind: StreamKind,
+    /// One ALSA period of interleaved guest-format frames.
+    buf: Vec<u8>,
+    period: usize,
+    gains: Arc<[AtomicU32]>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AlsaRt {
+    fn run(&mut self) {
+        super::realtime::raise_this_thread();
+        if self.kind == StreamKind::Capture {
+            let _ = self.pcm.start();
+        }
+        while !self.stop.load(Ordering::Relaxed) {
+            let ok = match self.kind {
+                StreamKind::Playback => self.play_period(),
+                StreamKind::Capture => self.record_period(),
+            };
+            if let Err(e) = ok {
+                // An xrun: this thread did not run in time for the device.
+                self.engine.shared.late_cycles.fetch_add(1, Ordering::Relaxed);
+                if self.pcm.try_recover(e, true).is_err() {
+                    break;
+                }
+                if self.kind == StreamKind::Capture {
+                    let _ = self.pcm.start();
+                }
+            }
+        }
+        self.play_out();
+        let _ = self.pcm.drop();
+    }
+
+    /// Lets the frames the device still holds play (a closed guest stream's
+    /// last ones), for at most twice the time they can take.
+    fn play_out(&self) {
+        if self.kind != StreamKind::Playback {
+            return;
+        }
+        let rate = self.engine.geom.rate.max(1) as u64;
+        let held = self.device_delay() as u64;
+        let deadline = Instant::now() + Duration::from_micros(2 * held * 1_000_000 / rate);
+        let step = Duration::from_micros(self.period as u64 * 500_000 / rate);
+        while Instant::now() < deadline
+            && self.pcm.state() == State::Running
+            && self.pcm.delay().is_ok_and(|d| d > 0)
+        {
+            std::thread::sleep(step);
+        }
+    }
+
+    /// The frames the device holds (playback: queued before the DAC;
+    /// capture: captured and not yet read), clamped to what a delay can be.
+    fn device_delay(&self) -> u32 {
+        self.pcm.delay().map_or(0, |d| d.clamp(0, u32::MAX as alsa::pcm::Frames) as u32)
+    }
+
+    fn play_period(&mut self) -> alsa::Result<()> {
+        // Once written, this period sits behind what the device holds.
+        let delay = self.device_delay() + self.period as u32;
+        self.timed(|rt| {
+            rt.engine.playback_cycle(&mut rt.buf, delay);
+            apply_gains(rt.engine.geom.format, &rt.gains, &mut rt.buf);
+        });
+        let io = self.pcm.io_bytes();
+        let mut done = 0;
+        while done < self.buf.len() {
+            let frames = io.writei(&self.buf[done..])?;
+            done += frames * self.engine.frame_bytes();
+        }
+        Ok(())
+    }
+
+    fn record_period(&mut self) -> alsa::Result<()> {
+        {
+            let io = self.pcm.io_bytes();
+            let mut done = 0;
+            while done < self.buf.len() {
+                let frames = io.readi(&mut self.buf[done..])?;
+                done += frames * self.engine.frame_bytes();
+            }
+        }
+        let delay = self.device_delay();
+        self.timed(|rt| {
+            apply_gains(rt.engine.geom.format, &rt.gains, &mut rt.buf);
+            rt.engine.capture_cycle(&rt.buf, delay);
+        });
+        Ok(())
+    }
+
+    /// Runs one cycle's work (not the device wait) into the stream's
+    /// callback-time histogram.
+    fn timed(&mut self, work: impl FnOnce(&mut Self)) {
+        let start = now_ns();
+        work(self);
+        self.engine.shared.cycle_time.record(now_ns().saturating_sub(start));
+    }
+}
+
+/// Scales each channel of interleaved `buf` by its gain (skipped when all
+/// gains are 1, the usual case).
+fn apply_gains(format: PcmFormat, gains: &[AtomicU32], buf: &mut [u8]) {
+    let unity = 1f32.to_bits();
+    if gains.iter().all(|g| g.load(Ordering::Relaxed) == unity) {
+        return;
+    }
+    let sample = format.sample_bytes();
+    for frame in buf.chunks_exact_mut(sample * gains.len()) {
+        for (c, s) in frame.chunks_exact_mut(sample).enumerate() {
+            let g = f32::from_bits(gains[c].load(Ordering::Relaxed));
+            from_f32(format, to_f32(format, s) * g, s);
+        }
+    }
+}
+
+struct AlsaStream {
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    gains: Arc<[AtomicU32]>,
+}
+
+impl HostStream for AlsaStream {
+    /// The device runs from OPEN to CLOSE; a stopped guest stream plays
+    /// silence (the DMA engine's running flag), as a card would.
+    fn set_active(&self, _active: bool) {}
+
+    fn set_volume(&self, gains: Vec<f32>) {
+        for (slot, g) in self.gains.iter().zip(gains) {
+            slot.store(g.to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for AlsaStream {
+    /// Returns once the loop has ended (within one period: its blocking
+    /// read or write returns by then), so the engine is never used again.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_formats_map_to_alsa_formats_of_the_same_size() {
+        for f in PcmFormat::all() {
+            let a = alsa_format(f);
+            assert_eq!(a.physical_width().ok(), Some(8 * f.sample_bytes() as i32), "{f:?} -> {a}");
+        }
+    }
+
+    #[test]
+    fn gains_scale_channels() {
+        let gains: Vec<AtomicU32> = [0.5f32, 1.0].iter().map(|g| AtomicU32::new(g.to_bits())).collect();
+        let mut buf: Vec<u8> = [1000i16, 1000, -2000, -2000].iter().flat_map(|s| s.to_le_bytes()).collect();
+        apply_gains(PcmFormat::S16Le, &gains, &mut buf);
+        let out: Vec<i16> = buf.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
+        assert_eq!(out, [500, 1000, -1000, -2000]);
+    }
+}
