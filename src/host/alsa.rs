@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Longest wait for the device in one go, in milliseconds.
+const WAIT_MS: u32 = 100;
+
 #[derive(Debug, Clone)]
 pub struct AlsaConfig {
     /// The ALSA device guest playback streams play on.
@@ -143,9 +146,16 @@ impl AlsaRt {
             let _ = self.pcm.start();
         }
         while !self.stop.load(Ordering::Relaxed) {
-            let ok = match self.kind {
-                StreamKind::Playback => self.play_period(),
-                StreamKind::Capture => self.record_period(),
+            // Wait until the device takes (or gives) a whole period, never
+            // longer than WAIT_MS so that a stop is seen even when nothing
+            // runs the device (a PipeWire plugin stream nobody links).
+            let ok = match self.pcm.wait(Some(WAIT_MS)) {
+                Ok(false) => continue,
+                Ok(true) => match self.kind {
+                    StreamKind::Playback => self.play_period(),
+                    StreamKind::Capture => self.record_period(),
+                },
+                Err(e) => Err(e),
             };
             if let Err(e) = ok {
                 // An xrun: this thread did not run in time for the device.
