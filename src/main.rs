@@ -16,9 +16,9 @@ use xen_vsnd::xen::{linux, loopback::Hypervisor};
 #[command(
     name = "xen-vsnd",
     version,
-    about = "Xen PV sound backend: every guest PCM stream becomes a PipeWire node (or a JACK client)",
+    about = "Xen PV sound backend: every guest PCM stream becomes a PipeWire node (or a JACK client, or an ALSA PCM)",
     long_about = "Serves the Xen paravirtual sound protocol (vsnd, sndif.h) to guests. \
-Each guest stream becomes a PipeWire node (with --host jack: a JACK client) named \
+Each guest stream becomes a PipeWire node (--host jack: a JACK client; --host alsa: a PCM) named \
 xen-vsnd.<domain>.<card>.<pcm>.<playback|capture>; the graph clock drives the guest's DMA \
 position and period interrupts, and the downstream latency is reported back to guests that \
 opt in to the delay extension.\n\n\
