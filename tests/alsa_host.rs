@@ -26,22 +26,9 @@ fn guest_playback_reaches_an_alsa_device_frame_exact() {
 fn guest_capture_from_an_alsa_device_is_frame_exact() {
     let mut env = PwEnv::start();
     let (sock, _log) = env.start_backend_with(&["--host", "alsa", "--alsa-device", "pipewire"]);
-    let src = env.dir.path().join("src.wav");
-    let sent = pattern(2.0);
-    xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
-    let cap = env.dir.path().join("captured.wav");
-    let sim = env.spawn_sim(
-        &sock,
-        &["--domain", "acap-vm", "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()],
-    );
     // WirePlumber links the plugin's capture stream to the sink's monitor.
-    wait_until("the ALSA capture stream to be linked", Duration::from_secs(10), || {
-        env.links().contains("alsa_capture.xen-vsnd:input_FL")
-    });
-    let play = env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]);
-    assert!(play.status.success(), "pw-play failed");
-    let (ok, report, err) = finish_sim(sim);
-    assert!(ok, "{err}");
+    let (report, sent, cap) =
+        capture_what_the_sink_plays(&env, &sock, "acap-vm", "alsa_capture.xen-vsnd:input_FL");
     assert_eq!(report["capture"]["xruns"], 0, "{report}");
     assert_arrived_intact(&env, &sent, &cap);
 }

@@ -59,23 +59,10 @@ fn the_last_frames_before_close_reach_the_sink() {
 fn guest_capture_receives_what_pipewire_plays() {
     let mut env = PwEnv::start();
     let (sock, _log) = env.start_backend();
-    let src = env.dir.path().join("src.wav");
-    let sent = pattern(2.0);
-    xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
-    let cap = env.dir.path().join("captured.wav");
-    let sim = env.spawn_sim(
-        &sock,
-        &["--domain", "cap-vm", "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()],
-    );
-    // WirePlumber links the guest's capture node to the sink's monitor
-    // (there is no source): play into the sink and the guest hears it.
-    wait_until("the guest capture node to be linked", Duration::from_secs(10), || {
-        env.links().contains("xen-vsnd.cap-vm.0.0.capture:input_FL")
-    });
-    let play = env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]);
-    assert!(play.status.success(), "pw-play failed");
-    let (ok, report, err) = finish_sim(sim);
-    assert!(ok, "{err}");
+    // There is no source: WirePlumber links the guest's capture node to the
+    // sink's monitor.
+    let (report, sent, cap) =
+        capture_what_the_sink_plays(&env, &sock, "cap-vm", "xen-vsnd.cap-vm.0.0.capture:input_FL");
     assert_eq!(report["capture"]["xruns"], 0);
     assert_eq!(report["capture"]["bad_event_ids"], 0);
     assert_eq!(report["capture"]["early_interrupts"], 0);

@@ -656,16 +656,21 @@ mod tests {
         assert!(s.read_directory(0, 1).is_err(), "unmappable directory page");
     }
 
-    #[test]
-    fn hw_param_query_narrows_to_the_card() {
-        let (mut s, _, _) = stream();
-        let q = HwParam {
+    /// A HW_PARAM_QUERY that asks for anything.
+    fn widest_query() -> HwParam {
+        HwParam {
             formats: u64::MAX,
             rates: (8000, 192000),
             channels: (1, 8),
             buffer_frames: (1, u32::MAX),
             period_frames: (1, u32::MAX),
-        };
+        }
+    }
+
+    #[test]
+    fn hw_param_query_narrows_to_the_card() {
+        let (mut s, _, _) = stream();
+        let q = widest_query();
         let r = send(&mut s, Request::HwParamQuery(q));
         assert_eq!(r.status, 0);
         let h = r.hw_param.unwrap();
@@ -683,13 +688,7 @@ mod tests {
     fn a_host_of_one_rate_narrows_query_and_open() {
         // The card offers 44100 and 48000; a JACK server runs at 48000.
         let (mut s, _, _) = stream_on(FakeHost(Mutex::default(), Some(48000)));
-        let q = HwParam {
-            formats: u64::MAX,
-            rates: (8000, 192000),
-            channels: (1, 8),
-            buffer_frames: (1, u32::MAX),
-            period_frames: (1, u32::MAX),
-        };
+        let q = widest_query();
         let r = send(&mut s, Request::HwParamQuery(q));
         assert_eq!(r.hw_param.map(|h| h.rates), Some((48000, 48000)));
         let at_44k = OpenReq { rate: 44100, ..open_req(4096) };

@@ -8,6 +8,7 @@
 //! guest's position and the DAC, or from the ADC to it.
 
 use super::convert::{from_f32, to_f32};
+use super::gains::ChannelGains;
 use super::{HostBackend, HostStream, StreamSpec};
 use crate::dma::histogram::now_ns;
 use crate::dma::DmaEngine;
@@ -15,7 +16,7 @@ use crate::sndif::{PcmFormat, StreamKind};
 use alsa::pcm::{Access, Format, HwParams, State, PCM};
 use alsa::{Direction, ValueOr};
 use anyhow::Context;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,7 +109,7 @@ impl HostBackend for AlsaHost {
         };
         let frame_bytes = engine.frame_bytes();
         let stop = Arc::new(AtomicBool::new(false));
-        let gains: Arc<[AtomicU32]> = (0..g.channels).map(|_| AtomicU32::new(1f32.to_bits())).collect();
+        let gains = ChannelGains::unity(g.channels as usize);
         let mut rt = AlsaRt {
             engine,
             pcm,
@@ -135,7 +136,7 @@ struct AlsaRt {
     /// One ALSA period of interleaved guest-format frames.
     buf: Vec<u8>,
     period: usize,
-    gains: Arc<[AtomicU32]>,
+    gains: ChannelGains,
     stop: Arc<AtomicBool>,
 }
 
@@ -240,16 +241,14 @@ impl AlsaRt {
 
 /// Scales each channel of interleaved `buf` by its gain (skipped when all
 /// gains are 1, the usual case).
-fn apply_gains(format: PcmFormat, gains: &[AtomicU32], buf: &mut [u8]) {
-    let unity = 1f32.to_bits();
-    if gains.iter().all(|g| g.load(Ordering::Relaxed) == unity) {
+fn apply_gains(format: PcmFormat, gains: &ChannelGains, buf: &mut [u8]) {
+    if gains.all_unity() {
         return;
     }
     let sample = format.sample_bytes();
-    for frame in buf.chunks_exact_mut(sample * gains.len()) {
+    for frame in buf.chunks_exact_mut(sample * gains.channels()) {
         for (c, s) in frame.chunks_exact_mut(sample).enumerate() {
-            let g = f32::from_bits(gains[c].load(Ordering::Relaxed));
-            from_f32(format, to_f32(format, s) * g, s);
+            from_f32(format, to_f32(format, s) * gains.get(c), s);
         }
     }
 }
@@ -257,7 +256,7 @@ fn apply_gains(format: PcmFormat, gains: &[AtomicU32], buf: &mut [u8]) {
 struct AlsaStream {
     thread: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
-    gains: Arc<[AtomicU32]>,
+    gains: ChannelGains,
 }
 
 impl HostStream for AlsaStream {
@@ -266,9 +265,7 @@ impl HostStream for AlsaStream {
     fn set_active(&self, _active: bool) {}
 
     fn set_volume(&self, gains: Vec<f32>) {
-        for (slot, g) in self.gains.iter().zip(gains) {
-            slot.store(g.to_bits(), Ordering::Relaxed);
-        }
+        self.gains.set(&gains);
     }
 }
 
@@ -297,7 +294,8 @@ mod tests {
 
     #[test]
     fn gains_scale_channels() {
-        let gains: Vec<AtomicU32> = [0.5f32, 1.0].iter().map(|g| AtomicU32::new(g.to_bits())).collect();
+        let gains = ChannelGains::unity(2);
+        gains.set(&[0.5, 1.0]);
         let mut buf: Vec<u8> = [1000i16, 1000, -2000, -2000].iter().flat_map(|s| s.to_le_bytes()).collect();
         apply_gains(PcmFormat::S16Le, &gains, &mut buf);
         let out: Vec<i16> = buf.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();

@@ -9,6 +9,7 @@
 //! The server is libjack's default, or the one `JACK_DEFAULT_SERVER` names.
 
 use super::convert::{from_f32, to_f32};
+use super::gains::ChannelGains;
 use super::punctuality::{frames_ns, Punctuality};
 use super::{channel_names, HostBackend, HostStream, StreamSpec};
 use crate::dma::histogram::now_ns;
@@ -16,8 +17,7 @@ use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, bail, Context};
 use jack::PortSpec;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// Longest JACK client name (`jack_client_name_size()` less the NUL).
 const MAX_CLIENT_NAME: usize = 63;
@@ -90,7 +90,7 @@ impl HostBackend for JackHost {
             }
             StreamKind::Capture => Ports::In(register(&client, &names, "input", jack::AudioIn::default())?),
         };
-        let gains: Arc<[AtomicU32]> = (0..names.len()).map(|_| AtomicU32::new(1f32.to_bits())).collect();
+        let gains = ChannelGains::unity(names.len());
         let frame_bytes = engine.frame_bytes();
         let rt = JackRt {
             engine: Box::new(engine),
@@ -215,7 +215,7 @@ struct JackRt {
     /// `buffer_size`, which JACK calls before the first cycle and whenever
     /// the period changes (allocating there is allowed).
     scratch: Vec<u8>,
-    gains: Arc<[AtomicU32]>,
+    gains: ChannelGains,
     punctuality: Punctuality,
 }
 
@@ -231,7 +231,7 @@ impl jack::ProcessHandler for JackRt {
             self.silence(ps);
             return jack::Control::Continue;
         }
-        let gain = |c: usize| f32::from_bits(self.gains[c].load(Ordering::Relaxed));
+        let gain = |c: usize| self.gains.get(c);
         let scratch = &mut self.scratch[..bytes];
         match &mut self.ports {
             Ports::Out(ports) => {
@@ -305,7 +305,7 @@ struct JackStream {
     /// Taken and deactivated on drop: JACK returns from deactivation only
     /// once the process callback has finished for good.
     client: Option<jack::AsyncClient<(), JackRt>>,
-    gains: Arc<[AtomicU32]>,
+    gains: ChannelGains,
 }
 
 impl HostStream for JackStream {
@@ -314,9 +314,7 @@ impl HostStream for JackStream {
     fn set_active(&self, _active: bool) {}
 
     fn set_volume(&self, gains: Vec<f32>) {
-        for (slot, g) in self.gains.iter().zip(gains) {
-            slot.store(g.to_bits(), Ordering::Relaxed);
-        }
+        self.gains.set(&gains);
     }
 }
 

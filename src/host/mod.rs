@@ -4,6 +4,7 @@
 
 pub mod alsa;
 pub mod convert;
+pub mod gains;
 pub mod jack;
 pub mod pipewire;
 pub mod punctuality;

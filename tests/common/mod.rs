@@ -295,6 +295,35 @@ impl Drop for PwEnv {
     }
 }
 
+/// A guest (`domain`) records 5 s of its capture stream while the 2 s
+/// pattern plays into the sink, started once the host's capture port
+/// `linked_port` is linked (WirePlumber links capture streams to the sink's
+/// monitor when there is no source). Returns the guest's report, the
+/// pattern and the guest's recording.
+pub fn capture_what_the_sink_plays(
+    env: &PwEnv,
+    sock: &Path,
+    domain: &str,
+    linked_port: &str,
+) -> (serde_json::Value, Vec<i16>, PathBuf) {
+    let src = env.dir.path().join(format!("{domain}-src.wav"));
+    let sent = pattern(2.0);
+    xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
+    let cap = env.dir.path().join(format!("{domain}-captured.wav"));
+    let sim = env.spawn_sim(
+        sock,
+        &["--domain", domain, "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()],
+    );
+    wait_until("the guest's capture stream to be linked", Duration::from_secs(10), || {
+        env.links().contains(linked_port)
+    });
+    let play = env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]);
+    assert!(play.status.success(), "pw-play failed");
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "{err}");
+    (report, sent, cap)
+}
+
 /// Waits for a simulated guest; returns (success, report JSON, stderr).
 pub fn finish_sim(child: Child) -> (bool, serde_json::Value, String) {
     let out = child.wait_with_output().expect("sim-guest");
