@@ -240,6 +240,31 @@ fn guests_play_and_record_through_jack() {
     assert_eq!(report["playback"]["last_delay_frames"].as_u64(), Some(playback_latency), "{report}");
     assert_eq!(report["capture"]["last_delay_frames"].as_u64(), Some(capture_latency), "{report}");
 
+    // The latency self-test with the guest's playback ports connected to
+    // its capture ports: JACK runs the two clients in one cycle, so the
+    // impulses come back at once, and the delays the guest was told (the
+    // ports' latencies, 0 here) say so.
+    let (sock, _log) = env.start_backend("none");
+    let sim = env.spawn_sim(
+        &sock,
+        &["--domain", "jlat-vm", "--measure-latency", "--seconds", "2.5", "--latency-tolerance", "0"],
+    );
+    let (play, cap) = ("xen-vsnd.jlat-vm.0.0.playback", "xen-vsnd.jlat-vm.0.0.capture");
+    // JACK connects ports of active clients only: retry until both are.
+    wait_until("the guest's playback ports connected to its capture ports", Duration::from_secs(10), || {
+        ["FL", "FR"].iter().all(|ch| {
+            match probe.connect_ports_by_name(&format!("{play}:output_{ch}"), &format!("{cap}:input_{ch}")) {
+                Ok(()) | Err(jack::Error::PortAlreadyConnected(..)) => true,
+                Err(_) => false,
+            }
+        })
+    });
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "self-test failed: {err}\n{report}");
+    let l = &report["latency"];
+    assert!(l["measurements"].as_array().unwrap().len() >= 8, "{l}");
+    assert_eq!(l["error"], 0, "{l}");
+
     // JACK does not resample: another rate is refused, and the guest is
     // told so at OPEN.
     let (ok, _, err) =
