@@ -74,8 +74,9 @@ pub fn raise_this_thread() -> bool {
         static WARNED: Once = Once::new();
         WARNED.call_once(|| {
             tracing::warn!(
-                "no real-time scheduling for xen-vsnd's audio threads ({}): under load guest \
-                 streams will glitch (see late_cycles); give xen-vsnd CAP_SYS_NICE or an RLIMIT_RTPRIO",
+                "xen-vsnd's audio threads run without real-time scheduling ({}): under load \
+                 guest streams will glitch (see late_cycles); give xen-vsnd CAP_SYS_NICE or an \
+                 RLIMIT_RTPRIO",
                 std::io::Error::from_raw_os_error(r)
             );
         });

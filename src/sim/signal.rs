@@ -199,9 +199,84 @@ pub fn first_appearance(sent: &[i16], got: &[i16], channels: usize) -> Option<(u
     })
 }
 
+/// How `sent` arrived in `got` when silence may have been inserted: a
+/// host cycle that ran late plays silence and then the stream, whole and in
+/// order, one cycle later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Recorded frame where `sent` starts.
+    pub start: usize,
+    /// Frames of `sent` that arrived, in order and unchanged, before the
+    /// first frame that did not (or the end of either).
+    pub delivered: usize,
+    /// Runs of silence found in the middle of the sound, skipped.
+    pub inserted_silences: usize,
+    /// Frames of such silence.
+    pub inserted_frames: usize,
+}
+
+/// Compares `sent` with `got` from where `sent`'s first `window` frames
+/// appear, exactly, skipping each run of silent frames in `got` where
+/// `sent` has sound. A frame lost, altered or repeated ends the count.
+pub fn compare_allowing_inserted_silence(
+    sent: &[i16],
+    got: &[i16],
+    channels: usize,
+    window: usize,
+) -> Option<Delivery> {
+    let (start, _) = find_and_compare(sent, got, channels, window, 0)?;
+    let frame = |buf: &[i16], f: usize| buf.get(f * channels..(f + 1) * channels).map(|s| s.to_vec());
+    let silent = |s: &[i16]| s.iter().all(|v| *v == 0);
+    let mut d = Delivery { start, delivered: 0, inserted_silences: 0, inserted_frames: 0 };
+    let mut g = start;
+    for k in 0..sent.len() / channels {
+        let want = frame(sent, k).unwrap_or_default();
+        let Some(mut have) = frame(got, g) else { break };
+        if have != want && silent(&have) {
+            d.inserted_silences += 1;
+            while silent(&have) {
+                d.inserted_frames += 1;
+                g += 1;
+                match frame(got, g) {
+                    Some(h) => have = h,
+                    None => return Some(d),
+                }
+            }
+        }
+        if have != want {
+            break;
+        }
+        d.delivered += 1;
+        g += 1;
+    }
+    Some(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inserted_silence_is_told_from_loss() {
+        let s = generate(Signal::Pattern, 48000, 2, 3000);
+        let mut g = vec![0i16; 2 * 5];
+        g.extend_from_slice(&s[..2 * 1000]);
+        g.extend(std::iter::repeat_n(0, 2 * 512)); // a late cycle
+        g.extend_from_slice(&s[2 * 1000..]);
+        let d = compare_allowing_inserted_silence(&s, &g, 2, 64).unwrap();
+        assert_eq!(d, Delivery { start: 5, delivered: 3000, inserted_silences: 1, inserted_frames: 512 });
+        // Frames dropped: the count stops there.
+        let mut lost = g.clone();
+        lost.drain(2 * 2000..2 * 2010);
+        let d = compare_allowing_inserted_silence(&s, &lost, 2, 64).unwrap();
+        assert!(d.delivered < 3000, "{d:?}");
+        // Silence instead of sound (not inserted, replacing): the stream
+        // after it is shifted and the count stops.
+        let mut replaced = s.clone();
+        replaced[2 * 1500..2 * 1600].fill(0);
+        let d = compare_allowing_inserted_silence(&s, &replaced, 2, 64).unwrap();
+        assert!(d.delivered < 3000, "{d:?}");
+    }
 
     #[test]
     fn wav_round_trip_and_search() {

@@ -172,9 +172,26 @@ impl PwEnv {
 
     /// The backend's PipeWire data threads and their scheduling policy
     /// (`/proc`): whether the host gave the real-time thread real-time
-    /// scheduling, for failure messages.
+    /// scheduling.
     pub fn backend_data_threads(&self) -> Vec<(String, &'static str)> {
         xen_vsnd::host::realtime::thread_policies(&self.backend_pid().to_string(), "data-loop")
+    }
+
+    /// Whether the backend's audio threads got real-time scheduling: it
+    /// logs a warning when PipeWire's data thread or its own ALSA stream
+    /// threads did not.
+    pub fn backend_has_realtime(&self) -> bool {
+        let log = self.backend_log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+        !log.contains("without real-time scheduling")
+    }
+
+    /// The late cycles of every stream the backend has closed.
+    pub fn late_cycles(&self) -> u64 {
+        self.closed_streams()
+            .iter()
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("late_cycles=")))
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum()
     }
 
     /// What a failed audio check prints about the host: the graph's xruns,
@@ -375,16 +392,17 @@ pub fn assert_arrived_intact(env: &PwEnv, sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
     let (start, n) = arrived(sent, wav)
         .unwrap_or_else(|| panic!("the signal's first 64 frames never appear in {}", wav.display()));
-    if n != frames {
-        let got = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples).unwrap_or_default();
-        let from_start = &got[(start * 2).min(got.len())..];
-        panic!(
-            "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start}); \
-             laid over the recording: {:?}; {}",
-            xen_vsnd::sim::signal::align(sent, from_start, 2),
-            env.host_report()
-        );
+    if n == frames || delivered_despite_a_late_host(env, sent, wav) {
+        return;
     }
+    let got = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples).unwrap_or_default();
+    let from_start = &got[(start * 2).min(got.len())..];
+    panic!(
+        "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start}); \
+         laid over the recording: {:?}; {}",
+        xen_vsnd::sim::signal::align(sent, from_start, 2),
+        env.host_report()
+    );
 }
 
 /// Asserts the last `frames` frames of `sent` arrived contiguous and
@@ -394,5 +412,35 @@ pub fn assert_tail_intact(env: &PwEnv, sent: &[i16], wav: &Path, frames: usize) 
     let tail = &sent[sent.len() - frames * 2..];
     let (_, n) = xen_vsnd::sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
         .unwrap_or_else(|| panic!("the signal's tail never appears in {}", wav.display()));
-    assert!(n == frames, "only {n} of the last {frames} frames arrived intact; {}", env.host_report());
+    if n == frames || delivered_despite_a_late_host(env, tail, wav) {
+        return;
+    }
+    panic!("only {n} of the last {frames} frames arrived intact; {}", env.host_report());
+}
+
+/// The one allowance: on a host that gives the backend no real-time
+/// scheduling, a cycle it ran late (which the backend counts) plays as a
+/// stretch of silence, after which the stream comes whole and in order.
+/// True when that is all that happened to `sent`: every frame arrived
+/// unchanged and in order, with no more inserted silences than the
+/// backend's late cycles. Where the host gives real-time scheduling (the
+/// test machines), nothing is allowed.
+fn delivered_despite_a_late_host(env: &PwEnv, sent: &[i16], wav: &Path) -> bool {
+    let late = env.late_cycles();
+    if env.backend_has_realtime() || late == 0 {
+        return false;
+    }
+    let Ok(got) = xen_vsnd::sim::signal::read_wav(wav) else { return false };
+    let Some(d) = xen_vsnd::sim::signal::compare_allowing_inserted_silence(sent, &got.samples, 2, 64) else {
+        return false;
+    };
+    let ok = d.delivered == sent.len() / 2 && d.inserted_silences as u64 <= late;
+    if ok {
+        eprintln!(
+            "note: no real-time scheduling here; the host ran xen-vsnd late {late} time(s): \
+             {} silence(s) ({} frames) inserted, every frame delivered in order",
+            d.inserted_silences, d.inserted_frames
+        );
+    }
+    ok
 }
