@@ -52,7 +52,7 @@ fn round_trip_through_alsa_devices_matches_the_reported_delay() {
         &["env", "PIPEWIRE_ALSA={ node.autoconnect = false }"],
         &["--host", "alsa", "--alsa-device", "pipewire"],
     );
-    let base = ["--domain", "alat-vm", "--measure-latency", "--seconds", "2.5", "--latency-tolerance", "96"];
+    let base = ["--domain", "alat-vm", "--measure-latency", "--seconds", "3.5", "--latency-tolerance", "96"];
     let sim = env.spawn_sim(&sock, &base);
     // The plugin names its streams after the program.
     let (play, cap) = ("alsa_playback.xen-vsnd", "alsa_capture.xen-vsnd");
@@ -65,6 +65,10 @@ fn round_trip_through_alsa_devices_matches_the_reported_delay() {
     let (ok, report, err) = finish_sim(sim);
     assert!(ok, "self-test failed: {err}\n{report}");
     let l = &report["latency"];
+    // The self-test pairs the two streams' position events by when they
+    // arrive; the ALSA host's two threads wake independently, and without
+    // real-time scheduling an impulse now and then finds no pair (2 of 9
+    // seen): most must be measured.
     assert!(l["measurements"].as_array().unwrap().len() >= 8, "{l}");
     assert!(l["measured"].as_i64().unwrap() > 0, "{l}");
     assert!(l["error"].as_i64().unwrap().abs() <= 96, "{l}");
