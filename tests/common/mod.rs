@@ -181,8 +181,12 @@ impl PwEnv {
     /// logs a warning when PipeWire's data thread or its own ALSA stream
     /// threads did not.
     pub fn backend_has_realtime(&self) -> bool {
-        let log = self.backend_log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
-        !log.contains("without real-time scheduling")
+        !self.backend_log_text().contains("without real-time scheduling")
+    }
+
+    /// What the last backend started has logged so far.
+    fn backend_log_text(&self) -> String {
+        self.backend_log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default()
     }
 
     /// The late cycles of every stream the backend has closed.
@@ -223,9 +227,7 @@ impl PwEnv {
     /// The backend's `closed` log lines: each stream's counters at its end
     /// (underruns, late cycles...).
     pub fn closed_streams(&self) -> Vec<String> {
-        let text =
-            self.backend_log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
-        text.lines().filter(|l| l.contains(" closed ")).map(str::to_owned).collect()
+        self.backend_log_text().lines().filter(|l| l.contains(" closed ")).map(str::to_owned).collect()
     }
 
     /// `pw-dump` parsed as JSON.
