@@ -17,7 +17,6 @@ use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, bail, Context};
 use jack::PortSpec;
-use std::sync::atomic::Ordering;
 
 /// Longest JACK client name (`jack_client_name_size()` less the NUL).
 const MAX_CLIENT_NAME: usize = 63;
@@ -257,23 +256,11 @@ impl jack::ProcessHandler for JackRt {
                 self.engine.capture_cycle(scratch, delay);
             }
         }
-        let end = now_ns();
-        let shared = &self.engine.shared;
-        shared.cycle_time.record(end.saturating_sub(start));
-        match ps.cycle_times() {
-            Ok(t) if shared.running.load(Ordering::Relaxed) => {
-                // JACK's clock is microseconds on the monotonic clock.
-                let late = self.punctuality.cycle(
-                    t.current_usecs * 1000,
-                    frames_ns(frames, self.engine.geom.rate),
-                    client.time() * 1000,
-                );
-                if late > 0 {
-                    shared.late_cycles.fetch_add(late, Ordering::Relaxed);
-                }
-            }
-            _ => self.punctuality.pause(),
-        }
+        self.engine.shared.cycle_time.record(now_ns().saturating_sub(start));
+        // JACK's clock is microseconds on the monotonic clock.
+        let timing =
+            ps.cycle_times().ok().map(|t| (t.current_usecs * 1000, frames_ns(frames, self.engine.geom.rate)));
+        self.punctuality.account(&self.engine.shared, timing, client.time() * 1000);
         jack::Control::Continue
     }
 

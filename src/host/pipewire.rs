@@ -429,18 +429,11 @@ fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
     let time = stream.time().ok();
     let frames = process_cycle(stream, time.as_ref(), rt);
     let end = now_ns();
-    let shared = &rt.engine.shared;
-    shared.cycle_time.record(end.saturating_sub(start));
-    match (time, frames) {
-        (Some(t), Some(frames)) if shared.running.load(Ordering::Relaxed) => {
-            let cycle_start = u64::try_from(t.as_raw().now).unwrap_or(0);
-            let late = rt.punctuality.cycle(cycle_start, frames_ns(frames, rt.engine.geom.rate), end);
-            if late > 0 {
-                shared.late_cycles.fetch_add(late, Ordering::Relaxed);
-            }
-        }
-        _ => rt.punctuality.pause(),
-    }
+    rt.engine.shared.cycle_time.record(end.saturating_sub(start));
+    let timing = time.zip(frames).map(|(t, frames)| {
+        (u64::try_from(t.as_raw().now).unwrap_or(0), frames_ns(frames, rt.engine.geom.rate))
+    });
+    rt.punctuality.account(&rt.engine.shared, timing, end);
 }
 
 /// One cycle's work; returns the frames moved. No allocation, no locks, no

@@ -4,6 +4,9 @@
 //! thread late (no real-time priority, an overloaded CPU, a stopped
 //! process) would glitch where no guest-visible counter shows it.
 
+use crate::dma::DmaShared;
+use std::sync::atomic::Ordering;
+
 /// One stream's watch over its cycles. Lives in the real-time callback:
 /// plain integers, no allocation.
 #[derive(Debug, Default)]
@@ -41,6 +44,23 @@ impl Punctuality {
     /// next cycle is not lateness.
     pub fn pause(&mut self) {
         self.last = None;
+    }
+
+    /// After a host cycle of a stream: adds its late cycles to the
+    /// stream's count while the guest stream runs. `timing` is the cycle's
+    /// (start, duration) in nanoseconds, None when the host gave none; a
+    /// stream not running, or a cycle without timing, starts the watch
+    /// afresh.
+    pub fn account(&mut self, shared: &DmaShared, timing: Option<(u64, u64)>, end_ns: u64) {
+        match timing {
+            Some((start, duration)) if shared.running.load(Ordering::Relaxed) => {
+                let late = self.cycle(start, duration, end_ns);
+                if late > 0 {
+                    shared.late_cycles.fetch_add(late, Ordering::Relaxed);
+                }
+            }
+            _ => self.pause(),
+        }
     }
 }
 
@@ -97,6 +117,23 @@ mod tests {
         assert_eq!(p.cycle(t0 + Q, Q / 2, t0 + Q + 1_000), 0);
         assert_eq!(p.cycle(t0 + Q + Q / 2, 2 * Q, t0 + Q + Q / 2 + 1_000), 0);
         assert_eq!(p.cycle(t0 + 3 * Q + Q / 2, Q, t0 + 3 * Q + Q / 2 + 1_000), 0);
+    }
+
+    #[test]
+    fn late_cycles_are_counted_only_while_the_stream_runs() {
+        let shared = DmaShared::default();
+        let mut p = Punctuality::default();
+        let t0 = 1_000_000_000;
+        p.account(&shared, Some((t0, Q)), t0 + 2 * Q);
+        assert_eq!(shared.late_cycles.load(Ordering::Relaxed), 0, "stopped");
+        shared.running.store(true, Ordering::Relaxed);
+        p.account(&shared, Some((t0 + 10 * Q, Q)), t0 + 12 * Q);
+        assert_eq!(shared.late_cycles.load(Ordering::Relaxed), 1, "late, no earlier cycle to count from");
+        p.account(&shared, Some((t0 + 13 * Q, Q)), t0 + 13 * Q + 1_000);
+        assert_eq!(shared.late_cycles.load(Ordering::Relaxed), 3, "two cycles went by without it");
+        p.account(&shared, None, t0 + 14 * Q);
+        p.account(&shared, Some((t0 + 20 * Q, Q)), t0 + 20 * Q + 1_000);
+        assert_eq!(shared.late_cycles.load(Ordering::Relaxed), 3, "no timing: the watch starts afresh");
     }
 
     #[test]
