@@ -8,7 +8,7 @@
 //! guest's position and the DAC, or from the ADC to it.
 
 use super::convert::{from_f32, to_f32};
-use super::gains::ChannelGains;
+use super::gains::{ChannelGains, SelfMixedStream};
 use super::{HostBackend, HostStream, StreamSpec};
 use crate::dma::histogram::now_ns;
 use crate::dma::DmaEngine;
@@ -124,7 +124,7 @@ impl HostBackend for AlsaHost {
             .name("vsnd-alsa".into())
             .spawn(move || rt.run())
             .context("spawning the ALSA stream thread")?;
-        Ok(Box::new(AlsaStream { thread: Some(thread), stop, gains }))
+        Ok(Box::new(SelfMixedStream { gains, teardown: AlsaThread { thread: Some(thread), stop } }))
     }
 }
 
@@ -253,25 +253,16 @@ fn apply_gains(format: PcmFormat, gains: &ChannelGains, buf: &mut [u8]) {
     }
 }
 
-struct AlsaStream {
+/// Ends a stream's device loop when dropped.
+struct AlsaThread {
     thread: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
-    gains: ChannelGains,
 }
 
-impl HostStream for AlsaStream {
-    /// The device runs from OPEN to CLOSE; a stopped guest stream plays
-    /// silence (the DMA engine's running flag), as a card would.
-    fn set_active(&self, _active: bool) {}
-
-    fn set_volume(&self, gains: Vec<f32>) {
-        self.gains.set(&gains);
-    }
-}
-
-impl Drop for AlsaStream {
-    /// Returns once the loop has ended (within one period: its blocking
-    /// read or write returns by then), so the engine is never used again.
+impl Drop for AlsaThread {
+    /// Returns once the loop has ended (its waits last at most WAIT_MS,
+    /// then the device's last frames play out), so the engine is never
+    /// used again.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {

@@ -9,7 +9,7 @@
 //! The server is libjack's default, or the one `JACK_DEFAULT_SERVER` names.
 
 use super::convert::{from_f32, to_f32};
-use super::gains::ChannelGains;
+use super::gains::{ChannelGains, SelfMixedStream};
 use super::punctuality::{frames_ns, Punctuality};
 use super::{channel_names, HostBackend, HostStream, StreamSpec};
 use crate::dma::histogram::now_ns;
@@ -101,7 +101,7 @@ impl HostBackend for JackHost {
         let active = client.activate_async((), rt).map_err(|e| anyhow!("{e:?}")).context("activating")?;
         autoconnect(active.as_client(), &self.config.connect, spec.kind, &name, &names);
         tracing::debug!(client = name, "JACK client up");
-        Ok(Box::new(JackStream { client: Some(active), gains }))
+        Ok(Box::new(SelfMixedStream { gains, teardown: ActiveClient(Some(active)) }))
     }
 }
 
@@ -288,26 +288,14 @@ fn max_latency<PS>(ports: &[jack::Port<PS>], mode: jack::LatencyType) -> u32 {
     ports.iter().map(|p| p.get_latency_range(mode).1).max().unwrap_or(0)
 }
 
-struct JackStream {
-    /// Taken and deactivated on drop: JACK returns from deactivation only
-    /// once the process callback has finished for good.
-    client: Option<jack::AsyncClient<(), JackRt>>,
-    gains: ChannelGains,
-}
+/// The stream's active client, taken and deactivated on drop: JACK
+/// returns from deactivation only once the process callback has finished
+/// for good.
+struct ActiveClient(Option<jack::AsyncClient<(), JackRt>>);
 
-impl HostStream for JackStream {
-    /// JACK clients run from activation to the end; a stopped guest stream
-    /// plays silence (the DMA engine's running flag), as a card would.
-    fn set_active(&self, _active: bool) {}
-
-    fn set_volume(&self, gains: Vec<f32>) {
-        self.gains.set(&gains);
-    }
-}
-
-impl Drop for JackStream {
+impl Drop for ActiveClient {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
+        if let Some(c) = self.0.take() {
             if let Err(e) = c.deactivate() {
                 tracing::warn!("JACK client deactivation: {e:?}");
             }
