@@ -64,22 +64,12 @@ impl JackEnv {
             .spawn()
             .expect("xen-vsnd serve");
         self.procs.push(Proc(child, "backend"));
-        wait_until("the backend to serve", Duration::from_secs(15), || {
-            std::fs::read_to_string(&log).unwrap_or_default().contains("serving vsnd devices")
-        });
+        wait_for_backend(&log);
         (sock, log)
     }
 
     fn spawn_sim(&self, sock: &Path, args: &[&str]) -> Child {
-        Command::new("nice")
-            .args(["-n", "10", BIN, "sim-guest", "--connect"])
-            .arg(sock)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("sim-guest")
+        spawn_sim_with(Command::new("nice"), sock, args)
     }
 }
 
@@ -156,15 +146,7 @@ fn player(name: &str, samples: Vec<i16>, go: Arc<AtomicBool>) -> impl Drop {
 }
 
 fn counter(log: &Path, stream: &str, key: &str) -> u64 {
-    let text = std::fs::read_to_string(log).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.contains(" closed ") && l.contains(&format!("stream={stream} ")))
-        .unwrap_or_else(|| panic!("no closed line for {stream}:\n{text}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
+    closed_counter_in(&std::fs::read_to_string(log).unwrap(), stream, key)
 }
 
 #[test]

@@ -211,17 +211,7 @@ impl PwEnv {
 
     /// The counter `key` in the backend's `closed` line for `stream`.
     pub fn closed_counter(&self, stream: &str, key: &str) -> u64 {
-        let prefix = format!("stream={stream} ");
-        let line = self
-            .closed_streams()
-            .into_iter()
-            .find(|l| l.contains(&prefix))
-            .unwrap_or_else(|| panic!("no closed line for {stream}: {:#?}", self.closed_streams()));
-        let field = format!("{key}=");
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&field))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {line}"))
+        closed_counter_in(&self.backend_log_text(), stream, key)
     }
 
     /// The backend's `closed` log lines: each stream's counters at its end
@@ -253,10 +243,7 @@ impl PwEnv {
         let args = [wrapper, &[BIN, "serve", "--transport", spec.as_str()][..], extra].concat();
         let log = self.spawn_logged("backend", args[0], &args[1..]);
         self.backend_log = Some(log.clone());
-        let l2 = log.clone();
-        wait_until("the backend to serve", Duration::from_secs(15), || {
-            std::fs::read_to_string(&l2).unwrap_or_default().contains("serving vsnd devices")
-        });
+        wait_for_backend(&log);
         (sock, log)
     }
 
@@ -304,14 +291,7 @@ impl PwEnv {
     /// PipeWire graph it stands beside (without real-time scheduling, a
     /// dozen busy simulated guests on two cores made the graph late).
     pub fn spawn_sim(&self, sock: &Path, args: &[&str]) -> Child {
-        self.cmd("nice")
-            .args(["-n", "10", BIN, "sim-guest", "--connect"])
-            .arg(sock)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("sim-guest")
+        spawn_sim_with(self.cmd("nice"), sock, args)
     }
 
     /// Runs a simulated guest to completion; returns (success, report JSON, stderr).
@@ -356,6 +336,40 @@ pub fn capture_what_the_sink_plays(
     let (ok, report, err) = finish_sim(sim);
     assert!(ok, "{err}");
     (report, sent, cap)
+}
+
+/// Starts a simulated guest from `nice` (a `nice` command in the
+/// environment it needs), stdout and stderr piped; see `PwEnv::spawn_sim`.
+pub fn spawn_sim_with(mut nice: Command, sock: &Path, args: &[&str]) -> Child {
+    nice.args(["-n", "10", BIN, "sim-guest", "--connect"])
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sim-guest")
+}
+
+/// Waits (bounded) until the backend logging to `log` serves.
+pub fn wait_for_backend(log: &Path) {
+    wait_until("the backend to serve", Duration::from_secs(15), || {
+        std::fs::read_to_string(log).unwrap_or_default().contains("serving vsnd devices")
+    });
+}
+
+/// The counter `key` in the `closed` line for `stream` in a backend's log.
+pub fn closed_counter_in(log: &str, stream: &str, key: &str) -> u64 {
+    let prefix = format!("stream={stream} ");
+    let line = log
+        .lines()
+        .find(|l| l.contains(" closed ") && l.contains(&prefix))
+        .unwrap_or_else(|| panic!("no closed line for {stream}:\n{log}"));
+    let field = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&field))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 /// Waits for a simulated guest; returns (success, report JSON, stderr).
