@@ -54,6 +54,8 @@ pub struct Device {
     /// and ports, per stream. A frontend that publishes others while we
     /// are Connected has started over (see `step`).
     published: Vec<[u32; 4]>,
+    /// The card's left-out formats were logged (once per device).
+    told_left_out: bool,
 }
 
 struct StoreSource<'a> {
@@ -83,7 +85,16 @@ pub fn sanitize_name(s: &str) -> String {
 
 impl Device {
     pub fn new(domid: DomId, devid: u32, be: String, fe: String) -> Device {
-        Device { domid, devid, be, fe, phase: Phase::Fresh, streams: Vec::new(), published: Vec::new() }
+        Device {
+            domid,
+            devid,
+            be,
+            fe,
+            phase: Phase::Fresh,
+            streams: Vec::new(),
+            published: Vec::new(),
+            told_left_out: false,
+        }
     }
 
     fn read(&self, s: &Services, path: &str) -> Option<String> {
@@ -249,6 +260,15 @@ impl Device {
 
     fn connect(&mut self, s: &Services) -> anyhow::Result<()> {
         let card = self.read_card(s)?;
+        if !card.left_out_formats.is_empty() && !self.told_left_out {
+            self.told_left_out = true;
+            tracing::warn!(
+                domid = self.domid,
+                devid = self.devid,
+                left_out = %card.left_out_formats.join(","),
+                "the card lists sample formats this backend does not carry: the guest is offered the others"
+            );
+        }
         let report_delay = s.delay_reports
             && self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
                 == Some("1");

@@ -3,7 +3,7 @@
 //! Every request field comes from the guest and is validated here.
 
 use super::ratelimit::LogLimiter;
-use crate::dma::{DmaEngine, DmaShared, EventRing, Geometry};
+use crate::dma::{DmaEngine, DmaShared, EventIndex, EventRing, Geometry};
 use crate::host::{HostBackend, HostStream, StreamSpec};
 use crate::sndif::config::limits;
 use crate::sndif::wire::{pages_for, GREFS_PER_DIR_PAGE, MSG_SIZE};
@@ -12,7 +12,7 @@ use crate::sndif::{
 };
 use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,8 +91,9 @@ pub struct PcmStream {
     host: Arc<dyn HostBackend>,
     evt_page: Arc<SharedPages>,
     evt_channel: Arc<dyn EventChannel>,
-    /// The next CUR_POS id on this channel: it runs on across OPENs.
-    evt_ids: Arc<AtomicU16>,
+    /// The event page's producer index: it runs on across OPENs, and each
+    /// OPEN's ids start from it (`dma::events`).
+    evt_index: EventIndex,
     report_delay: bool,
     opened: Option<Opened>,
     log: LogLimiter,
@@ -119,7 +120,7 @@ impl PcmStream {
             host,
             evt_page,
             evt_channel,
-            evt_ids: Arc::default(),
+            evt_index: EventIndex::default(),
             report_delay,
             opened: None,
             log: LogLimiter::new(Duration::from_secs(10)),
@@ -285,8 +286,12 @@ impl PcmStream {
     }
 
     fn open(&mut self, o: &OpenReq) -> Result<(), Refusal> {
+        // An OPEN on an open stream is CLOSE + OPEN: every frontend sends
+        // one when an application calls hw_params twice (ALSA allows it:
+        // the frontend frees its buffer and prepares anew without CLOSE).
         if self.opened.is_some() {
-            return refuse(-errno::EBUSY, "OPEN: stream already open");
+            tracing::debug!(stream = %self.ident.node_name(), "OPEN while open: the new one replaces it");
+            self.close();
         }
         let geom = self.validate_open(o)?;
         let grefs = self.read_directory(o.gref_directory, pages_for(o.buffer_sz))?;
@@ -304,7 +309,7 @@ impl PcmStream {
         let engine = DmaEngine::new(
             geom,
             buffer.clone(),
-            EventRing::new(self.evt_page.clone(), self.evt_ids.clone()),
+            EventRing::new(self.evt_page.clone(), self.evt_index.clone()),
             self.evt_channel.clone(),
             shared.clone(),
             self.report_delay,
@@ -512,23 +517,37 @@ mod tests {
     use crate::xen::shared::test_pages;
     use std::sync::Mutex;
 
-    /// A guest that granted grefs 1..N; every mapping is fresh zeroed memory.
+    /// A guest that granted grefs 1..N. Gref 1 is a page directory that
+    /// lists grefs 2, 3, ... (next = 0); every other mapping is fresh zeroed
+    /// memory.
     struct FakeGrants(u32);
     impl GrantMapper for FakeGrants {
         fn map(&self, _domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
             anyhow::ensure!(grefs.iter().all(|g| *g != 0 && *g < self.0), "bad gref");
-            Ok(test_pages(grefs.len() * PAGE_SIZE))
+            let pages = test_pages(grefs.len() * PAGE_SIZE);
+            if grefs == [1] {
+                for (i, g) in (2..self.0).take(GREFS_PER_DIR_PAGE).enumerate() {
+                    pages.copy_in(4 + i * 4, &g.to_le_bytes());
+                }
+            }
+            Ok(pages)
         }
     }
 
-    /// Records the gains it is given; takes only rate `.1` when set.
+    /// Records the gains it is given; takes only rate `.1` when set; counts
+    /// the host streams open now in `.2`.
     #[derive(Default)]
-    struct FakeHost(Mutex<Vec<Vec<f32>>>, Option<u32>);
+    struct FakeHost(Mutex<Vec<Vec<f32>>>, Option<u32>, AtomicU64);
     struct FakeStream(Arc<FakeHost>);
     impl HostStream for FakeStream {
         fn set_active(&self, _: bool) {}
         fn set_volume(&self, gains: Vec<f32>) {
             self.0 .0.lock().unwrap().push(gains);
+        }
+    }
+    impl Drop for FakeStream {
+        fn drop(&mut self) {
+            self.0 .2.fetch_sub(1, Ordering::Relaxed);
         }
     }
     impl HostBackend for Arc<FakeHost> {
@@ -539,6 +558,7 @@ mod tests {
             self.1.is_none_or(|only| only == rate)
         }
         fn open(&self, _: StreamSpec, _: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+            self.2.fetch_add(1, Ordering::Relaxed);
             Ok(Box::new(FakeStream(self.clone())))
         }
     }
@@ -649,11 +669,31 @@ mod tests {
     #[test]
     fn directory_chain_is_followed_and_checked() {
         let (s, _, _) = stream();
-        // A fake directory page maps as zeroes: next = 0 and grefs 0, which
-        // the buffer map then refuses; a chain needing two pages is short.
-        assert!(s.read_directory(1, 4).is_ok());
+        assert_eq!(s.read_directory(1, 4).ok(), Some(vec![2, 3, 4, 5]));
+        // Directory page 1 says next = 0: a buffer that needs two is short.
         assert!(s.read_directory(1, GREFS_PER_DIR_PAGE + 1).is_err());
+        // Any other page maps as zeroes: a list of gref 0, never mappable.
+        assert_eq!(s.read_directory(2, 1).ok(), Some(vec![0]));
         assert!(s.read_directory(0, 1).is_err(), "unmappable directory page");
+    }
+
+    /// hw_params twice: the frontend prepares anew with a second OPEN and
+    /// no CLOSE. It replaces the open stream, in its new geometry.
+    #[test]
+    fn a_second_open_without_close_reopens() {
+        let (mut s, _, host) = stream();
+        assert_eq!(send(&mut s, Request::Open(open_req(8192))).status, 0);
+        assert_eq!(host.2.load(Ordering::Relaxed), 1);
+        let again = OpenReq { rate: 44100, period_sz: 2048, ..open_req(16384) };
+        assert_eq!(send(&mut s, Request::Open(again)).status, 0);
+        assert_eq!(host.2.load(Ordering::Relaxed), 1, "the first host stream was closed");
+        let geom = s.opened.as_ref().map(|o| o.geom);
+        assert_eq!(geom.map(|g| (g.rate, g.buffer_bytes, g.period_bytes)), Some((44100, 16384, 2048)));
+        assert_eq!(send(&mut s, Request::Write(RwReq { offset: 12288, length: 4096 })).status, 0);
+        // A refused OPEN on an open stream leaves it closed, as CLOSE + OPEN.
+        assert_eq!(send(&mut s, Request::Open(OpenReq { rate: 96000, ..again })).status, -errno::EINVAL);
+        assert_eq!(host.2.load(Ordering::Relaxed), 0);
+        assert_eq!(send(&mut s, Request::Trigger(trigger::START)).status, -errno::EINVAL);
     }
 
     /// A HW_PARAM_QUERY that asks for anything.
@@ -687,7 +727,7 @@ mod tests {
     #[test]
     fn a_host_of_one_rate_narrows_query_and_open() {
         // The card offers 44100 and 48000; a JACK server runs at 48000.
-        let (mut s, _, _) = stream_on(FakeHost(Mutex::default(), Some(48000)));
+        let (mut s, _, _) = stream_on(FakeHost(Mutex::default(), Some(48000), AtomicU64::new(0)));
         let q = widest_query();
         let r = send(&mut s, Request::HwParamQuery(q));
         assert_eq!(r.hw_param.map(|h| h.rates), Some((48000, 48000)));
@@ -698,9 +738,8 @@ mod tests {
     #[test]
     fn volume_and_mute_round_trip() {
         let (mut s, _, host) = stream();
-        // Zeroed fake directory pages list gref 0, so OPEN cannot map a
-        // buffer here: start on a buffer of our own, as `open` does after
-        // mapping the guest's.
+        // Fake buffer pages are each fresh memory: start on one buffer of
+        // our own, as `open` does after mapping the guest's.
         let geom = s.validate_open(&open_req(4096)).ok().unwrap();
         let buffer = Arc::new(test_pages(PAGE_SIZE));
         assert!(s.start(geom, buffer.clone()).is_ok());
@@ -741,6 +780,5 @@ mod tests {
         assert!(s.shared().unwrap().running.load(Ordering::Relaxed));
         assert_eq!(send(&mut s, Request::Trigger(trigger::PAUSE)).status, 0);
         assert!(!s.shared().unwrap().running.load(Ordering::Relaxed));
-        assert_eq!(send(&mut s, Request::Open(open_req(4096))).status, -errno::EBUSY);
     }
 }

@@ -9,7 +9,7 @@
 mod events;
 pub mod histogram;
 
-pub use events::EventRing;
+pub use events::{EventIndex, EventRing};
 pub use histogram::{delta as histogram_delta, quantile_us_of, CycleHistogram};
 
 use crate::sndif::PcmFormat;

@@ -86,6 +86,10 @@ pub struct CardConfig {
     pub short_name: String,
     pub long_name: String,
     pub pcms: Vec<PcmConfig>,
+    /// Format names the configuration lists that the backend does not carry
+    /// (sndif.h's non-linear formats, unknown names): left out of what the
+    /// guest is offered, for the caller to log.
+    pub left_out_formats: Vec<String>,
 }
 
 impl CardConfig {
@@ -117,8 +121,14 @@ fn parse_u32(key: &str, v: &str) -> Result<u32, String> {
     v.trim().parse::<u32>().map_err(|_| format!("{key}: not a number: {v:?}"))
 }
 
-/// Applies the overrides found in `dir` on top of `base`.
-fn inherit(src: &dyn ConfigSource, dir: &str, base: &StreamParams) -> Result<StreamParams, String> {
+/// Applies the overrides found in `dir` on top of `base`; format names we
+/// do not carry are added to `left_out`.
+fn inherit(
+    src: &dyn ConfigSource,
+    dir: &str,
+    base: &StreamParams,
+    left_out: &mut Vec<String>,
+) -> Result<StreamParams, String> {
     let mut p = base.clone();
     if let Some(v) = src.read(&join(dir, keys::SAMPLE_RATES)) {
         let mut rates = Vec::new();
@@ -135,7 +145,13 @@ fn inherit(src: &dyn ConfigSource, dir: &str, base: &StreamParams) -> Result<Str
         p.rates = rates;
     }
     if let Some(v) = src.read(&join(dir, keys::SAMPLE_FORMATS)) {
-        p.formats = parse_format_list(&v)?;
+        let list = parse_format_list(&v);
+        for name in list.left_out {
+            if !left_out.contains(&name) {
+                left_out.push(name);
+            }
+        }
+        p.formats = list.carried;
     }
     if let Some(v) = src.read(&join(dir, keys::CHANNELS_MIN)) {
         p.channels_min = parse_u32(keys::CHANNELS_MIN, &v)?;
@@ -154,7 +170,7 @@ fn check(p: &StreamParams, what: &str) -> Result<(), String> {
         return Err(format!("{what}: no sample rates"));
     }
     if p.formats.is_empty() {
-        return Err(format!("{what}: no sample formats"));
+        return Err(format!("{what}: no sample format this backend carries"));
     }
     if p.channels_min == 0 || p.channels_min > p.channels_max || p.channels_max > limits::MAX_CHANNELS {
         return Err(format!("{what}: channels {}..{} invalid", p.channels_min, p.channels_max));
@@ -178,15 +194,16 @@ fn indices(src: &dyn ConfigSource, dir: &str, max: usize, what: &str) -> Result<
 /// Parses the whole card. Errors name the offending key; the caller refuses
 /// the device (the frontend never sees a half-configured card).
 pub fn parse_card(src: &dyn ConfigSource) -> Result<CardConfig, String> {
-    let card = inherit(src, "", &StreamParams::default())?;
+    let mut left_out = Vec::new();
+    let card = inherit(src, "", &StreamParams::default(), &mut left_out)?;
     let mut pcms = Vec::new();
     for pi in indices(src, "", limits::MAX_PCMS, "pcm devices")? {
         let pdir = pi.to_string();
-        let pparams = inherit(src, &pdir, &card)?;
+        let pparams = inherit(src, &pdir, &card, &mut left_out)?;
         let mut streams = Vec::new();
         for si in indices(src, &pdir, limits::MAX_STREAMS_PER_PCM, "streams")? {
             let sdir = format!("{pdir}/{si}");
-            let params = inherit(src, &sdir, &pparams)?;
+            let params = inherit(src, &sdir, &pparams, &mut left_out)?;
             let what = format!("stream {sdir}");
             check(&params, &what)?;
             let kind = match src.read(&join(&sdir, keys::TYPE)).as_deref().map(str::trim) {
@@ -207,6 +224,7 @@ pub fn parse_card(src: &dyn ConfigSource) -> Result<CardConfig, String> {
         short_name: clean_name(src.read(keys::SHORT_NAME).unwrap_or_else(|| "XenSnd".into())),
         long_name: clean_name(src.read(keys::LONG_NAME).unwrap_or_else(|| "Xen PV Sound".into())),
         pcms,
+        left_out_formats: left_out,
     })
 }
 
@@ -300,12 +318,26 @@ pub(crate) mod tests {
             ("channels-min", "3"),
             ("channels-max", "1000"),
             ("sample-formats", "mu_law"),
+            ("sample-formats", "mu_law;a_law;mp3"),
             ("0/0/type", "x"),
         ] {
             let mut src = libxl_dump();
             src.0.insert(k.into(), v.into());
             assert!(parse_card(&src).is_err(), "{k}={v} accepted");
         }
+    }
+
+    /// xl.cfg(5) allows formats such as mu_law: the card is served with
+    /// the formats we carry, and the rest are named for the log.
+    #[test]
+    fn formats_we_cannot_carry_are_left_out_not_fatal() {
+        let mut src = libxl_dump();
+        src.0.insert("sample-formats".into(), "s16_le;mu_law;a_law;iec958_subframe_le;s32_le".into());
+        src.0.insert("0/1/sample-formats".into(), "gsm,s16_le".into());
+        let c = parse_card(&src).unwrap();
+        assert_eq!(c.pcms[0].streams[0].params.formats, vec![PcmFormat::S16Le, PcmFormat::S32Le]);
+        assert_eq!(c.pcms[0].streams[1].params.formats, vec![PcmFormat::S16Le]);
+        assert_eq!(c.left_out_formats, vec!["mu_law", "a_law", "iec958_subframe_le", "gsm"]);
     }
 
     #[test]

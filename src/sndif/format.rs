@@ -1,8 +1,8 @@
 //! PCM sample formats (`XENSND_PCM_FORMAT_*`): numbers, xenstore names, sizes.
 
 /// The formats this backend can carry. The others of sndif.h (IEC958, mu-law,
-/// A-law, ADPCM, MPEG, GSM) have no PipeWire raw-audio equivalent and are
-/// refused at configuration and at OPEN.
+/// A-law, ADPCM, MPEG, GSM) have no PipeWire raw-audio equivalent: they are
+/// left out of what the guest is offered, and refused at OPEN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PcmFormat {
     S8,
@@ -119,17 +119,40 @@ impl PcmFormat {
     }
 }
 
-/// Parses a xenstore format list (`"s16_le,s32_le"`; libxl's `;` is accepted
-/// too). Unknown names are reported as errors so a typo is not silently lost.
-pub fn parse_format_list(s: &str) -> Result<Vec<PcmFormat>, String> {
-    let mut out = Vec::new();
+/// The other format names of sndif.h: formats a frontend may be configured
+/// with but that no host here carries (no raw-audio equivalent in PipeWire,
+/// JACK or a plain PCM stream).
+const NOT_CARRIED: [&str; 7] =
+    ["iec958_subframe_le", "iec958_subframe_be", "mu_law", "a_law", "ima_adpcm", "mpeg", "gsm"];
+
+/// A xenstore format list (`"s16_le,s32_le"`; libxl's `;` is accepted too),
+/// split into the formats we carry and the names we leave out: sndif.h's
+/// non-linear formats, and names it does not know (a typo, or a format of a
+/// later protocol). The guest is offered only the first; the caller logs
+/// the second, so nothing is left out silently.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FormatList {
+    pub carried: Vec<PcmFormat>,
+    pub left_out: Vec<String>,
+}
+
+pub fn parse_format_list(s: &str) -> FormatList {
+    let mut out = FormatList::default();
     for item in s.split([',', ';']).map(str::trim).filter(|t| !t.is_empty()) {
-        let f = PcmFormat::from_name(item).ok_or_else(|| format!("unknown sample format {item:?}"))?;
-        if !out.contains(&f) {
-            out.push(f);
+        match PcmFormat::from_name(item) {
+            Some(f) if !out.carried.contains(&f) => out.carried.push(f),
+            Some(_) => {}
+            None => {
+                // Bounded: the list comes from the guest-writable directory.
+                let name: String = item.chars().filter(|c| !c.is_control()).take(32).collect();
+                let name = if NOT_CARRIED.contains(&item) { name } else { format!("{name} (unknown)") };
+                if out.left_out.len() < 16 && !out.left_out.contains(&name) {
+                    out.left_out.push(name);
+                }
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -149,10 +172,17 @@ mod tests {
     #[test]
     fn format_list_parses_both_separators() {
         assert_eq!(
-            parse_format_list("s16_le;s32_le,float_le").unwrap(),
+            parse_format_list("s16_le;s32_le,float_le").carried,
             vec![PcmFormat::S16Le, PcmFormat::S32Le, PcmFormat::F32Le]
         );
-        assert!(parse_format_list("s16_le,mp3").is_err());
+    }
+
+    #[test]
+    fn formats_we_cannot_carry_are_left_out_by_name() {
+        let l = parse_format_list("mu_law;s16_le;a_law;iec958_subframe_le;s16_le;mp3");
+        assert_eq!(l.carried, vec![PcmFormat::S16Le]);
+        assert_eq!(l.left_out, vec!["mu_law", "a_law", "iec958_subframe_le", "mp3 (unknown)"]);
+        assert_eq!(parse_format_list("gsm").carried, vec![]);
     }
 
     #[test]
