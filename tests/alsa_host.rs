@@ -28,7 +28,7 @@ fn guest_capture_from_an_alsa_device_is_frame_exact() {
     let (sock, _log) = env.start_backend_with(&["--host", "alsa", "--alsa-device", "pipewire"]);
     // WirePlumber links the plugin's capture stream to the sink's monitor.
     let (report, sent, cap) =
-        capture_what_the_sink_plays(&env, &sock, "acap-vm", "alsa_capture.xen-vsnd:input_FL");
+        capture_what_the_sink_plays(&env, &sock, "acap-vm", "alsa_capture.xen-vsnd:input_FL", &[]);
     assert_eq!(report["capture"]["xruns"], 0, "{report}");
     assert_arrived_intact(&env, &sent, &cap);
 }

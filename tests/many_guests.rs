@@ -22,8 +22,12 @@ fn guests_are_independent() {
     let (sock, log) = env.start_backend_with(&["--node-property", "node.autoconnect=false"]);
     let good = ["calm-1", "calm-2", "calm-3"];
     let wav = |n: &str| env.dir.path().join(format!("{n}.wav")).to_str().unwrap().to_string();
+    // Half the guests behave as Linux 7.2 frontends, half as 4.18-7.1 ones.
+    let kernel = |n: &str| FRONTEND_KERNELS[["calm-2", "pauser", "doomed"].contains(&n) as usize];
     let base = |n: &'static str| -> Vec<String> {
         [
+            "--frontend-kernel",
+            kernel(n),
             "--domain",
             n,
             "--play",

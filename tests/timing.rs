@@ -35,21 +35,27 @@ fn periods_follow_the_graph_quantum() {
         ("period 1000, upstream rule", &["--period", "1000", "--period-rule", "upstream"]),
         ("44.1 kHz guest, period 441", &["--rate", "44100", "--period", "441", "--period-rule", "exact"]),
     ];
-    for (what, extra) in cases {
+    // Each case plays twice on one connection, for both frontend
+    // generations: the second OPEN's positions go out as twins.
+    for ((what, extra), kernel) in cases.iter().flat_map(|c| FRONTEND_KERNELS.map(|k| (c, k))) {
+        let what = &format!("{what}, Linux {kernel} frontend");
         let cap = env.dir.path().join("cap.wav");
         let base = ["--domain", "clock-vm", "--play", "tone", "--seconds", "1.5", "--capture-seconds", "1.5"];
-        let args = [&base[..], &["--capture-wav", cap.to_str().unwrap()], extra].concat();
+        let twice = ["--reconnects", "1", "--reconnect-mode", "reopen", "--frontend-kernel", kernel];
+        let args = [&base[..], &["--capture-wav", cap.to_str().unwrap()], &twice[..], extra].concat();
         let (ok, report, err) = env.sim(&sock, &args);
         assert!(ok, "{what}: {err}");
         assert_period_timing(&report, what);
         let p = &report["playback"];
         // With the exact rule every whole period the host moved raised
-        // exactly one interrupt.
+        // exactly one interrupt (the position restarts at each OPEN).
         if extra.contains(&"exact") {
             let period: u64 =
                 extra[extra.iter().position(|a| *a == "--period").unwrap() + 1].parse().unwrap();
             let moved = p["final_position_bytes"].as_u64().unwrap() / 4;
-            assert_eq!(p["period_interrupts"].as_u64().unwrap(), moved / period, "{what}: {p}");
+            assert_eq!(p["last_open_period_interrupts"].as_u64().unwrap(), moved / period, "{what}: {p}");
+            let all = p["period_interrupts"].as_u64().unwrap();
+            assert!(all > moved / period, "{what}: the first play had its interrupts too: {p}");
         }
         // node.latency made the quantum at most half the period.
         let period_frames: u64 =
@@ -70,7 +76,7 @@ fn force_quantum(env: &PwEnv, q: u32) {
 /// changes; never in 8 runs one at a time).
 static ONE_GRAPH_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn quantum_changes(rule: &str, quanta: &[u32]) {
+fn quantum_changes(rule: &str, quanta: &[u32], kernel: &str) {
     let _turn = ONE_GRAPH_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut env = PwEnv::start();
     let (sock, _log) = env.start_backend();
@@ -91,6 +97,8 @@ fn quantum_changes(rule: &str, quanta: &[u32]) {
             rule,
             "--periods",
             "8",
+            "--frontend-kernel",
+            kernel,
         ],
     );
     wait_until("the guest to play", Duration::from_secs(10), || {
@@ -120,13 +128,17 @@ fn quantum_changes(rule: &str, quanta: &[u32]) {
 
 #[test]
 fn quantum_changes_keep_the_upstream_rule_correct() {
-    quantum_changes("upstream", &[256, 128, 512]);
+    for kernel in FRONTEND_KERNELS {
+        quantum_changes("upstream", &[256, 128, 512], kernel);
+    }
 }
 
 #[test]
 fn quantum_changes_keep_the_exact_rule_correct_even_above_the_period() {
     // 2048 frames per cycle is two guest periods per cycle.
-    quantum_changes("exact", &[256, 2048, 128]);
+    for kernel in FRONTEND_KERNELS {
+        quantum_changes("exact", &[256, 2048, 128], kernel);
+    }
 }
 
 /// The guest's position moves on whatever the host does, so a host that

@@ -2,6 +2,8 @@
 //! `snd_xen_front`: requests wait for their response, CUR_POS events move
 //! the hardware pointer, and period interrupts follow either the upstream
 //! rule (strictly more than a period) or the exact rule (at least a period).
+//! Its event handling is that of one of the two generations of the Linux
+//! frontend (`FrontendKernel`), which expect different event ids.
 
 use crate::sndif::wire::{
     decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE,
@@ -26,13 +28,40 @@ pub enum PeriodRule {
     Exact,
 }
 
+/// Which generation of Linux's `snd_xen_front` the frontend's event handling
+/// follows (docs/protocol.md). Both skip, without a word, every event whose
+/// id is not the one they expect, and count its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum FrontendKernel {
+    /// Linux 4.18 to 7.1: the expected id starts at 0 when the event
+    /// channel is set up and is never reset; events are read whenever they
+    /// come.
+    #[value(name = "4.18")]
+    Linux4_18,
+    /// Linux 7.2 and later: at every stream clear (PCM open, hw_params and
+    /// hw_free) the expected id goes back to 0 and `in_cons` to `in_prod`;
+    /// the channel is connected only after a successful OPEN and
+    /// disconnected in hw_free before CLOSE, and no event is read while it
+    /// is disconnected.
+    #[value(name = "7.2")]
+    Linux7_2,
+}
+
 /// What the stream saw, reported at the end.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct StreamReport {
     pub frames: u64,
     pub events: u64,
+    /// Events skipped for their id whose position no neighbouring event
+    /// with the expected id carried: positions this frontend lost.
     pub bad_event_ids: u64,
+    /// Events skipped for their id whose twin (the neighbouring slot, same
+    /// payload) it took: the backend serving the other kernel generation.
+    pub twin_events: u64,
     pub period_interrupts: u64,
+    /// Of those, the ones since the last OPEN (whose position is
+    /// `final_position_bytes`).
+    pub last_open_period_interrupts: u64,
     /// Interrupts that came before the host had moved that many periods.
     pub early_interrupts: u64,
     /// Interrupts that came more than one host cycle after their period
@@ -70,6 +99,14 @@ pub struct FrontStream {
     rsp_cons: u32,
     next_req_id: u16,
     next_evt_id: u16,
+    pub kernel: FrontendKernel,
+    /// The event channel is connected: events are read (7.2 connects it
+    /// only between a successful OPEN and hw_free).
+    evt_connected: bool,
+    /// Payload of the last slot when its event was taken.
+    last_taken: Option<EvtPayload>,
+    /// Payload of a skipped event no taken neighbour has matched yet.
+    unmatched_skip: Option<EvtPayload>,
     // Buffer state after OPEN.
     pub buffer_grefs: Vec<u32>,
     pub dir_grefs: Vec<u32>,
@@ -79,6 +116,8 @@ pub struct FrontStream {
     last_pos_bytes: u64,
     /// Frames the hardware pointer has moved since OPEN.
     pub hw_frames: u64,
+    /// Period interrupts since OPEN.
+    periods_since_open: u64,
     acc_frames: u64,
     pub rule: Option<PeriodRule>,
     /// Frames the last event moved the pointer by.
@@ -92,6 +131,9 @@ pub struct FrontStream {
     pub playback: bool,
 }
 
+/// An event without its id: (type, position, delay).
+type EvtPayload = (u8, u64, u32);
+
 /// One processed CUR_POS: when, the pointer after it (frames since OPEN),
 /// and the delay the backend reported.
 #[derive(Debug, Clone, Copy)]
@@ -104,7 +146,7 @@ pub struct PosEvent {
 impl FrontStream {
     /// Allocates and initialises the request ring and the event page, and
     /// two unbound channels, as the frontend does before Initialised.
-    pub fn new(conn: &mut GuestConn) -> anyhow::Result<FrontStream> {
+    pub fn new(conn: &mut GuestConn, kernel: FrontendKernel) -> anyhow::Result<FrontStream> {
         let ring_gref = conn.grant_page()?;
         let evt_gref = conn.grant_page()?;
         let (req_port, req_ch) = conn.alloc_evtchn()?;
@@ -128,6 +170,10 @@ impl FrontStream {
             rsp_cons: 0,
             next_req_id: 0,
             next_evt_id: 0,
+            kernel,
+            evt_connected: kernel == FrontendKernel::Linux4_18,
+            last_taken: None,
+            unmatched_skip: None,
             buffer_grefs: Vec::new(),
             dir_grefs: Vec::new(),
             buffer_bytes: 0,
@@ -135,6 +181,7 @@ impl FrontStream {
             period_frames: 1,
             last_pos_bytes: 0,
             hw_frames: 0,
+            periods_since_open: 0,
             acc_frames: 0,
             rule: None,
             last_delta: 0,
@@ -253,16 +300,53 @@ impl FrontStream {
         Ok(r)
     }
 
-    pub fn open(&mut self, o: OpenReq, frame_bytes: u32, rule: PeriodRule) -> anyhow::Result<()> {
-        self.request(Request::Open(o))?;
+    /// A stream clear of the 7.2 frontend (PCM open, hw_params, hw_free):
+    /// expected id 0, and the events not yet read are dropped. The 4.18
+    /// frontend resets nothing here: its ids run on with the channel.
+    fn clear(&mut self) {
+        if self.kernel == FrontendKernel::Linux7_2 {
+            self.next_evt_id = 0;
+            let base = self.evt_off;
+            self.mem.store_u32(base + evt_page::IN_CONS, self.mem.load_u32(base + evt_page::IN_PROD));
+            self.settle_unmatched();
+            self.last_taken = None;
+        }
+    }
+
+    /// PCM open, hw_params and prepare (OPEN) of an application; `times`
+    /// hw_params + prepare rounds, as an application that sets its
+    /// parameters twice sends OPEN twice without CLOSE.
+    pub fn open_times(&mut self, o: OpenReq, frame_bytes: u32, rule: PeriodRule, times: u32) -> anyhow::Result<()> {
+        self.clear(); // PCM open
+        for _ in 0..times.max(1) {
+            self.clear(); // hw_params
+            self.request(Request::Open(o))?;
+        }
         self.frame_bytes = frame_bytes;
         self.period_frames = (o.period_sz / frame_bytes).max(1) as u64;
         self.last_pos_bytes = 0;
         self.hw_frames = 0;
+        self.periods_since_open = 0;
+        self.report.last_open_period_interrupts = 0;
         self.acc_frames = 0;
-        // Like snd_xen_front: the expected event id is reset only when the
-        // channel is set up, never by OPEN.
         self.rule = Some(rule);
+        // 7.2 connects the channel after a successful prepare.
+        self.evt_connected = true;
+        Ok(())
+    }
+
+    pub fn open(&mut self, o: OpenReq, frame_bytes: u32, rule: PeriodRule) -> anyhow::Result<()> {
+        self.open_times(o, frame_bytes, rule, 1)
+    }
+
+    /// hw_free and CLOSE: 7.2 disconnects the channel first and clears the
+    /// stream after.
+    pub fn close(&mut self) -> anyhow::Result<()> {
+        if self.kernel == FrontendKernel::Linux7_2 {
+            self.evt_connected = false;
+        }
+        self.request(Request::Close)?;
+        self.clear();
         Ok(())
     }
 
@@ -307,8 +391,13 @@ impl FrontStream {
         self.report.pcm_delay_frames = if self.playback { appl - hw + d } else { hw - appl + d };
     }
 
-    /// Consumes the event page like `evtchnl_interrupt_evt` does.
+    /// Consumes the event page like `evtchnl_interrupt_evt` does: every
+    /// slot counts, an event with another id than expected is skipped. A
+    /// disconnected channel (7.2, outside OPEN..hw_free) reads nothing.
     pub fn process_events(&mut self) -> usize {
+        if !self.evt_connected {
+            return 0;
+        }
         let base = self.evt_off;
         let prod = self.mem.load_u32(base + evt_page::IN_PROD);
         let mut cons = self.mem.load_u32(base + evt_page::IN_CONS);
@@ -318,10 +407,12 @@ impl FrontStream {
             cons = cons.wrapping_add(1);
             let expected = self.next_evt_id;
             self.next_evt_id = self.next_evt_id.wrapping_add(1);
+            let payload = (ty, pos, delay);
             if id != expected {
-                self.report.bad_event_ids += 1;
+                self.on_skipped(payload);
                 continue;
             }
+            self.on_taken(payload);
             if ty == evt::CUR_POS {
                 self.on_cur_pos(pos, delay);
                 n += 1;
@@ -329,6 +420,33 @@ impl FrontStream {
         }
         self.mem.store_u32(base + evt_page::IN_CONS, cons);
         n
+    }
+
+    /// Accounts a skipped event: a twin when the slot before was taken with
+    /// the same payload, otherwise held until the next taken one says.
+    fn on_skipped(&mut self, payload: EvtPayload) {
+        if self.last_taken.take() == Some(payload) {
+            self.report.twin_events += 1;
+        } else {
+            self.settle_unmatched();
+            self.unmatched_skip = Some(payload);
+        }
+    }
+
+    fn on_taken(&mut self, payload: EvtPayload) {
+        if self.unmatched_skip == Some(payload) {
+            self.unmatched_skip = None;
+            self.report.twin_events += 1;
+        }
+        self.settle_unmatched();
+        self.last_taken = Some(payload);
+    }
+
+    /// A skipped event that no taken neighbour matched was lost.
+    fn settle_unmatched(&mut self) {
+        if self.unmatched_skip.take().is_some() {
+            self.report.bad_event_ids += 1;
+        }
     }
 
     fn on_cur_pos(&mut self, pos: u64, delay: u32) {
@@ -368,7 +486,9 @@ impl FrontStream {
     fn period_elapsed(&mut self) {
         let r = &mut self.report;
         r.period_interrupts += 1;
-        let period_end = r.period_interrupts * self.period_frames;
+        self.periods_since_open += 1;
+        r.last_open_period_interrupts = self.periods_since_open;
+        let period_end = self.periods_since_open * self.period_frames;
         if self.hw_frames < period_end {
             r.early_interrupts += 1;
             return;

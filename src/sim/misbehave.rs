@@ -26,8 +26,6 @@ pub enum Misbehave {
     BadGref,
     /// A request with an opcode that does not exist.
     UnknownOp,
-    /// OPEN while already open.
-    OpenTwice,
     /// TRIGGER START before any OPEN.
     TriggerBeforeOpen,
     /// OPEN with a format the card does not offer.
@@ -106,12 +104,6 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
         Misbehave::UnknownOp => {
             s.alloc_buffer(&mut g.conn, buffer)?;
             status = reply(s.try_request(Request::Unknown(42))?, &mut closed);
-        }
-        Misbehave::OpenTwice => {
-            s.alloc_buffer(&mut g.conn, buffer)?;
-            s.request(Request::Open(open_req(o, s, fmt)))?;
-            status = reply(s.try_request(Request::Open(open_req(o, s, fmt)))?, &mut closed);
-            s.request(Request::Close)?;
         }
         Misbehave::TriggerBeforeOpen => {
             s.alloc_buffer(&mut g.conn, buffer)?;

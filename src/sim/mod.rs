@@ -11,7 +11,7 @@ pub mod signal;
 use crate::sndif::{keys, trigger, OpenReq, PcmFormat, Request, XenbusState};
 use crate::xen::loopback::client::GuestConn;
 use anyhow::{bail, Context};
-use front::{FrontStream, PeriodRule, StreamReport};
+use front::{FrontStream, FrontendKernel, PeriodRule, StreamReport};
 use serde::Serialize;
 use signal::Signal;
 use std::path::PathBuf;
@@ -58,6 +58,15 @@ pub struct SimOptions {
     /// Period-interrupt rule of the simulated frontend driver.
     #[arg(long, value_enum, default_value = "upstream")]
     pub period_rule: PeriodRule,
+    /// Event handling of the simulated frontend: Linux 4.18 to 7.1 (event
+    /// ids counted from the channel's setup) or 7.2 and later (ids from 0
+    /// at every stream clear, the channel connected only while prepared).
+    #[arg(long, value_enum, default_value = "4.18")]
+    pub frontend_kernel: FrontendKernel,
+    /// The applications set their hardware parameters twice, as ALSA
+    /// allows: the frontend sends a second OPEN without CLOSE.
+    #[arg(long)]
+    pub hw_params_twice: bool,
     /// Opt in to the delay extension (`feature-delay-report`).
     #[arg(long)]
     pub delay_report: bool,
@@ -192,8 +201,8 @@ fn handshake(
 /// New rings, event pages and channels for both streams, published in
 /// xenstore, then Initialised.
 fn publish(o: &SimOptions, conn: &mut GuestConn, fe: &str) -> anyhow::Result<(FrontStream, FrontStream)> {
-    let playback = FrontStream::new(conn)?;
-    let mut capture = FrontStream::new(conn)?;
+    let playback = FrontStream::new(conn, o.frontend_kernel)?;
+    let mut capture = FrontStream::new(conn, o.frontend_kernel)?;
     capture.playback = false;
     for (idx, s) in [(0, &playback), (1, &capture)] {
         let p = format!("{fe}/0/{idx}");
@@ -368,10 +377,12 @@ fn run_streams(
     })
 }
 
-/// OPEN in the simulated applications' format: S16_LE at the chosen rate.
+/// OPEN in the simulated applications' format: S16_LE at the chosen rate
+/// (twice, without CLOSE, with --hw-params-twice).
 fn open_s16(o: &SimOptions, s: &mut FrontStream) -> anyhow::Result<()> {
     let fmt = PcmFormat::S16Le;
-    s.open(open_req(o, s, fmt), fmt.sample_bytes() as u32 * o.channels as u32, o.period_rule)
+    let frame = fmt.sample_bytes() as u32 * o.channels as u32;
+    s.open_times(open_req(o, s, fmt), frame, o.period_rule, if o.hw_params_twice { 2 } else { 1 })
 }
 
 fn as_bytes(samples: &[i16]) -> Vec<u8> {
@@ -451,7 +462,7 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16], stop: &AtomicBool) -> 
     }
     s.report.frames = appl / frame;
     s.request(Request::Trigger(trigger::STOP))?;
-    s.request(Request::Close)?;
+    s.close()?;
     Ok(())
 }
 
@@ -490,7 +501,7 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
     }
     s.report.frames = appl / frame;
     s.request(Request::Trigger(trigger::STOP))?;
-    s.request(Request::Close)?;
+    s.close()?;
     out.truncate(want as usize);
     Ok(out.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())
 }

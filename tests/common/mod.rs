@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_xen-vsnd");
 /// The graph driver: `pw-modules/null-sink.conf`.
 pub const SINK: &str = "null-sink";
+/// The generations of Linux's frontend a simulated guest behaves as
+/// (`sim-guest --frontend-kernel`): 4.18 to 7.1, and 7.2 on, which expect
+/// different event ids. Tests of event ids, period interrupts, reopen and
+/// reconnect run against both.
+pub const FRONTEND_KERNELS: [&str; 2] = ["4.18", "7.2"];
 
 /// Polls `cond` until it holds or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -312,22 +317,21 @@ impl Drop for PwEnv {
 /// A guest (`domain`) records 5 s of its capture stream while the 2 s
 /// pattern plays into the sink, started once the host's capture port
 /// `linked_port` is linked (WirePlumber links capture streams to the sink's
-/// monitor when there is no source). Returns the guest's report, the
-/// pattern and the guest's recording.
+/// monitor when there is no source). `extra` goes to the guest's command
+/// line. Returns the guest's report, the pattern and the guest's recording.
 pub fn capture_what_the_sink_plays(
     env: &PwEnv,
     sock: &Path,
     domain: &str,
     linked_port: &str,
+    extra: &[&str],
 ) -> (serde_json::Value, Vec<i16>, PathBuf) {
     let src = env.dir.path().join(format!("{domain}-src.wav"));
     let sent = pattern(2.0);
     xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
     let cap = env.dir.path().join(format!("{domain}-captured.wav"));
-    let sim = env.spawn_sim(
-        sock,
-        &["--domain", domain, "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()],
-    );
+    let args = ["--domain", domain, "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()];
+    let sim = env.spawn_sim(sock, &[&args[..], extra].concat());
     wait_until("the guest's capture stream to be linked", Duration::from_secs(10), || {
         env.links().contains(linked_port)
     });
