@@ -33,7 +33,8 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
     let mut rec = env.record_monitor(&wav);
     let seconds = 8.0;
     let secs = seconds.to_string();
-    let good_args = ["--domain", "good-vm", "--play", "pattern", "--seconds", &secs, "--frontend-kernel", "7.2"];
+    let good_args =
+        ["--domain", "good-vm", "--play", "pattern", "--seconds", &secs, "--frontend-kernel", "7.2"];
     let good = env.spawn_sim(&sock, &good_args);
     wait_until("the good guest to play", Duration::from_secs(10), || {
         env.links().contains("xen-vsnd.good-vm.0.0.playback:output_FL")

@@ -316,7 +316,13 @@ impl FrontStream {
     /// PCM open, hw_params and prepare (OPEN) of an application; `times`
     /// hw_params + prepare rounds, as an application that sets its
     /// parameters twice sends OPEN twice without CLOSE.
-    pub fn open_times(&mut self, o: OpenReq, frame_bytes: u32, rule: PeriodRule, times: u32) -> anyhow::Result<()> {
+    pub fn open_times(
+        &mut self,
+        o: OpenReq,
+        frame_bytes: u32,
+        rule: PeriodRule,
+        times: u32,
+    ) -> anyhow::Result<()> {
         self.clear(); // PCM open
         for _ in 0..times.max(1) {
             self.clear(); // hw_params
