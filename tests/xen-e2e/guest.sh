@@ -24,6 +24,7 @@ trap 'echo "GUEST: powering off"; poweroff -f' USR2 TERM
 
 for i in $(seq 120); do grep -q "[0-9]" /proc/asound/cards 2>/dev/null && break; sleep 0.5; done
 echo "GUEST: cards"; cat /proc/asound/cards; echo "GUEST: pcms"; cat /proc/asound/pcm 2>/dev/null
+echo "GUEST: kernel $(uname -r)"
 echo "GUEST: ready"
 
 # A 2.5 s buffer and 200 ms periods: under emulation the host graph can take
@@ -107,7 +108,7 @@ pw_link_stereo() { pw-link $1FL $2FL && pw-link $1FR $2FR; }
 
 run_step() {
     case $1 in
-    play48)
+    play48|replay2|replay3)
         aplay -D hw:0,0 $BUF /pattern48.wav ;;
     play44)
         aplay -D hw:0,0 $BUF /pattern44.wav ;;
