@@ -72,7 +72,6 @@ struct vsnd_stream {
 	evtchn_port_t evt_port;
 	int evt_irq;
 	u32 evt_cons;
-	u16 evt_id;			/* next expected event id */
 
 	/* The shared buffer and its page directory, from hw_params. */
 	void *buf;

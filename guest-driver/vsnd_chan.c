@@ -185,9 +185,14 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 		u32 delay;
 
 		memcpy(&evt, &XENSND_IN_RING_REF(page, s->evt_cons), sizeof(evt));
-		/* Ids run on for the life of the channel; a gap only means
-		 * events were lost, the position in the next one is absolute. */
-		s->evt_id = evt.id + 1;
+		/*
+		 * The id is not checked: positions are absolute, so a lost
+		 * event costs nothing but its timing. A backend that serves
+		 * every generation of the upstream frontend (xen-vsnd's twin
+		 * events, docs/protocol.md) sends some positions twice, with
+		 * different ids; the second moves nothing (vsnd_handle_cur_pos
+		 * takes a zero delta as a no-op).
+		 */
 		if (evt.type != XENSND_EVT_CUR_POS)
 			continue;
 		memcpy(&delay, (u8 *)&evt + VSND_EVT_DELAY_OFFSET, sizeof(delay));
@@ -276,7 +281,6 @@ static int vsnd_stream_alloc(struct vsnd_stream *s)
 
 	s->dead = false;
 	s->next_req_id = 0;
-	s->evt_id = 0;
 	s->evt_cons = 0;
 	s->async_errors = 0;
 
