@@ -152,8 +152,8 @@ capture_step() {   # capture_step <guest step> <label>
     wait_for 60 sh -c "pw-link -l | grep -q 'xen-vsnd.$guest.0.0.capture:input_FL'"
     # The guest says when its capture runs: play only then.
     wait_for 60 sh -c "[ \"\$(xenstore-read /local/domain/$domid/data/capturing)\" = $1 ]"
-    check "$2guest capture node in dom0 PipeWire, linked" node_exists xen-vsnd.$guest.0.0.capture
     pw-play --target null-sink $work/guest/pattern48.wav >>/run/play.log 2>&1
+    check "$2guest capture node in dom0 PipeWire, linked" node_exists xen-vsnd.$guest.0.0.capture
     wait_for 60 guest_said "GUEST: $1 (ok|failed)"
     check "$2dom0 plays into the guest's capture: the guest records it intact ($1)" guest_step_ok $1
 }

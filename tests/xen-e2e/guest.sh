@@ -32,6 +32,10 @@ echo "GUEST: ready"
 # period passes within 1.1 buffer lengths. Long periods also mean a large
 # quantum in dom0: fewer wake-ups for the emulated machine.
 BUF="-B 2500000 -F 200000"
+# Capture steps record this long: dom0 starts the 3 s pattern once told
+# the capture runs, which took up to 9 s under emulation (pw-cli, pw-play
+# and WirePlumber's link each start slowly): more than twice that.
+CAPTURE_SECONDS=22 CAPTURE_FRAMES=1056000
 
 # wait_until <seconds> <command...>: polls until the command succeeds.
 wait_until() {
@@ -53,11 +57,12 @@ runs_mmap() {
 }
 # record_pattern <step>: once the recorder ($rec) runs on the card, tell
 # dom0 (data/capturing), which plays the pattern into the sink whose monitor
-# feeds the guest; after 10 s captured, compare.
+# feeds the guest; after $CAPTURE_SECONDS s captured, compare.
 record_pattern() {
     runs_mmap $pcmc || return 1
     xenstore-write data/capturing $1
-    wait_until 60 pcm_past $pcmc hw_ptr 480000 || { echo "the card did not capture 10 s: $(cat $pcmc/status)"; return 1; }
+    wait_until 60 pcm_past $pcmc hw_ptr $CAPTURE_FRAMES ||
+        { echo "the card did not capture $CAPTURE_SECONDS s: $(cat $pcmc/status)"; return 1; }
     kill -INT $rec; wait $rec
     xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav
 }
@@ -172,7 +177,7 @@ run_step() {
         # Record; once the capture really runs, tell dom0 (data/capturing)
         # so that it plays the pattern into the sink whose monitor feeds us.
         mode=; [ $1 = capturemmap ] && mode=-M
-        arecord $mode -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d 10 /tmp/cap.wav &
+        arecord $mode -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d $CAPTURE_SECONDS /tmp/cap.wav &
         rec=$!
         wait_until 10 grep -q RUNNING $pcmc/status
         xenstore-write data/capturing $1
