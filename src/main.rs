@@ -200,6 +200,9 @@ fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options)
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
     }
+    // Before anything touches the transport or the host.
+    let _instance =
+        xen_vsnd::backend::instance::claim(&xen_vsnd::backend::instance::transport_key(transport))?;
     let host: Arc<dyn HostBackend> = match host {
         HostChoice::PipeWire(c) => Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?),
         HostChoice::Jack(c) => Arc::new(JackHost::start(c).context("starting the JACK host")?),

@@ -351,3 +351,22 @@ fn a_backend_without_realtime_scheduling_says_so() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches(NO_RT_WARNING).count(), 1, "{text}");
 }
+
+/// A second `serve` on the transport of a running one would fight it over
+/// every device: it refuses to start and names the running one, which
+/// goes on serving.
+#[test]
+fn a_second_serve_on_the_same_transport_refuses_to_start() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend();
+    let spec = format!("loopback:{}", sock.display());
+    let out = env.cmd(BIN).args(["serve", "--transport", &spec]).output().unwrap();
+    assert!(!out.status.success(), "the second serve started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let first = env.backend_pid();
+    assert!(err.contains("another xen-vsnd already serves loopback:"), "{err}");
+    assert!(err.contains(&format!("pid {first} ")), "names the running one (pid {first}): {err}");
+    let (ok, report, err) = env.sim(&sock, &["--domain", "still-vm", "--play", "tone", "--seconds", "0.3"]);
+    assert!(ok, "the first one still serves: {err}");
+    assert_eq!(report["playback"]["frames"], 14400);
+}

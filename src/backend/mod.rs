@@ -2,6 +2,7 @@
 //! directory and runs one `Device` per guest device.
 
 pub mod device;
+pub mod instance;
 pub mod pcm;
 pub mod ratelimit;
 pub mod ring;

@@ -63,23 +63,59 @@ impl SharedPages {
 
     /// Copies `dst.len()` bytes out from `off`; false (and nothing copied)
     /// when the range is outside the mapping.
+    ///
+    /// Another domain may write the same bytes at the same time, which a
+    /// plain memcpy is allowed to assume does not happen (it may read a byte
+    /// twice, or merge reads): every read of the mapping is a volatile
+    /// access, aligned words where possible, as vm-memory does.
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> bool {
         if !self.in_range(off, dst.len()) {
             return false;
         }
-        // SAFETY: range checked; the source may change concurrently, which only
-        // affects the values copied, never memory safety of `dst`.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) };
+        // SAFETY: range checked; `src` is valid for reads of `dst.len()`
+        // bytes for as long as `self` lives.
+        let src = unsafe { self.ptr.as_ptr().add(off) };
+        let head = src.align_offset(8).min(dst.len());
+        let words = (dst.len() - head) / 8;
+        for (i, b) in dst[..head].iter_mut().enumerate() {
+            // SAFETY: in range (above).
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+        for (w, chunk) in dst[head..head + words * 8].chunks_exact_mut(8).enumerate() {
+            // SAFETY: in range and 8-byte aligned (`head` aligned it).
+            let v = unsafe { (src.add(head + w * 8) as *const u64).read_volatile() };
+            chunk.copy_from_slice(&v.to_ne_bytes());
+        }
+        for (i, b) in dst.iter_mut().enumerate().skip(head + words * 8) {
+            // SAFETY: in range.
+            *b = unsafe { src.add(i).read_volatile() };
+        }
         true
     }
 
     /// Copies `src` in at `off`; false when the range is outside the mapping.
+    /// Every write to the mapping is volatile (see `copy_out`).
     pub fn copy_in(&self, off: usize, src: &[u8]) -> bool {
         if !self.in_range(off, src.len()) {
             return false;
         }
         // SAFETY: range checked; we never hold a reference into the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) };
+        let dst = unsafe { self.ptr.as_ptr().add(off) };
+        let head = dst.align_offset(8).min(src.len());
+        let words = (src.len() - head) / 8;
+        for (i, b) in src[..head].iter().enumerate() {
+            // SAFETY: in range.
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
+        for (w, chunk) in src[head..head + words * 8].chunks_exact(8).enumerate() {
+            let v = u64::from_ne_bytes(chunk.try_into().unwrap_or_default());
+            // SAFETY: in range and 8-byte aligned.
+            unsafe { (dst.add(head + w * 8) as *mut u64).write_volatile(v) };
+        }
+        for (i, b) in src.iter().enumerate().skip(head + words * 8) {
+            // SAFETY: in range.
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
         true
     }
 
@@ -139,5 +175,24 @@ mod tests {
         assert_eq!(p.load_u32(3), 0);
         p.store_u32(4, 99);
         assert_eq!(p.load_u32(4), 99);
+    }
+
+    /// The word-wise volatile copies give the same bytes as a plain copy,
+    /// from and to every alignment and length around a word.
+    #[test]
+    fn volatile_copies_are_exact_at_any_alignment() {
+        let p = test_pages(4096);
+        let data: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
+        for off in 0..9 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 200 - off] {
+                p.copy_in(0, &[0u8; 256]);
+                assert!(p.copy_in(off + 100, &data[off..off + len]));
+                let mut back = vec![0u8; len + 2];
+                assert!(p.copy_out(off + 99, &mut back));
+                assert_eq!(back[0], 0, "off {off} len {len}: nothing before");
+                assert_eq!(&back[1..=len], &data[off..off + len], "off {off} len {len}");
+                assert_eq!(back[len + 1], 0, "off {off} len {len}: nothing after");
+            }
+        }
     }
 }

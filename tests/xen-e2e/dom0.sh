@@ -51,7 +51,13 @@ guest_step_ok() {
     why=$(grep -a "GUEST: $1 " $glog | tail -1)
     guest_said "GUEST: $1 ok"
 }
-node_exists() { pw-cli ls Node 2>/dev/null | grep -q "node.name = \"$1\""; }
+# PipeWire's node events, from the start (pw-mon, started below): a guest
+# node may live only as long as one short aplay, shorter than a pw-cli
+# round trip takes under emulation, so nodes are looked up in the events.
+# mark: remembers where the events are now; node_seen <name>: a node of
+# that name appeared since the mark.
+mark() { since=$(($(wc -l </run/pwmon.log) + 1)); }
+node_seen() { tail -n +"${since:-1}" /run/pwmon.log | grep -q "node.name = \"$1\""; }
 # record <rate> <file>: records the null sink's monitor in the background
 # (to tmpfs: writing through 9p under emulation costs too much).
 record() {
@@ -115,6 +121,7 @@ pipewire >/run/pipewire.log 2>&1 &
 wait_for 20 test -S $XDG_RUNTIME_DIR/pipewire-0
 dbus-run-session -- wireplumber >/run/wireplumber.log 2>&1 &
 wait_for 20 sh -c 'pw-cli ls Client | grep -q "\"WirePlumber\""'
+pw-mon -N -a >/run/pwmon.log 2>&1 &
 $bin serve --transport xen >/run/vsnd.log 2>&1 &
 backend=$!
 wait_for 20 grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
@@ -131,10 +138,11 @@ states() {
 # <rate>, dom0 records the sink and compares.
 playback_step() {
     record $2 /run/$1.wav
+    mark
     go $1
-    wait_for 60 node_exists xen-vsnd.$guest.0.0.playback
+    wait_for 60 node_seen xen-vsnd.$guest.0.0.playback
     check "$3guest playback node in dom0 PipeWire, named by the domain ($1)" \
-        node_exists xen-vsnd.$guest.0.0.playback
+        node_seen xen-vsnd.$guest.0.0.playback
     wait_for 90 guest_said "GUEST: $1 (ok|failed)"
     check "$3guest plays S16_LE $2 Hz stereo ($1)" guest_step_ok $1
     sleep 1   # the last frames reach the sink a few cycles after aplay returns
@@ -148,12 +156,15 @@ playback_step() {
 # Capture: the guest records while dom0 plays into the sink whose monitor
 # WirePlumber links to the guest's capture node.
 capture_step() {   # capture_step <guest step> <label>
+    mark
     go $1
     wait_for 60 sh -c "pw-link -l | grep -q 'xen-vsnd.$guest.0.0.capture:input_FL'"
     # The guest says when its capture runs: play only then.
     wait_for 60 sh -c "[ \"\$(xenstore-read /local/domain/$domid/data/capturing)\" = $1 ]"
+    local t0=$SECONDS
     pw-play --target null-sink $work/guest/pattern48.wav >>/run/play.log 2>&1
-    check "$2guest capture node in dom0 PipeWire, linked" node_exists xen-vsnd.$guest.0.0.capture
+    echo "XE: $1: the guest captured from [${t0}s], dom0's pw-play of 3 s ended at [${SECONDS}s]"
+    check "$2guest capture node in dom0 PipeWire, linked" node_seen xen-vsnd.$guest.0.0.capture
     wait_for 60 guest_said "GUEST: $1 (ok|failed)"
     check "$2dom0 plays into the guest's capture: the guest records it intact ($1)" guest_step_ok $1
 }
@@ -176,15 +187,13 @@ restart_step() {
     echo "XE: backend with the guest connected: $(resources $backend)"
 }
 played_again() { [ "$(grep -ac "aplay ok again" $glog)" -gt "$before" ]; }
-# replays <label>: a second and a third aplay on the same connection. Each
-# OPEN after the first starts the event ids anew for a Linux 7.2 frontend
-# and not for older ones: xen-vsnd serves both (docs/protocol.md). aplay
-# returning means its period interrupts came (without them ALSA gives up
-# with EIO); each play is recorded and compared.
-replays() {
-    playback_step replay2 48000 "$1second aplay on the same connection: "
-    playback_step replay3 48000 "$1third aplay on the same connection: "
-}
+# Every phase plays at least three times on one connection, each recorded
+# and compared: the play steps after the first are labelled "second" and
+# "third aplay on the same connection". Each OPEN after the first starts
+# the event ids anew for a Linux 7.2 frontend and not for older ones:
+# xen-vsnd serves both (docs/protocol.md). aplay returning means its period
+# interrupts came (without them ALSA gives up with EIO).
+SECOND="second aplay on the same connection: " THIRD="third aplay on the same connection: "
 # boot_guest <cfg> <label>: xl create, both ends Connected, the card.
 boot_guest() {
     check "$2xl create with a vsnd device (the backend answers the handshake)" xl_create $1
@@ -213,13 +222,13 @@ boot_guest $work/guest.cfg ""
 echo "XE: backend with the guest connected: $(resources $backend)"
 
 playback_step play48 48000 ""
-replays ""
+playback_step replay2 48000 "$SECOND"
 
 capture_step capture ""
 
 # Playback at 44.1 kHz, with the graph at 44.1 kHz so nothing resamples.
 pw-metadata -n settings 0 clock.force-rate 44100 >/dev/null
-playback_step play44 44100 ""
+playback_step play44 44100 "$THIRD"
 pw-metadata -n settings 0 clock.force-rate 0 >/dev/null
 
 restart_step ""
@@ -248,7 +257,8 @@ L="Linux 6.12 snd_xen_front: "
 boot_guest $work/guest612.cfg "$L"
 check "${L}the guest runs Linux 6.12" guest_said "GUEST: kernel 6\.12\."
 playback_step play48 48000 "$L"
-replays "$L"
+playback_step replay2 48000 "$L$SECOND"
+playback_step replay3 48000 "$L$THIRD"
 capture_step capture "$L"
 destroy_guest "$L"
 fi
@@ -265,8 +275,8 @@ check "${L}the card has the configured names (XenSnd, Xen PV Sound)" \
 why=$(grep -a "connected:" $glog)
 check "${L}both ends speak the delay extension" guest_said "connected: 2 streams, delay reports on"
 playback_step play48 48000 "$L"
-replays "$L"
-playback_step play48mmap 48000 "$L"
+playback_step replay2 48000 "$L$SECOND"
+playback_step play48mmap 48000 "$L$THIRD"
 # A guest running PipeWire: its ALSA sink and source use the card through
 # mmap.
 playback_step pwplay 48000 "${L}guest PipeWire: "
