@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod dma;
+pub mod fault;
 pub mod host;
 pub mod sim;
 pub mod sndif;

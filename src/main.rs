@@ -267,7 +267,8 @@ fn sim_guest(o: &SimOptions) -> anyhow::Result<()> {
     if let Some(m) = &report.misbehave {
         // The backend must have refused the bad request or closed the stream.
         let refused = m.status.is_some_and(|s| s < 0) || m.stream_closed;
-        let flood_ok = m.kind == sim::misbehave::Misbehave::NotifyFlood && m.still_served;
+        use sim::misbehave::Misbehave::{NotifyFlood, StateFlood};
+        let flood_ok = matches!(m.kind, NotifyFlood | StateFlood) && m.still_served;
         if !(refused || flood_ok) {
             bail!("backend accepted {:?}", m.kind);
         }

@@ -240,8 +240,18 @@ impl Device {
     fn teardown(&mut self, why: &str) {
         if !self.streams.is_empty() {
             tracing::info!(domid = self.domid, devid = self.devid, "disconnecting: {why}");
+            let started = std::time::Instant::now();
+            if let Some(d) = crate::fault::armed().teardown_delay {
+                std::thread::sleep(d);
+            }
+            self.streams.clear();
+            tracing::info!(
+                domid = self.domid,
+                devid = self.devid,
+                ms = started.elapsed().as_millis() as u64,
+                "disconnected"
+            );
         }
-        self.streams.clear();
         self.published.clear();
     }
 

@@ -7,16 +7,18 @@ pub mod pcm;
 pub mod ratelimit;
 pub mod ring;
 pub mod service;
+pub mod worker;
 
 use crate::host::HostBackend;
 use crate::sndif::keys;
-use crate::xen::Transport;
+use crate::xen::{Transport, WatchEvent};
 use device::{Device, Services};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
+use worker::DeviceWorker;
 
 const ROOT_TOKEN: &str = "vsnd-root";
 
@@ -53,56 +55,150 @@ pub fn run(
     let root = format!("/local/domain/{}/backend/vsnd", transport.own_domid);
     s.store.watch(&root, ROOT_TOKEN)?;
     tracing::info!("serving vsnd devices under {root}");
-    let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
+    let mut d = Dispatcher { s, root, devices: BTreeMap::new(), by_token: HashMap::new() };
     while !shutdown.load(Ordering::Relaxed) {
         match transport.watch_events.recv_timeout(Duration::from_millis(200)) {
-            Ok(_) => while transport.watch_events.try_recv().is_ok() {},
-            Err(RecvTimeoutError::Timeout) => continue,
+            Ok(ev) => {
+                d.route(&ev);
+                while let Ok(ev) = transport.watch_events.try_recv() {
+                    d.route(&ev);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        rescan(&s, &root, &mut devices);
-        devices.retain(|_, d| {
-            let keep = d.step(&s);
-            if !keep {
-                let _ = s.store.unwatch(&format!("{}/{}", d.fe, keys::STATE), &d.be);
-            }
-            keep
-        });
+        d.reap();
     }
-    for d in devices.values_mut() {
-        d.shutdown(&s);
-    }
+    d.shutdown();
     Ok(())
 }
 
-/// Adds a `Device` for every `<root>/<domid>/<devid>` that has a frontend.
-fn rescan(s: &Services, root: &str, devices: &mut BTreeMap<(u32, u32), Device>) {
-    for dom in s.store.directory(root).unwrap_or_default() {
-        let Ok(domid) = dom.parse::<u32>() else {
-            continue;
+/// Keys the backend writes in a device's backend directory itself: their
+/// watch events are our own writes, not news for the device.
+const OWN_KEYS: [&str; 4] = [keys::STATE, keys::FEATURE_DELAY_REPORT, keys::BE_VERSIONS, "error"];
+
+/// Routes xenstore watch events to the one device they concern; each device
+/// runs on its own worker.
+struct Dispatcher {
+    s: Services,
+    root: String,
+    /// Each device's worker and its frontend-state watch path.
+    devices: BTreeMap<(u32, u32), (DeviceWorker, String)>,
+    /// A device's frontend-state watch token (its backend path) → device.
+    by_token: HashMap<String, (u32, u32)>,
+}
+
+impl Dispatcher {
+    fn route(&mut self, ev: &WatchEvent) {
+        if ev.token != ROOT_TOKEN {
+            if let Some((w, _)) = self.by_token.get(&ev.token).and_then(|k| self.devices.get(k)) {
+                w.wake();
+            }
+            return;
+        }
+        let rel: Option<Vec<&str>> = match ev.path.strip_prefix(&self.root) {
+            Some("") => Some(Vec::new()),
+            Some(r) => r.strip_prefix('/').map(|r| r.split('/').collect()),
+            None => None,
         };
-        for dev in s.store.directory(&format!("{root}/{dom}")).unwrap_or_default() {
-            let Ok(devid) = dev.parse::<u32>() else {
+        match rel.as_deref() {
+            // The root itself (its first event, or removed) or above it.
+            None | Some([]) => self.rescan(None),
+            Some([dom]) => {
+                if let Ok(domid) = dom.parse::<u32>() {
+                    self.rescan(Some(domid));
+                }
+            }
+            Some([dom, dev, rest @ ..]) => {
+                let (Ok(domid), Ok(devid)) = (dom.parse::<u32>(), dev.parse::<u32>()) else {
+                    return;
+                };
+                self.reap();
+                match self.devices.get(&(domid, devid)) {
+                    Some((w, _)) if !matches!(rest, [k] if OWN_KEYS.contains(k)) => w.wake(),
+                    Some(_) => {}
+                    None => self.add(domid, devid),
+                }
+            }
+        }
+    }
+
+    /// Adds the devices of every domain (or of `domid`) not known yet and
+    /// wakes the known ones, which find out themselves what changed.
+    fn rescan(&mut self, domid: Option<u32>) {
+        self.reap();
+        let doms = match domid {
+            Some(d) => vec![d.to_string()],
+            None => self.s.store.directory(&self.root).unwrap_or_default(),
+        };
+        for dom in doms {
+            let Ok(domid) = dom.parse::<u32>() else {
                 continue;
             };
-            if devices.contains_key(&(domid, devid)) {
-                continue;
+            for dev in self.s.store.directory(&format!("{}/{dom}", self.root)).unwrap_or_default() {
+                if let Ok(devid) = dev.parse::<u32>() {
+                    self.add(domid, devid);
+                }
             }
-            let be = format!("{root}/{dom}/{dev}");
-            let Some(fe) = s.store.read(&format!("{be}/{}", keys::FRONTEND)).ok().flatten() else {
-                continue;
-            };
-            // The frontend path is toolstack-written; still, insist it is the
-            // guest's own device directory before watching it.
-            if !fe.starts_with(&format!("/local/domain/{domid}/device/vsnd/")) {
-                tracing::warn!(domid, "ignoring vsnd device with frontend path {fe:?}");
-                continue;
+        }
+        for (_, (w, _)) in self.devices.iter().filter(|((d, _), _)| domid.map_or(true, |x| x == *d)) {
+            w.wake();
+        }
+    }
+
+    /// Starts serving `<root>/<domid>/<devid>` if it has a frontend.
+    fn add(&mut self, domid: u32, devid: u32) {
+        if self.devices.contains_key(&(domid, devid)) {
+            return;
+        }
+        let be = format!("{}/{domid}/{devid}", self.root);
+        let Some(fe) = self.s.store.read(&format!("{be}/{}", keys::FRONTEND)).ok().flatten() else {
+            return;
+        };
+        // The frontend path is toolstack-written; still, insist it is the
+        // guest's own device directory before watching it.
+        if !fe.starts_with(&format!("/local/domain/{domid}/device/vsnd/")) {
+            tracing::warn!(domid, "ignoring vsnd device with frontend path {fe:?}");
+            return;
+        }
+        let watch = format!("{fe}/{}", keys::STATE);
+        if let Err(e) = self.s.store.watch(&watch, &be) {
+            tracing::warn!(domid, "cannot watch {watch}: {e:#}");
+            return;
+        }
+        match DeviceWorker::spawn(Device::new(domid, devid, be.clone(), fe), self.s.clone()) {
+            Ok(w) => {
+                self.by_token.insert(be, (domid, devid));
+                self.devices.insert((domid, devid), (w, watch));
             }
-            if let Err(e) = s.store.watch(&format!("{fe}/{}", keys::STATE), &be) {
-                tracing::warn!(domid, "cannot watch {fe}: {e:#}");
-                continue;
+            Err(e) => {
+                tracing::warn!(domid, devid, "cannot start the device's thread: {e:#}");
+                let _ = self.s.store.unwatch(&watch, &be);
             }
-            devices.insert((domid, devid), Device::new(domid, devid, be, fe));
+        }
+    }
+
+    /// Forgets the devices whose directory went away.
+    fn reap(&mut self) {
+        let gone: Vec<(u32, u32)> =
+            self.devices.iter().filter(|(_, (w, _))| w.is_gone()).map(|(k, _)| *k).collect();
+        for (domid, devid) in gone {
+            let be = format!("{}/{domid}/{devid}", self.root);
+            self.by_token.remove(&be);
+            if let Some((w, watch)) = self.devices.remove(&(domid, devid)) {
+                w.join();
+                let _ = self.s.store.unwatch(&watch, &be);
+            }
+        }
+    }
+
+    /// Backend exit: every device shuts down at once.
+    fn shutdown(self) {
+        for (w, _) in self.devices.values() {
+            w.stop();
+        }
+        for (_, (w, _)) in self.devices {
+            w.join();
         }
     }
 }

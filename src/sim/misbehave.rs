@@ -36,6 +36,9 @@ pub enum Misbehave {
     BadChannels,
     /// Hundreds of thousands of notifications with no request.
     NotifyFlood,
+    /// The frontend rewrites its own state key (Connected) 10,000 times a
+    /// second for --seconds: every write fires the backend's watch.
+    StateFlood,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +50,8 @@ pub struct Outcome {
     pub stream_closed: bool,
     /// A well-formed request afterwards was answered with success.
     pub still_served: bool,
+    /// How many times a flood did its thing.
+    pub count: u64,
 }
 
 pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Outcome> {
@@ -58,6 +63,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
     let s = &mut g.playback;
     let mut status = None;
     let mut closed = false;
+    let mut count = 0u64;
     match kind {
         Misbehave::RingOverflow => {
             s.alloc_buffer(&mut g.conn, buffer)?;
@@ -128,6 +134,25 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
                 n += 1;
             }
             tracing::info!("sent {n} notifications");
+            count = n;
+        }
+        Misbehave::StateFlood => {
+            s.alloc_buffer(&mut g.conn, buffer)?;
+            let state = format!("{}/{}", g.fe, crate::sndif::keys::STATE);
+            let start = Instant::now();
+            let until = Duration::from_secs_f64(o.seconds);
+            while start.elapsed() < until {
+                // 10,000 a second, in bursts of 100.
+                for _ in 0..100 {
+                    g.conn.write(&state, crate::sndif::XenbusState::Connected.as_str())?;
+                    count += 1;
+                }
+                let due = Duration::from_micros(count * 100);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            tracing::info!("wrote the state key {count} times in {:?}", start.elapsed());
         }
     }
     // Whatever happened, a well-formed OPEN/CLOSE must be answered unless the
@@ -143,7 +168,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
             Some(r) => r.status == 0 && s.request(Request::Close).is_ok(),
         }
     };
-    Ok(Outcome { kind, status, stream_closed: closed, still_served })
+    Ok(Outcome { kind, status, stream_closed: closed, still_served, count })
 }
 
 fn reply(r: Option<crate::sndif::Response>, closed: &mut bool) -> Option<i32> {

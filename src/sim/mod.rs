@@ -125,6 +125,8 @@ pub struct Report {
     pub reconnects: u32,
     /// What GET_VOLUME returned after `--set-volume-mdb`.
     pub volume_mdb: Option<Vec<i32>>,
+    /// From the guest's connection to both ends Connected.
+    pub handshake_ms: u64,
     pub latency: Option<latency::LatencyReport>,
 }
 
@@ -166,6 +168,7 @@ fn card_entries(o: &SimOptions) -> Vec<(String, String)> {
 
 pub struct Guest {
     pub conn: GuestConn,
+    pub handshake: Duration,
     pub fe: String,
     pub be: String,
     pub playback: FrontStream,
@@ -220,11 +223,12 @@ fn publish(o: &SimOptions, conn: &mut GuestConn, fe: &str) -> anyhow::Result<(Fr
 
 /// Connects as a new domain and performs the xenbus handshake.
 pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
+    let start = Instant::now();
     let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
     let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
     let be = conn.read(&format!("{fe}/{}", keys::BACKEND))?.context("no backend path")?;
     let (playback, capture) = handshake(o, &mut conn, &fe, &be)?;
-    Ok(Guest { conn, fe, be, playback, capture })
+    Ok(Guest { conn, handshake: start.elapsed(), fe, be, playback, capture })
 }
 
 impl Guest {
@@ -278,7 +282,12 @@ pub fn open_req(o: &SimOptions, s: &FrontStream, format: PcmFormat) -> OpenReq {
 /// Runs the guest as configured and returns its report.
 pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
     let mut g = connect(o)?;
-    let mut report = Report { domain: o.domain.clone(), domid: g.conn.domid, ..Default::default() };
+    let mut report = Report {
+        domain: o.domain.clone(),
+        domid: g.conn.domid,
+        handshake_ms: g.handshake.as_millis() as u64,
+        ..Default::default()
+    };
     if let Some(m) = o.misbehave {
         report.misbehave = Some(misbehave::run(m, o, &mut g)?);
         return Ok(report);

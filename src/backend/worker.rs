@@ -1,0 +1,107 @@
+//! One thread per vsnd device. A device's handshake, its streams' setup and
+//! its teardown run there, so that one device's slow step (a host that
+//! takes seconds to let go of a stream, a device's ALSA play-out) never
+//! holds up another guest's. The dispatcher (`backend::run`) only wakes it.
+//!
+//! Wake-ups coalesce: however many xenstore events arrive while the device
+//! is busy, it steps once more afterwards, and never more often than every
+//! `MIN_STEP_INTERVAL`. A guest that rewrites its state key as fast as it
+//! can therefore costs dom0 a bounded number of steps a second.
+
+use super::device::{Device, Services};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// At most this many steps a second per device (each reads a handful of
+/// xenstore keys).
+const MIN_STEP_INTERVAL: Duration = Duration::from_millis(5);
+
+#[derive(Default)]
+struct Signal {
+    /// (a step is due, the backend is exiting)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+pub struct DeviceWorker {
+    signal: Arc<Signal>,
+    /// Set when the device is gone (its directory was removed).
+    gone: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeviceWorker {
+    /// Starts the device's thread; it steps once right away.
+    pub fn spawn(mut device: Device, services: Services) -> anyhow::Result<DeviceWorker> {
+        let signal = Arc::new(Signal { state: Mutex::new((true, false)), cv: Condvar::new() });
+        let gone = Arc::new(AtomicBool::new(false));
+        let (sig, done) = (signal.clone(), gone.clone());
+        let name = format!("vsnd-dev{}.{}", device.domid, device.devid);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let mut last = Instant::now() - MIN_STEP_INTERVAL;
+            loop {
+                {
+                    let mut st = sig.state.lock().unwrap_or_else(|e| e.into_inner());
+                    while !st.0 && !st.1 {
+                        st = sig.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if st.1 {
+                        break;
+                    }
+                    st.0 = false;
+                }
+                // Pace before the step: the events that come meanwhile
+                // fold into it.
+                let since = last.elapsed();
+                if since < MIN_STEP_INTERVAL {
+                    std::thread::sleep(MIN_STEP_INTERVAL - since);
+                    sig.state.lock().unwrap_or_else(|e| e.into_inner()).0 = false;
+                }
+                last = Instant::now();
+                if !device.step(&services) {
+                    done.store(true, Ordering::Release);
+                    return;
+                }
+            }
+            device.shutdown(&services);
+        })?;
+        Ok(DeviceWorker { signal, gone, thread: Some(thread) })
+    }
+
+    /// Asks for one more step.
+    pub fn wake(&self) {
+        self.signal.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        self.signal.cv.notify_one();
+    }
+
+    /// The device went away and its thread has ended (or is ending).
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// Asks the thread to shut the device down (backend exit) without
+    /// waiting: every device shuts down at once, then `join` waits.
+    pub fn stop(&self) {
+        self.signal.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.signal.cv.notify_one();
+    }
+
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DeviceWorker {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
