@@ -58,10 +58,17 @@ guest_step_ok() {
 # that name appeared since the mark.
 mark() { since=$(($(wc -l </run/pwmon.log) + 1)); }
 node_seen() { tail -n +"${since:-1}" /run/pwmon.log | grep -q "node.name = \"$1\""; }
+# $RT <command...>: runs a PipeWire client at real-time priority (chrt
+# execs it: $! of a background one is the client's pid). pw-play
+# and pw-record process audio in their main thread: at normal priority,
+# under emulation, a cycle now and then came too late and the sink mixed
+# one quantum of silence for the player (seen in a guest's capture, with
+# xen-vsnd's own capture stream on time: late_cycles=0).
+RT="chrt -f 20"
 # record <rate> <file>: records the null sink's monitor in the background
 # (to tmpfs: writing through 9p under emulation costs too much).
 record() {
-    pw-record --target null-sink -P '{ stream.capture.sink = true node.name = e2e-recorder }' \
+    $RT pw-record --target null-sink -P '{ stream.capture.sink = true node.name = e2e-recorder }' \
         --format s16 --rate $1 --channels 2 "$2" >>/run/record.log 2>&1 &
     rec=$!
     wait_for 20 sh -c 'pw-link -l | grep -q "e2e-recorder:input_FL"'
@@ -162,7 +169,7 @@ capture_step() {   # capture_step <guest step> <label>
     # The guest says when its capture runs: play only then.
     wait_for 60 sh -c "[ \"\$(xenstore-read /local/domain/$domid/data/capturing)\" = $1 ]"
     local t0=$SECONDS
-    pw-play --target null-sink $work/guest/pattern48.wav >>/run/play.log 2>&1
+    $RT pw-play --target null-sink $work/guest/pattern48.wav >>/run/play.log 2>&1
     echo "XE: $1: the guest captured from [${t0}s], dom0's pw-play of 3 s ended at [${SECONDS}s]"
     check "$2guest capture node in dom0 PipeWire, linked" node_seen xen-vsnd.$guest.0.0.capture
     wait_for 60 guest_said "GUEST: $1 (ok|failed)"
