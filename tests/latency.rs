@@ -61,10 +61,6 @@ fn resampled_guest_round_trip_matches_the_reported_delay() {
     assert!(l["error"].as_i64().unwrap().abs() <= 2, "{l}");
 }
 
-fn node_id(env: &PwEnv, name: &str) -> Option<u64> {
-    env.dump().as_array()?.iter().find(|o| o["info"]["props"]["node.name"] == name)?["id"].as_u64()
-}
-
 #[test]
 fn reported_delay_follows_a_loopback_inserted_while_running() {
     let mut env = PwEnv::start();
@@ -90,7 +86,7 @@ fn reported_delay_follows_a_loopback_inserted_while_running() {
     let _lb = Proc(lb.spawn().unwrap(), "loopback");
     let mut id = None;
     wait_until("the loopback nodes", Duration::from_secs(10), || {
-        id = node_id(&env, "dl.in");
+        id = env.node_id("dl.in");
         id.is_some() && env.node_exists("dl.out")
     });
     let r = env

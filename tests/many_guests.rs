@@ -59,7 +59,7 @@ fn guests_are_independent() {
     let names: Vec<&str> = sims.iter().map(|(n, _)| *n).chain(["doomed"]).collect();
     for n in &names {
         wait_until("the guest's nodes", Duration::from_secs(15), || {
-            let ports = String::from_utf8_lossy(&env.run("pw-link", &["-o", "-i"]).stdout).into_owned();
+            let ports = env.ports();
             ports.contains(&format!("{}:output_FR", play(n)))
                 && ports.contains(&format!("{}:input_FR", cap(n)))
         });

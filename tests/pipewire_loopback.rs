@@ -370,3 +370,51 @@ fn a_second_serve_on_the_same_transport_refuses_to_start() {
     assert!(ok, "the first one still serves: {err}");
     assert_eq!(report["playback"]["frames"], 14400);
 }
+
+/// A guest node is a device to the user: it lives as long as the guest's
+/// stream is connected, so a link made by hand (pw-link, qpwgraph) carries
+/// the guest's sound through application restarts and a change of rate.
+/// With autoconnect off nothing else links the node: a round whose node
+/// had lost the link would get no positions and fail.
+#[test]
+fn a_hand_made_link_survives_application_restarts_and_a_rate_change() {
+    let mut env = PwEnv::start();
+    let (sock, log) = env.start_backend_with(&["--node-property", "node.autoconnect=false"]);
+    let node = "xen-vsnd.link-vm.0.0.playback";
+    let sim = env.spawn_sim(
+        &sock,
+        &[
+            "--domain",
+            "link-vm",
+            "--play",
+            "tone",
+            "--seconds",
+            "0.5",
+            "--start-delay",
+            "2",
+            "--reconnects",
+            "3",
+            "--reconnect-mode",
+            "reopen",
+            "--rates",
+            "48000,48000,44100,48000",
+        ],
+    );
+    // The node is there from the connection on, before any OPEN.
+    wait_until("the guest's node", Duration::from_secs(10), || {
+        env.ports().contains(&format!("{node}:output_FR"))
+    });
+    let id = env.node_id(node).expect("node id");
+    env.link(node, SINK, "output", "playback");
+    let (ok, report, err) = finish_sim(sim);
+    assert!(ok, "a round lost its link: {err}");
+    assert_eq!(report["reconnects"], 3);
+    let p = &report["playback"];
+    assert_eq!(p["frames"], 24000, "the last round played in full: {p}");
+    assert_eq!(p["bad_event_ids"], 0, "{p}");
+    assert_eq!(env.node_id(node), Some(id), "the same node throughout");
+    assert!(env.links().contains(&format!("{node}:output_FL")), "{}", env.links());
+    let text = std::fs::read_to_string(log).unwrap();
+    assert_eq!(text.matches(&format!("opened stream={node} rate=44100")).count(), 1, "{text}");
+    assert_eq!(text.matches(&format!("opened stream={node} rate=48000")).count(), 3, "{text}");
+}

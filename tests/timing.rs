@@ -157,7 +157,7 @@ fn cycles_the_host_runs_late_are_counted() {
 
     let sim = play("late-vm");
     wait_until("the guest to play", Duration::from_secs(10), || {
-        env.links().contains("xen-vsnd.late-vm.0.0.playback:output_FL")
+        env.node_running("xen-vsnd.late-vm.0.0.playback")
     });
     // The host stops the whole backend for ten cycles' time.
     let pid = nix::unistd::Pid::from_raw(env.backend_pid() as i32);

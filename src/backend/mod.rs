@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod instance;
+pub mod lifecycle;
 pub mod pcm;
 pub mod ratelimit;
 pub mod ring;

@@ -1,15 +1,16 @@
 //! One guest PCM stream: answers its requests (OPEN, CLOSE, READ, WRITE,
-//! TRIGGER, HW_PARAM_QUERY, volume and mute) and owns its host stream.
+//! TRIGGER, HW_PARAM_QUERY, volume and mute) and owns its life
+//! (`lifecycle::Phase`) and its host node, which exists for as long as the
+//! stream is connected and runs the stream's engine from OPEN to CLOSE.
 //! Every request field comes from the guest and is validated here.
 
+use super::lifecycle::{Event, Phase};
 use super::ratelimit::LogLimiter;
 use crate::dma::{DmaEngine, DmaShared, EventIndex, EventRing, Geometry};
-use crate::host::{HostBackend, HostStream, StreamSpec};
+use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::config::limits;
 use crate::sndif::wire::{pages_for, GREFS_PER_DIR_PAGE, MSG_SIZE};
-use crate::sndif::{
-    errno, trigger, HwParam, OpenReq, PcmFormat, Request, Response, RwReq, StreamConfig, StreamKind,
-};
+use crate::sndif::{errno, HwParam, OpenReq, PcmFormat, Request, Response, RwReq, StreamConfig, StreamKind};
 use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,8 +50,20 @@ impl StreamIdentity {
         format!("{}: {} {} ({})", self.domain, self.card_long_name, pcm, self.cfg.kind.as_str())
     }
 
+    /// What a node shows before the first OPEN: the configuration's first
+    /// format, 48 kHz when offered (else its highest rate), all channels.
+    fn initial_shape(&self) -> Shape {
+        let p = &self.cfg.params;
+        Shape {
+            format: p.formats.first().copied().unwrap_or(PcmFormat::S16Le),
+            rate: if p.rates.contains(&48000) { 48000 } else { p.rates.last().copied().unwrap_or(48000) },
+            channels: p.channels_max,
+        }
+    }
+
     pub fn spec(&self) -> StreamSpec {
         StreamSpec {
+            initial: self.initial_shape(),
             kind: self.cfg.kind,
             node_name: self.node_name(),
             description: self.description(),
@@ -75,11 +88,11 @@ fn refuse<T>(status: i32, why: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal(status, why.into()))
 }
 
+/// An open stream (any phase but Closed).
 struct Opened {
     geom: Geometry,
     buffer: Arc<SharedPages>,
     shared: Arc<DmaShared>,
-    host: Box<dyn HostStream>,
     /// Per-channel volume in 0.001 dB, and mute flags (SET_VOLUME/MUTE).
     volume_mdb: Vec<i32>,
     muted: Vec<bool>,
@@ -95,7 +108,13 @@ pub struct PcmStream {
     /// OPEN's ids start from it (`dma::events`).
     evt_index: EventIndex,
     report_delay: bool,
+    /// Where the stream is in its protocol life; `opened` is Some exactly
+    /// when it is not Closed.
+    phase: Phase,
     opened: Option<Opened>,
+    /// The host's node for this connected stream (None only while the host
+    /// cannot make one: it is tried again at the next OPEN).
+    node: Option<Box<dyn HostNode>>,
     log: LogLimiter,
     /// Counters at the last `log_stats`, to report the interval since.
     /// (callback time histogram, [underruns, overruns, late cycles])
@@ -114,7 +133,7 @@ impl PcmStream {
         evt_channel: Arc<dyn EventChannel>,
         report_delay: bool,
     ) -> PcmStream {
-        PcmStream {
+        let mut s = PcmStream {
             ident,
             grants,
             host,
@@ -122,10 +141,24 @@ impl PcmStream {
             evt_channel,
             evt_index: EventIndex::default(),
             report_delay,
+            phase: Phase::Closed,
             opened: None,
+            node: None,
             log: LogLimiter::new(Duration::from_secs(10)),
             stats_prev: None,
+        };
+        if let Err(e) = s.attach() {
+            tracing::warn!(stream = %s.ident.node_name(), "no host node yet (tried again at OPEN): {e:#}");
         }
+        s
+    }
+
+    /// Makes the stream's host node if there is none.
+    fn attach(&mut self) -> anyhow::Result<&mut Box<dyn HostNode>> {
+        if self.node.is_none() {
+            self.node = Some(self.host.attach(self.ident.spec())?);
+        }
+        Ok(self.node.as_mut().expect("just made"))
     }
 
     /// Logs guest misbehaviour, at most one line per interval per stream.
@@ -286,10 +319,8 @@ impl PcmStream {
     }
 
     fn open(&mut self, o: &OpenReq) -> Result<(), Refusal> {
-        // An OPEN on an open stream is CLOSE + OPEN: every frontend sends
-        // one when an application calls hw_params twice (ALSA allows it:
-        // the frontend frees its buffer and prepares anew without CLOSE).
-        if self.opened.is_some() {
+        // An OPEN on an open stream is CLOSE + OPEN (`lifecycle`).
+        if self.phase.is_open() {
             tracing::debug!(stream = %self.ident.node_name(), "OPEN while open: the new one replaces it");
             self.close();
         }
@@ -314,10 +345,12 @@ impl PcmStream {
             shared.clone(),
             self.report_delay,
         );
-        let host = self
-            .host
-            .open(self.ident.spec(), engine)
-            .map_err(|e| Refusal(-errno::EIO, format!("OPEN: host stream: {e:#}")))?;
+        let node = self.attach().map_err(|e| Refusal(-errno::EIO, format!("OPEN: host node: {e:#}")))?;
+        if let Err(e) = node.start(engine) {
+            // A node the host lost is made anew at the next OPEN.
+            self.node = None;
+            return refuse(-errno::EIO, format!("OPEN: host node: {e:#}"));
+        }
         let n = geom.channels as usize;
         tracing::info!(
             stream = %self.ident.node_name(),
@@ -325,15 +358,20 @@ impl PcmStream {
             buffer = geom.buffer_bytes, period = geom.period_bytes, "opened"
         );
         self.stats_prev = None;
-        self.opened =
-            Some(Opened { geom, buffer, shared, host, volume_mdb: vec![0; n], muted: vec![false; n] });
+        self.opened = Some(Opened { geom, buffer, shared, volume_mdb: vec![0; n], muted: vec![false; n] });
+        self.phase = self.phase.next(Event::Open).unwrap_or(Phase::Prepared);
         Ok(())
     }
 
-    /// Closes the host stream (the callback is gone when this returns) and
-    /// releases the buffer mapping.
+    /// CLOSE: the node lets go of the engine (its cycle never touches the
+    /// guest's buffer again once this returns) and the buffer mapping is
+    /// released. The node stays, for the next OPEN.
     pub fn close(&mut self) {
+        self.phase = Phase::Closed;
         if let Some(o) = self.opened.take() {
+            if let Some(node) = self.node.as_mut() {
+                node.stop();
+            }
             let s = &o.shared;
             tracing::info!(
                 stream = %self.ident.node_name(),
@@ -352,16 +390,12 @@ impl PcmStream {
                 notify_p99_us = s.notify_time.quantile_us(0.99).unwrap_or(0.0),
                 "closed"
             );
-            drop(o.host);
+            drop(o);
         }
     }
 
     fn opened(&self, what: &str) -> Result<&Opened, Refusal> {
         self.opened.as_ref().ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
-    }
-
-    fn opened_mut(&mut self, what: &str) -> Result<&mut Opened, Refusal> {
-        self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, format!("{what} before OPEN")))
     }
 
     fn check_range(o: &Opened, rw: RwReq, what: &str) -> Result<(), Refusal> {
@@ -390,16 +424,10 @@ impl PcmStream {
     }
 
     fn trigger(&mut self, t: u8) -> Result<(), Refusal> {
+        let next = self.phase.next(Event::Trigger(t)).map_err(|why| Refusal(-errno::EINVAL, why))?;
         let o = self.opened("TRIGGER")?;
-        let run = match t {
-            trigger::START | trigger::RESUME => true,
-            trigger::PAUSE | trigger::STOP => false,
-            other => return refuse(-errno::EINVAL, format!("TRIGGER: unknown type {other}")),
-        };
-        o.shared.running.store(run, Ordering::Release);
-        if run {
-            o.host.set_active(true);
-        }
+        o.shared.running.store(next.is_running(), Ordering::Release);
+        self.phase = next;
         Ok(())
     }
 
@@ -443,18 +471,22 @@ impl PcmStream {
         })
     }
 
-    fn apply_volume(o: &Opened) {
+    fn apply_volume(o: &Opened, node: Option<&dyn HostNode>) {
         let gains = o
             .volume_mdb
             .iter()
             .zip(&o.muted)
             .map(|(mdb, m)| if *m { 0.0 } else { 10f32.powf(*mdb as f32 / 20_000.0).min(1.0) })
             .collect();
-        o.host.set_volume(gains);
+        if let Some(node) = node {
+            node.set_volume(gains);
+        }
     }
 
     fn set_volume(&mut self, rw: RwReq) -> Result<(), Refusal> {
-        let o = self.opened_mut("SET_VOLUME")?;
+        // The field, not `opened_mut`: `self.node` is borrowed too below.
+        let o =
+            self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
         Self::check_range(o, rw, "SET_VOLUME")?;
         let n = o.volume_mdb.len();
         if (rw.length as usize) < n * 4 {
@@ -466,7 +498,7 @@ impl PcmStream {
             // Volumes above 0 dB are clamped: the backend only attenuates.
             *v = i32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]).min(0);
         }
-        Self::apply_volume(o);
+        Self::apply_volume(o, self.node.as_deref());
         Ok(())
     }
 
@@ -482,7 +514,7 @@ impl PcmStream {
     }
 
     fn mute(&mut self, rw: RwReq, mute: bool) -> Result<(), Refusal> {
-        let o = self.opened_mut("MUTE")?;
+        let o = self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "MUTE before OPEN".into()))?;
         Self::check_range(o, rw, "MUTE")?;
         let n = o.muted.len();
         if (rw.length as usize) < n {
@@ -495,7 +527,7 @@ impl PcmStream {
                 *m = mute;
             }
         }
-        Self::apply_volume(o);
+        Self::apply_volume(o, self.node.as_deref());
         Ok(())
     }
 }
@@ -509,9 +541,10 @@ impl Drop for PcmStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::HostStream;
+    use crate::host::HostNode;
     use crate::sndif::config::parse_card;
     use crate::sndif::config::tests::libxl_dump;
+    use crate::sndif::trigger;
     use crate::sndif::wire::GREFS_PER_DIR_PAGE;
     use crate::sndif::PAGE_SIZE;
     use crate::xen::shared::test_pages;
@@ -535,19 +568,24 @@ mod tests {
     }
 
     /// Records the gains it is given; takes only rate `.1` when set; counts
-    /// the host streams open now in `.2`.
+    /// the engines its nodes run now in `.2`, and the nodes it made in `.3`.
     #[derive(Default)]
-    struct FakeHost(Mutex<Vec<Vec<f32>>>, Option<u32>, AtomicU64);
-    struct FakeStream(Arc<FakeHost>);
-    impl HostStream for FakeStream {
-        fn set_active(&self, _: bool) {}
+    struct FakeHost(Mutex<Vec<Vec<f32>>>, Option<u32>, AtomicU64, AtomicU64);
+    struct FakeNode(Arc<FakeHost>, Option<DmaEngine>);
+    impl HostNode for FakeNode {
+        fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
+            self.stop();
+            self.0 .2.fetch_add(1, Ordering::Relaxed);
+            self.1 = Some(engine);
+            Ok(())
+        }
+        fn stop(&mut self) {
+            if self.1.take().is_some() {
+                self.0 .2.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         fn set_volume(&self, gains: Vec<f32>) {
             self.0 .0.lock().unwrap().push(gains);
-        }
-    }
-    impl Drop for FakeStream {
-        fn drop(&mut self) {
-            self.0 .2.fetch_sub(1, Ordering::Relaxed);
         }
     }
     impl HostBackend for Arc<FakeHost> {
@@ -557,9 +595,9 @@ mod tests {
         fn supports_rate(&self, rate: u32) -> bool {
             self.1.is_none_or(|only| only == rate)
         }
-        fn open(&self, _: StreamSpec, _: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
-            self.2.fetch_add(1, Ordering::Relaxed);
-            Ok(Box::new(FakeStream(self.clone())))
+        fn attach(&self, _: StreamSpec) -> anyhow::Result<Box<dyn HostNode>> {
+            self.3.fetch_add(1, Ordering::Relaxed);
+            Ok(Box::new(FakeNode(self.clone(), None)))
         }
     }
 
@@ -686,7 +724,8 @@ mod tests {
         assert_eq!(host.2.load(Ordering::Relaxed), 1);
         let again = OpenReq { rate: 44100, period_sz: 2048, ..open_req(16384) };
         assert_eq!(send(&mut s, Request::Open(again)).status, 0);
-        assert_eq!(host.2.load(Ordering::Relaxed), 1, "the first host stream was closed");
+        assert_eq!(host.2.load(Ordering::Relaxed), 1, "the first engine was stopped");
+        assert_eq!(host.3.load(Ordering::Relaxed), 1, "one node for the connection");
         let geom = s.opened.as_ref().map(|o| o.geom);
         assert_eq!(geom.map(|g| (g.rate, g.buffer_bytes, g.period_bytes)), Some((44100, 16384, 2048)));
         assert_eq!(send(&mut s, Request::Write(RwReq { offset: 12288, length: 4096 })).status, 0);
@@ -727,7 +766,8 @@ mod tests {
     #[test]
     fn a_host_of_one_rate_narrows_query_and_open() {
         // The card offers 44100 and 48000; a JACK server runs at 48000.
-        let (mut s, _, _) = stream_on(FakeHost(Mutex::default(), Some(48000), AtomicU64::new(0)));
+        let (mut s, _, _) =
+            stream_on(FakeHost(Mutex::default(), Some(48000), AtomicU64::new(0), AtomicU64::new(0)));
         let q = widest_query();
         let r = send(&mut s, Request::HwParamQuery(q));
         assert_eq!(r.hw_param.map(|h| h.rates), Some((48000, 48000)));

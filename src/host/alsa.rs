@@ -8,10 +8,11 @@
 //! guest's position and the DAC, or from the ADC to it.
 
 use super::convert::{from_f32, to_f32};
-use super::gains::{ChannelGains, SelfMixedStream};
-use super::{HostBackend, HostStream, StreamSpec};
+use super::gains::ChannelGains;
+use super::slot::EngineSlot;
+use super::{HostBackend, HostNode, StreamSpec};
 use crate::dma::histogram::now_ns;
-use crate::dma::DmaEngine;
+use crate::dma::{DmaEngine, Geometry};
 use crate::sndif::{PcmFormat, StreamKind};
 use alsa::pcm::{Access, Format, HwParams, State, PCM};
 use alsa::{Direction, ValueOr};
@@ -85,7 +86,30 @@ impl HostBackend for AlsaHost {
         true // the device decides at OPEN
     }
 
-    fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+    /// An ALSA PCM is no node users link: it is opened at each OPEN, in
+    /// the guest's format, and closed at CLOSE.
+    fn attach(&self, spec: StreamSpec) -> anyhow::Result<Box<dyn HostNode>> {
+        Ok(Box::new(AlsaNode { config: self.config.clone(), spec, run: None }))
+    }
+}
+
+struct AlsaNode {
+    config: AlsaConfig,
+    spec: StreamSpec,
+    run: Option<AlsaRun>,
+}
+
+/// An open stream's device thread, and what it shares with the node.
+struct AlsaRun {
+    slot: Arc<EngineSlot>,
+    gains: ChannelGains,
+    stop: Arc<AtomicBool>,
+}
+
+impl HostNode for AlsaNode {
+    fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
+        self.stop();
+        let spec = &self.spec;
         let (device, dir) = match spec.kind {
             StreamKind::Playback => (&self.config.playback_device, Direction::Playback),
             StreamKind::Capture => (&self.config.capture_device, Direction::Capture),
@@ -110,8 +134,11 @@ impl HostBackend for AlsaHost {
         let frame_bytes = engine.frame_bytes();
         let stop = Arc::new(AtomicBool::new(false));
         let gains = ChannelGains::unity(g.channels as usize);
+        let slot = Arc::new(EngineSlot::default());
+        slot.install(engine);
         let mut rt = AlsaRt {
-            engine,
+            slot: slot.clone(),
+            geom: g,
             pcm,
             kind: spec.kind,
             buf: vec![0; period * frame_bytes],
@@ -120,17 +147,41 @@ impl HostBackend for AlsaHost {
             stop: stop.clone(),
         };
         tracing::debug!(stream = spec.node_name, device, period, "ALSA PCM up");
-        let thread = std::thread::Builder::new()
+        // Detached: at CLOSE the thread lets go of the engine at once, then
+        // plays out what the device still holds and ends by itself.
+        std::thread::Builder::new()
             .name("vsnd-alsa".into())
             .spawn(move || rt.run())
             .context("spawning the ALSA stream thread")?;
-        Ok(Box::new(SelfMixedStream { gains, teardown: AlsaThread { thread: Some(thread), stop } }))
+        self.run = Some(AlsaRun { slot, gains, stop });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(r) = self.run.take() {
+            r.stop.store(true, Ordering::Relaxed);
+            drop(r.slot.take());
+        }
+    }
+
+    fn set_volume(&self, gains: Vec<f32>) {
+        if let Some(r) = &self.run {
+            r.gains.set(&gains);
+        }
+    }
+}
+
+impl Drop for AlsaNode {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 /// One stream's device loop, owned by its thread.
 struct AlsaRt {
-    engine: DmaEngine,
+    /// The engine while the guest stream is open (`EngineSlot`).
+    slot: Arc<EngineSlot>,
+    geom: Geometry,
     pcm: PCM,
     kind: StreamKind,
     /// One ALSA period of interleaved guest-format frames.
@@ -160,7 +211,7 @@ impl AlsaRt {
             };
             if let Err(e) = ok {
                 // An xrun: this thread did not run in time for the device.
-                self.engine.shared.late_cycles.fetch_add(1, Ordering::Relaxed);
+                self.slot.with(|e| e.shared.late_cycles.fetch_add(1, Ordering::Relaxed));
                 if self.pcm.try_recover(e, true).is_err() {
                     break;
                 }
@@ -179,7 +230,7 @@ impl AlsaRt {
         if self.kind != StreamKind::Playback {
             return;
         }
-        let rate = self.engine.geom.rate.max(1) as u64;
+        let rate = self.geom.rate.max(1) as u64;
         let held = self.device_delay() as u64;
         let deadline = Instant::now() + Duration::from_micros(2 * held * 1_000_000 / rate);
         let step = Duration::from_micros(self.period as u64 * 500_000 / rate);
@@ -200,15 +251,19 @@ impl AlsaRt {
     fn play_period(&mut self) -> alsa::Result<()> {
         // Once written, this period sits behind what the device holds.
         let delay = self.device_delay() + self.period as u32;
-        self.timed(|rt| {
-            rt.engine.playback_cycle(&mut rt.buf, delay);
-            apply_gains(rt.engine.geom.format, &rt.gains, &mut rt.buf);
+        let (buf, gains, format) = (&mut self.buf, &self.gains, self.geom.format);
+        let played = timed(&self.slot, |e| {
+            e.playback_cycle(buf, delay);
+            apply_gains(format, gains, buf);
         });
+        if played.is_none() {
+            format.fill_silence(&mut self.buf); // closed: the loop ends
+        }
         let io = self.pcm.io_bytes();
         let mut done = 0;
         while done < self.buf.len() {
             let frames = io.writei(&self.buf[done..])?;
-            done += frames * self.engine.frame_bytes();
+            done += frames * self.geom.frame_bytes();
         }
         Ok(())
     }
@@ -219,24 +274,27 @@ impl AlsaRt {
             let mut done = 0;
             while done < self.buf.len() {
                 let frames = io.readi(&mut self.buf[done..])?;
-                done += frames * self.engine.frame_bytes();
+                done += frames * self.geom.frame_bytes();
             }
         }
         let delay = self.device_delay();
-        self.timed(|rt| {
-            apply_gains(rt.engine.geom.format, &rt.gains, &mut rt.buf);
-            rt.engine.capture_cycle(&rt.buf, delay);
+        let (buf, gains, format) = (&mut self.buf, &self.gains, self.geom.format);
+        timed(&self.slot, |e| {
+            apply_gains(format, gains, buf);
+            e.capture_cycle(buf, delay);
         });
         Ok(())
     }
+}
 
-    /// Runs one cycle's work (not the device wait) into the stream's
-    /// callback-time histogram.
-    fn timed(&mut self, work: impl FnOnce(&mut Self)) {
+/// Runs one cycle's work (not the device wait) on the open stream's engine,
+/// into its callback-time histogram; None when the stream is closed.
+fn timed(slot: &EngineSlot, work: impl FnOnce(&mut DmaEngine)) -> Option<()> {
+    slot.with(|e| {
         let start = now_ns();
-        work(self);
-        self.engine.shared.cycle_time.record(now_ns().saturating_sub(start));
-    }
+        work(e);
+        e.shared.cycle_time.record(now_ns().saturating_sub(start));
+    })
 }
 
 /// Scales each channel of interleaved `buf` by its gain (skipped when all
@@ -249,24 +307,6 @@ fn apply_gains(format: PcmFormat, gains: &ChannelGains, buf: &mut [u8]) {
     for frame in buf.chunks_exact_mut(sample * gains.channels()) {
         for (c, s) in frame.chunks_exact_mut(sample).enumerate() {
             from_f32(format, to_f32(format, s) * gains.get(c), s);
-        }
-    }
-}
-
-/// Ends a stream's device loop when dropped.
-struct AlsaThread {
-    thread: Option<std::thread::JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for AlsaThread {
-    /// Returns once the loop has ended (its waits last at most WAIT_MS,
-    /// then the device's last frames play out), so the engine is never
-    /// used again.
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

@@ -36,23 +36,6 @@ impl ChannelGains {
     }
 }
 
-/// The `HostStream` of hosts that run a guest stream from OPEN to CLOSE
-/// and apply its gains themselves (JACK, ALSA): a stopped guest stream
-/// plays silence (the DMA engine's running flag), as a card would, and
-/// dropping `teardown` ends the host side.
-pub struct SelfMixedStream<T: Send> {
-    pub gains: ChannelGains,
-    pub teardown: T,
-}
-
-impl<T: Send> super::HostStream for SelfMixedStream<T> {
-    fn set_active(&self, _active: bool) {}
-
-    fn set_volume(&self, gains: Vec<f32>) {
-        self.gains.set(&gains);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,20 +9,24 @@
 //! The server is libjack's default, or the one `JACK_DEFAULT_SERVER` names.
 
 use super::convert::{from_f32, to_f32};
-use super::gains::{ChannelGains, SelfMixedStream};
+use super::gains::ChannelGains;
 use super::punctuality::{frames_ns, Punctuality};
-use super::{channel_names, HostBackend, HostStream, StreamSpec};
+use super::slot::EngineSlot;
+use super::{channel_names, HostBackend, HostNode, StreamSpec};
 use crate::dma::histogram::now_ns;
 use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, bail, Context};
 use jack::PortSpec;
+use std::sync::Arc;
 
 /// Longest JACK client name (`jack_client_name_size()` less the NUL).
 const MAX_CLIENT_NAME: usize = 63;
 /// Largest JACK period the scratch buffer is made for before the first
 /// `buffer_size` callback says the real one.
 const INITIAL_FRAMES: usize = 8192;
+/// Largest sample of any wire format (float64).
+const MAX_SAMPLE_BYTES: usize = 8;
 
 #[derive(Debug, Clone, Default)]
 pub struct JackConfig {
@@ -70,19 +74,15 @@ impl HostBackend for JackHost {
         rate == self.rate
     }
 
-    fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>> {
+    /// The stream's JACK client, with a port for each of its channels, for
+    /// the life of its connection: connections made to it survive OPENs.
+    fn attach(&self, spec: StreamSpec) -> anyhow::Result<Box<dyn HostNode>> {
         let name = client_name(&spec.node_name);
         let (client, _) = jack::Client::new(&name, jack::ClientOptions::NO_START_SERVER)
             .map_err(|e| anyhow!("{e:?}"))
             .with_context(|| format!("opening JACK client {name}"))?;
-        if client.sample_rate() != engine.geom.rate {
-            bail!(
-                "the JACK server runs at {} Hz, the guest stream at {}",
-                client.sample_rate(),
-                engine.geom.rate
-            );
-        }
-        let names = channel_names(engine.geom.channels);
+        let rate = client.sample_rate();
+        let names = channel_names(spec.initial.channels);
         let ports = match spec.kind {
             StreamKind::Playback => {
                 Ports::Out(register(&client, &names, "output", jack::AudioOut::default())?)
@@ -90,18 +90,65 @@ impl HostBackend for JackHost {
             StreamKind::Capture => Ports::In(register(&client, &names, "input", jack::AudioIn::default())?),
         };
         let gains = ChannelGains::unity(names.len());
-        let frame_bytes = engine.frame_bytes();
+        let slot = Arc::new(EngineSlot::default());
         let rt = JackRt {
-            engine: Box::new(engine),
+            slot: slot.clone(),
             ports,
-            scratch: vec![0; INITIAL_FRAMES * frame_bytes],
+            scratch: vec![0; INITIAL_FRAMES * names.len() * MAX_SAMPLE_BYTES],
             gains: gains.clone(),
             punctuality: Punctuality::default(),
         };
         let active = client.activate_async((), rt).map_err(|e| anyhow!("{e:?}")).context("activating")?;
         autoconnect(active.as_client(), &self.config.connect, spec.kind, &name, &names);
         tracing::debug!(client = name, "JACK client up");
-        Ok(Box::new(SelfMixedStream { gains, teardown: ActiveClient(Some(active)) }))
+        Ok(Box::new(JackNode {
+            slot,
+            gains,
+            rate,
+            ports: names.len() as u32,
+            _client: ActiveClient(Some(active)),
+        }))
+    }
+}
+
+/// A guest stream's JACK client.
+struct JackNode {
+    slot: Arc<EngineSlot>,
+    gains: ChannelGains,
+    /// The server's rate: JACK does not resample.
+    rate: u32,
+    ports: u32,
+    _client: ActiveClient,
+}
+
+impl HostNode for JackNode {
+    fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
+        let g = engine.geom;
+        if g.rate != self.rate {
+            bail!("the JACK server runs at {} Hz, the guest stream at {}", self.rate, g.rate);
+        }
+        if g.channels > self.ports {
+            bail!("{} channels, the client has {} ports", g.channels, self.ports);
+        }
+        self.gains.set(&vec![1.0; self.ports as usize]);
+        self.slot.install(engine);
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        drop(self.slot.take());
+    }
+
+    fn set_volume(&self, gains: Vec<f32>) {
+        self.gains.set(&gains);
+    }
+}
+
+impl Drop for JackNode {
+    fn drop(&mut self) {
+        // The engine first (the client, a field, is deactivated after
+        // this, which may wait for the server).
+        drop(self.slot.take());
     }
 }
 
@@ -208,11 +255,13 @@ enum Ports {
 
 /// State owned by the JACK process callback.
 struct JackRt {
-    engine: Box<DmaEngine>,
+    /// The engine while the guest stream is open.
+    slot: Arc<EngineSlot>,
     ports: Ports,
-    /// One period of interleaved guest-format frames; sized in
-    /// `buffer_size`, which JACK calls before the first cycle and whenever
-    /// the period changes (allocating there is allowed).
+    /// One period of interleaved guest-format frames, room for every port
+    /// at the widest sample; sized in `buffer_size`, which JACK calls
+    /// before the first cycle and whenever the period changes (allocating
+    /// there is allowed).
     scratch: Vec<u8>,
     gains: ChannelGains,
     punctuality: Punctuality,
@@ -220,66 +269,77 @@ struct JackRt {
 
 impl jack::ProcessHandler for JackRt {
     fn process(&mut self, client: &jack::Client, ps: &jack::ProcessScope) -> jack::Control {
-        let start = now_ns();
-        let frames = ps.n_frames() as usize;
-        let format = self.engine.geom.format;
-        let (channels, sample) = (self.engine.geom.channels as usize, format.sample_bytes());
-        let bytes = frames * channels * sample;
-        if bytes > self.scratch.len() {
-            // Cannot happen (buffer_size came first); never panic here.
-            self.silence(ps);
-            return jack::Control::Continue;
-        }
-        let gain = |c: usize| self.gains.get(c);
-        let scratch = &mut self.scratch[..bytes];
-        match &mut self.ports {
-            Ports::Out(ports) => {
-                let delay = max_latency(ports, jack::LatencyType::Playback);
-                self.engine.playback_cycle(scratch, delay);
-                for (c, port) in ports.iter_mut().enumerate() {
-                    let g = gain(c);
-                    for (f, out) in port.as_mut_slice(ps).iter_mut().enumerate() {
-                        let at = (f * channels + c) * sample;
-                        *out = to_f32(format, &scratch[at..at + sample]) * g;
+        let JackRt { slot, ports, scratch, gains, punctuality } = self;
+        let ran = slot.with(|engine| {
+            let start = now_ns();
+            let frames = ps.n_frames() as usize;
+            let format = engine.geom.format;
+            let (channels, sample) = (engine.geom.channels as usize, format.sample_bytes());
+            let bytes = frames * channels * sample;
+            if bytes > scratch.len() {
+                // Cannot happen (buffer_size came first); never panic here.
+                return false;
+            }
+            let gain = |c: usize| gains.get(c);
+            let scratch = &mut scratch[..bytes];
+            match ports {
+                Ports::Out(ports) => {
+                    let delay = max_latency(ports, jack::LatencyType::Playback);
+                    engine.playback_cycle(scratch, delay);
+                    for (c, port) in ports.iter_mut().enumerate() {
+                        let out = port.as_mut_slice(ps);
+                        if c >= channels {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let g = gain(c);
+                        for (f, o) in out.iter_mut().enumerate() {
+                            let at = (f * channels + c) * sample;
+                            *o = to_f32(format, &scratch[at..at + sample]) * g;
+                        }
                     }
                 }
-            }
-            Ports::In(ports) => {
-                for (c, port) in ports.iter().enumerate() {
-                    let g = gain(c);
-                    for (f, v) in port.as_slice(ps).iter().enumerate() {
-                        let at = (f * channels + c) * sample;
-                        from_f32(format, v * g, &mut scratch[at..at + sample]);
+                Ports::In(ports) => {
+                    for (c, port) in ports.iter().enumerate().take(channels) {
+                        let g = gain(c);
+                        for (f, v) in port.as_slice(ps).iter().enumerate() {
+                            let at = (f * channels + c) * sample;
+                            from_f32(format, v * g, &mut scratch[at..at + sample]);
+                        }
                     }
+                    let delay = max_latency(ports, jack::LatencyType::Capture);
+                    engine.capture_cycle(scratch, delay);
                 }
-                let delay = max_latency(ports, jack::LatencyType::Capture);
-                self.engine.capture_cycle(scratch, delay);
+            }
+            engine.shared.cycle_time.record(now_ns().saturating_sub(start));
+            // JACK's clock is microseconds on the monotonic clock.
+            let timing =
+                ps.cycle_times().ok().map(|t| (t.current_usecs * 1000, frames_ns(frames, engine.geom.rate)));
+            punctuality.account(&engine.shared, timing, client.time() * 1000);
+            true
+        });
+        if ran != Some(true) {
+            // Closed (or not yet open): silence, as a card plays.
+            punctuality.pause();
+            if let Ports::Out(ports) = ports {
+                for p in ports {
+                    p.as_mut_slice(ps).fill(0.0);
+                }
             }
         }
-        self.engine.shared.cycle_time.record(now_ns().saturating_sub(start));
-        // JACK's clock is microseconds on the monotonic clock.
-        let timing =
-            ps.cycle_times().ok().map(|t| (t.current_usecs * 1000, frames_ns(frames, self.engine.geom.rate)));
-        self.punctuality.account(&self.engine.shared, timing, client.time() * 1000);
         jack::Control::Continue
     }
 
     fn buffer_size(&mut self, _: &jack::Client, frames: jack::Frames) -> jack::Control {
-        let bytes = frames as usize * self.engine.frame_bytes();
+        let channels = match &self.ports {
+            Ports::Out(p) => p.len(),
+            Ports::In(p) => p.len(),
+        };
+        let bytes = frames as usize * channels * MAX_SAMPLE_BYTES;
         if self.scratch.len() < bytes {
             self.scratch.resize(bytes, 0);
         }
         jack::Control::Continue
-    }
-}
-
-impl JackRt {
-    fn silence(&mut self, ps: &jack::ProcessScope) {
-        if let Ports::Out(ports) = &mut self.ports {
-            for p in ports {
-                p.as_mut_slice(ps).fill(0.0);
-            }
-        }
     }
 }
 
@@ -288,9 +348,7 @@ fn max_latency<PS>(ports: &[jack::Port<PS>], mode: jack::LatencyType) -> u32 {
     ports.iter().map(|p| p.get_latency_range(mode).1).max().unwrap_or(0)
 }
 
-/// The stream's active client, taken and deactivated on drop: JACK
-/// returns from deactivation only once the process callback has finished
-/// for good.
+/// The stream's active client, deactivated on drop.
 struct ActiveClient(Option<jack::AsyncClient<(), JackRt>>);
 
 impl Drop for ActiveClient {

@@ -8,11 +8,11 @@ pub mod gains;
 pub mod jack;
 pub mod pipewire;
 pub mod punctuality;
-pub mod pw_graph;
 pub mod realtime;
+pub mod slot;
 
 use crate::dma::DmaEngine;
-use crate::sndif::StreamKind;
+use crate::sndif::{PcmFormat, StreamKind};
 
 /// Everything a host backend needs to present one guest stream.
 #[derive(Debug, Clone)]
@@ -26,25 +26,53 @@ pub struct StreamSpec {
     pub domain: String,
     /// Extra properties for session-manager rules (`xen.domid`, ...).
     pub props: Vec<(String, String)>,
+    /// The format a node shows before the guest's first OPEN: the stream's
+    /// most likely one (its configuration's first format, 48 kHz when
+    /// offered, all its channels). Each OPEN brings its own.
+    pub initial: Shape,
 }
 
-/// An opened host stream. Dropping it removes the node; once `drop`
-/// returns, the engine's cycle is never called again.
-pub trait HostStream: Send {
-    fn set_active(&self, active: bool);
-    /// Linear per-channel gains (mute is a gain of 0).
+/// A stream's sample format, rate and channel count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub format: PcmFormat,
+    pub rate: u32,
+    pub channels: u32,
+}
+
+impl Shape {
+    pub fn of(g: &crate::dma::Geometry) -> Shape {
+        Shape { format: g.format, rate: g.rate, channels: g.channels }
+    }
+}
+
+/// One guest stream as the host presents it, for the life of the stream's
+/// connection (frontend Connected until it goes away): a PipeWire node, a
+/// JACK client. Links users make to it survive the guest's OPENs and
+/// CLOSEs. Dropping it removes it.
+pub trait HostNode: Send {
+    /// OPEN: the host's cycle starts driving `engine`, in the engine's
+    /// format (the node renegotiates in place when it differs from the
+    /// last). A stopped engine plays silence, as a card does.
+    fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()>;
+    /// CLOSE: the cycle lets go of the engine. Once this returns it never
+    /// touches it, nor the guest's buffer, again; it waits at most for one
+    /// callback in progress, never for the host.
+    fn stop(&mut self);
+    /// Linear per-channel gains (mute is a gain of 0), for the open stream.
     fn set_volume(&self, gains: Vec<f32>);
 }
 
 pub trait HostBackend: Send + Sync {
     /// Which sample formats this host can carry.
-    fn supports(&self, format: crate::sndif::PcmFormat) -> bool;
+    fn supports(&self, format: PcmFormat) -> bool;
     /// Which sample rates this host can carry (a host that resamples takes
     /// them all).
     fn supports_rate(&self, _rate: u32) -> bool {
         true
     }
-    fn open(&self, spec: StreamSpec, engine: DmaEngine) -> anyhow::Result<Box<dyn HostStream>>;
+    /// Presents a connected guest stream; no engine runs until `start`.
+    fn attach(&self, spec: StreamSpec) -> anyhow::Result<Box<dyn HostNode>>;
 }
 
 /// Channel position names for `n` channels: the usual layouts up to 8

@@ -73,6 +73,14 @@ pub struct SimOptions {
     /// Stay connected this many seconds after the streams are done.
     #[arg(long, default_value_t = 0.0)]
     pub linger: f64,
+    /// Wait this many seconds after the handshake before the applications
+    /// start (time to link the guest's nodes by hand).
+    #[arg(long, default_value_t = 0.0)]
+    pub start_delay: f64,
+    /// Sample rates of the rounds (--reconnects): round i plays at the
+    /// i-th, cycling; --rate when not given.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<u32>,
     /// Behave as a hostile guest in one way and report how the backend reacted.
     #[arg(long, value_enum)]
     pub misbehave: Option<misbehave::Misbehave>,
@@ -310,12 +318,17 @@ pub fn run(o: &SimOptions) -> anyhow::Result<Report> {
         (None, None) => None,
     };
     let mut captured = Vec::new();
+    if o.start_delay > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(o.start_delay));
+    }
     for round in 0..=o.reconnects {
         if round > 0 {
             g.reconnect(o)?;
         }
-        let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * o.rate as f64) as u64);
-        run_streams(o, &mut g, source.as_deref(), capture_frames, &mut captured)?;
+        let rate = if o.rates.is_empty() { o.rate } else { o.rates[round as usize % o.rates.len()] };
+        let ro = SimOptions { rate, ..o.clone() };
+        let capture_frames = o.capture_wav.as_ref().map(|_| (o.capture_seconds * rate as f64) as u64);
+        run_streams(&ro, &mut g, source.as_deref(), capture_frames, &mut captured)?;
         report.reconnects = round;
     }
     if let Some(path) = &o.capture_wav {

@@ -150,6 +150,25 @@ impl PwEnv {
         }
     }
 
+    /// The id of the node named `name`, if there is one.
+    pub fn node_id(&self, name: &str) -> Option<u64> {
+        self.dump().as_array()?.iter().find(|o| o["info"]["props"]["node.name"] == name)?["id"].as_u64()
+    }
+
+    /// The node named `name` is running (the graph schedules it): a guest
+    /// node is there from the guest's connection on, and runs from its
+    /// OPEN until a while after its CLOSE.
+    pub fn node_running(&self, name: &str) -> bool {
+        self.dump().as_array().is_some_and(|a| {
+            a.iter().any(|o| o["info"]["props"]["node.name"] == name && o["info"]["state"] == "running")
+        })
+    }
+
+    /// Every port, output and input (`pw-link -o -i`).
+    pub fn ports(&self) -> String {
+        String::from_utf8_lossy(&self.run("pw-link", &["-o", "-i"]).stdout).into_owned()
+    }
+
     pub fn links(&self) -> String {
         String::from_utf8_lossy(&self.run("pw-link", &["-l"]).stdout).into_owned()
     }
