@@ -541,6 +541,7 @@ impl Drop for PcmStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dma::testing::NullChannel;
     use crate::host::HostNode;
     use crate::sndif::config::parse_card;
     use crate::sndif::config::tests::libxl_dump;
@@ -598,19 +599,6 @@ mod tests {
         fn attach(&self, _: StreamSpec) -> anyhow::Result<Box<dyn HostNode>> {
             self.3.fetch_add(1, Ordering::Relaxed);
             Ok(Box::new(FakeNode(self.clone(), None)))
-        }
-    }
-
-    struct NullChannel;
-    impl EventChannel for NullChannel {
-        fn notify(&self) -> bool {
-            true
-        }
-        fn fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-        fn consume(&self) -> anyhow::Result<bool> {
-            Ok(false)
         }
     }
 

@@ -189,6 +189,45 @@ impl DmaEngine {
     }
 }
 
+/// Engines and channels for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::xen::shared::test_pages;
+
+    /// An event channel that raises nothing.
+    pub struct NullChannel;
+    impl EventChannel for NullChannel {
+        fn notify(&self) -> bool {
+            true
+        }
+        fn fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn consume(&self) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+    }
+
+    /// The geometry of the test engines: S16 stereo at 48 kHz, a 4096-byte
+    /// buffer of 1024-byte periods.
+    pub fn geometry() -> Geometry {
+        Geometry {
+            format: PcmFormat::S16Le,
+            rate: 48000,
+            channels: 2,
+            buffer_bytes: 4096,
+            period_bytes: 1024,
+        }
+    }
+
+    /// A stopped engine on fresh memory that reports to `shared`.
+    pub fn engine(shared: Arc<DmaShared>) -> DmaEngine {
+        let evt = EventRing::new(Arc::new(test_pages(4096)), Arc::default());
+        DmaEngine::new(geometry(), Arc::new(test_pages(4096)), evt, Arc::new(NullChannel), shared, false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,13 +249,7 @@ mod tests {
     }
 
     fn engine(report_delay: bool) -> (DmaEngine, Arc<SharedPages>, Arc<SharedPages>, Arc<CountingChannel>) {
-        let geom = Geometry {
-            format: PcmFormat::S16Le,
-            rate: 48000,
-            channels: 2,
-            buffer_bytes: 4096,
-            period_bytes: 1024,
-        };
+        let geom = testing::geometry();
         let buf = Arc::new(test_pages(4096));
         let evt = Arc::new(test_pages(4096));
         let ch = Arc::new(CountingChannel(AtomicU64::new(0)));

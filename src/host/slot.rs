@@ -66,44 +66,10 @@ impl Drop for EngineSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dma::{DmaShared, EventRing, Geometry};
-    use crate::sndif::PcmFormat;
-    use crate::xen::shared::test_pages;
-    use crate::xen::EventChannel;
+    use crate::dma::testing::engine;
+    use crate::dma::DmaShared;
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     use std::sync::Arc;
-
-    struct Quiet;
-    impl EventChannel for Quiet {
-        fn notify(&self) -> bool {
-            true
-        }
-        fn fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-        fn consume(&self) -> anyhow::Result<bool> {
-            Ok(false)
-        }
-    }
-
-    fn engine(shared: Arc<DmaShared>) -> DmaEngine {
-        let geom = Geometry {
-            format: PcmFormat::S16Le,
-            rate: 48000,
-            channels: 2,
-            buffer_bytes: 4096,
-            period_bytes: 1024,
-        };
-        let evt = Arc::new(test_pages(4096));
-        DmaEngine::new(
-            geom,
-            Arc::new(test_pages(4096)),
-            EventRing::new(evt, Arc::default()),
-            Arc::new(Quiet),
-            shared,
-            false,
-        )
-    }
 
     /// A cycle running flat out on another thread while engines are
     /// installed and taken: after each `take`, the taken engine's counters

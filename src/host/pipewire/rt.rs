@@ -49,6 +49,11 @@ pub(super) fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
     let Rt { slot, kind, unreported_cycles, punctuality, .. } = rt;
     let ran = slot.with(|engine| {
         if shape_key(Shape::of(&engine.geom)) != negotiated {
+            // The node is still renegotiating: a cycle without the stream,
+            // counted where a running stream's gaps are (never silent).
+            if engine.shared.running.load(Ordering::Relaxed) {
+                engine.shared.late_cycles.fetch_add(1, Ordering::Relaxed);
+            }
             return false;
         }
         let Some(frames) = cycle(&mut buffer, time.as_ref(), engine, *kind, unreported_cycles) else {
