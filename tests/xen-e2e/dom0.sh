@@ -221,8 +221,29 @@ if phase upstream; then
 boot_guest $work/guest.cfg ""
 echo "XE: backend with the guest connected: $(resources $backend)"
 
+# A link made by hand (pw-link) to the guest's node before it plays: the
+# node lives as long as the guest's driver is connected, idle (inactive)
+# until the guest opens a stream, so pw-link completes when the first
+# aplay starts; the link must then survive that stream's CLOSE and the
+# next OPEN, and be the same link at the second aplay.
+$RT pw-record -P '{ node.name = manual-tap node.autoconnect = false }' --format s16 --rate 48000 \
+    --channels 2 /run/manual-tap.wav >>/run/record.log 2>&1 &
+tap=$!
+wait_for 20 sh -c 'pw-link -i | grep -q "manual-tap:input_FR"'
+for ch in FL FR; do
+    pw-link xen-vsnd.$guest.0.0.playback:output_$ch manual-tap:input_$ch >>/run/record.log 2>&1 &
+done
+# manual_links: the links into the tap, with their ids ("52 |-> 47 manual-tap:input_FL").
+manual_links() { pw-link -l -I | grep -a '|->.*manual-tap:input_F'; }
 playback_step play48 48000 ""
+links_before=$(manual_links)
+why="$links_before"
+check "a pw-link made before the guest played connects its node" [ "$(echo "$links_before" | grep -c manual-tap)" = 2 ]
 playback_step replay2 48000 "$SECOND"
+links_after=$(manual_links)
+why="before: $links_before; after: $links_after"
+check "${SECOND}the hand-made links are still the same links" [ -n "$links_before" -a "$links_before" = "$links_after" ]
+stop $tap INT
 
 capture_step capture ""
 
