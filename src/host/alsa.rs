@@ -89,7 +89,7 @@ impl HostBackend for AlsaHost {
     /// An ALSA PCM is no node users link: it is opened at each OPEN, in
     /// the guest's format, and closed at CLOSE.
     fn attach(&self, spec: StreamSpec) -> anyhow::Result<Box<dyn HostNode>> {
-        Ok(Box::new(AlsaNode { config: self.config.clone(), spec, run: None }))
+        Ok(Box::new(AlsaNode { config: self.config.clone(), spec, run: None, playing_out: None }))
     }
 }
 
@@ -97,6 +97,10 @@ struct AlsaNode {
     config: AlsaConfig,
     spec: StreamSpec,
     run: Option<AlsaRun>,
+    /// The thread of the last closed stream, playing out what its device
+    /// still held: joined before the device is opened again (a `hw:`
+    /// device takes one opener at a time), never at CLOSE.
+    playing_out: Option<std::thread::JoinHandle<()>>,
 }
 
 /// An open stream's device thread, and what it shares with the node.
@@ -104,11 +108,15 @@ struct AlsaRun {
     slot: Arc<EngineSlot>,
     gains: ChannelGains,
     stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl HostNode for AlsaNode {
     fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
         self.stop();
+        if let Some(t) = self.playing_out.take() {
+            let _ = t.join();
+        }
         let spec = &self.spec;
         let (device, dir) = match spec.kind {
             StreamKind::Playback => (&self.config.playback_device, Direction::Playback),
@@ -147,13 +155,13 @@ impl HostNode for AlsaNode {
             stop: stop.clone(),
         };
         tracing::debug!(stream = spec.node_name, device, period, "ALSA PCM up");
-        // Detached: at CLOSE the thread lets go of the engine at once, then
-        // plays out what the device still holds and ends by itself.
-        std::thread::Builder::new()
+        // At CLOSE the thread lets go of the engine at once, then plays out
+        // what the device still holds and ends by itself.
+        let thread = std::thread::Builder::new()
             .name("vsnd-alsa".into())
             .spawn(move || rt.run())
             .context("spawning the ALSA stream thread")?;
-        self.run = Some(AlsaRun { slot, gains, stop });
+        self.run = Some(AlsaRun { slot, gains, stop, thread });
         Ok(())
     }
 
@@ -161,6 +169,7 @@ impl HostNode for AlsaNode {
         if let Some(r) = self.run.take() {
             r.stop.store(true, Ordering::Relaxed);
             drop(r.slot.take());
+            self.playing_out = Some(r.thread);
         }
     }
 
