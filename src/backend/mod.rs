@@ -114,7 +114,11 @@ impl Dispatcher {
                 let (Ok(domid), Ok(devid)) = (dom.parse::<u32>(), dev.parse::<u32>()) else {
                     return;
                 };
-                self.reap();
+                // Only this device is looked at: a flood of events costs
+                // nothing in proportion to the number of devices.
+                if self.devices.get(&(domid, devid)).is_some_and(|(w, _)| w.is_gone()) {
+                    self.forget(domid, devid);
+                }
                 match self.devices.get(&(domid, devid)) {
                     Some((w, _)) if !matches!(rest, [k] if OWN_KEYS.contains(k)) => w.wake(),
                     Some(_) => {}
@@ -184,12 +188,16 @@ impl Dispatcher {
         let gone: Vec<(u32, u32)> =
             self.devices.iter().filter(|(_, (w, _))| w.is_gone()).map(|(k, _)| *k).collect();
         for (domid, devid) in gone {
-            let be = format!("{}/{domid}/{devid}", self.root);
-            self.by_token.remove(&be);
-            if let Some((w, watch)) = self.devices.remove(&(domid, devid)) {
-                w.join();
-                let _ = self.s.store.unwatch(&watch, &be);
-            }
+            self.forget(domid, devid);
+        }
+    }
+
+    fn forget(&mut self, domid: u32, devid: u32) {
+        let be = format!("{}/{domid}/{devid}", self.root);
+        self.by_token.remove(&be);
+        if let Some((w, watch)) = self.devices.remove(&(domid, devid)) {
+            w.join();
+            let _ = self.s.store.unwatch(&watch, &be);
         }
     }
 

@@ -158,7 +158,7 @@ impl PcmStream {
         if self.node.is_none() {
             self.node = Some(self.host.attach(self.ident.spec())?);
         }
-        Ok(self.node.as_mut().expect("just made"))
+        self.node.as_mut().ok_or_else(|| anyhow::anyhow!("no host node"))
     }
 
     /// Logs guest misbehaviour, at most one line per interval per stream.
