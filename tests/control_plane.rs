@@ -68,10 +68,7 @@ fn a_guest_flooding_its_state_key_costs_bounded_cpu_and_disturbs_no_one() {
     let (sock, _log) = env.start_backend();
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor(&wav);
-    let good = env.spawn_sim(&sock, &["--domain", "good-vm", "--play", "pattern", "--seconds", "6"]);
-    wait_until("the good guest to play", Duration::from_secs(10), || {
-        env.links().contains("xen-vsnd.good-vm.0.0.playback:output_FL")
-    });
+    let good = spawn_playing_guest(&env, &sock, "good-vm", 6.0, &[]);
     let pid = env.backend_pid();
     let (ticks0, t0) = (cpu_ticks(pid), Instant::now());
     let (ok, report, err) =

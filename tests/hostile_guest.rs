@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 
 /// (behaviour, extra sim arguments)
 const CASES: &[(&str, &[&str])] = &[
@@ -32,13 +31,7 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor(&wav);
     let seconds = 8.0;
-    let secs = seconds.to_string();
-    let good_args =
-        ["--domain", "good-vm", "--play", "pattern", "--seconds", &secs, "--frontend-kernel", "7.2"];
-    let good = env.spawn_sim(&sock, &good_args);
-    wait_until("the good guest to play", Duration::from_secs(10), || {
-        env.links().contains("xen-vsnd.good-vm.0.0.playback:output_FL")
-    });
+    let good = spawn_playing_guest(&env, &sock, "good-vm", seconds, &["--frontend-kernel", "7.2"]);
 
     // All hostile guests at once, while the good one plays.
     let outcomes: Vec<(String, bool, serde_json::Value, String)> = std::thread::scope(|s| {

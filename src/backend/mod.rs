@@ -196,7 +196,7 @@ impl Dispatcher {
         let be = format!("{}/{domid}/{devid}", self.root);
         self.by_token.remove(&be);
         if let Some((w, watch)) = self.devices.remove(&(domid, devid)) {
-            w.join();
+            drop(w);
             let _ = self.s.store.unwatch(&watch, &be);
         }
     }
@@ -206,8 +206,6 @@ impl Dispatcher {
         for (w, _) in self.devices.values() {
             w.stop();
         }
-        for (_, (w, _)) in self.devices {
-            w.join();
-        }
+        drop(self.devices);
     }
 }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 /// xenstore keys).
 const MIN_STEP_INTERVAL: Duration = Duration::from_millis(5);
 
-#[derive(Default)]
 struct Signal {
     /// (a step is due, the backend is exiting)
     state: Mutex<(bool, bool)>,
@@ -82,26 +81,19 @@ impl DeviceWorker {
     }
 
     /// Asks the thread to shut the device down (backend exit) without
-    /// waiting: every device shuts down at once, then `join` waits.
+    /// waiting: every device shuts down at once, then dropping each waits.
     pub fn stop(&self) {
         self.signal.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.signal.cv.notify_one();
     }
-
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for DeviceWorker {
+    /// Stops the thread (a gone device's has ended already) and waits for it.
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.stop();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -361,6 +361,19 @@ pub fn capture_what_the_sink_plays(
     (report, sent, cap)
 }
 
+/// Starts a guest `domain` playing `seconds` of the pattern (`extra` goes
+/// to its command line) and waits until its node runs (the node is there,
+/// and linked, from the connection on).
+pub fn spawn_playing_guest(env: &PwEnv, sock: &Path, domain: &str, seconds: f64, extra: &[&str]) -> Child {
+    let secs = seconds.to_string();
+    let args = ["--domain", domain, "--play", "pattern", "--seconds", &secs];
+    let guest = env.spawn_sim(sock, &[&args[..], extra].concat());
+    wait_until("the guest to play", Duration::from_secs(10), || {
+        env.node_running(&format!("xen-vsnd.{domain}.0.0.playback"))
+    });
+    guest
+}
+
 /// Starts a simulated guest from `nice` (a `nice` command in the
 /// environment it needs), stdout and stderr piped; see `PwEnv::spawn_sim`.
 pub fn spawn_sim_with(mut nice: Command, sock: &Path, args: &[&str]) -> Child {

@@ -173,6 +173,15 @@ impl Drop for PwNode {
     }
 }
 
+/// Sends `cmd` to the PipeWire thread once `IDLE_AFTER` has passed.
+fn after_idle(tx: &pw::channel::Sender<Cmd>, cmd: Cmd) {
+    let tx = tx.clone();
+    let _ = std::thread::Builder::new().name("pw-idle".into()).spawn(move || {
+        std::thread::sleep(IDLE_AFTER);
+        let _ = tx.send(cmd);
+    });
+}
+
 /// Recomputes every capture node's unreported latency from the graph.
 fn refresh_unreported(nodes: &RefCell<HashMap<u64, Node>>, graph: &RefCell<Graph>) {
     let graph = graph.borrow();
@@ -280,11 +289,7 @@ fn run_loop(
         Cmd::Close { id } => {
             if let Some(n) = nodes.borrow_mut().get_mut(&id) {
                 let generation = n.close();
-                let tx = to_self.clone();
-                let _ = std::thread::Builder::new().name("pw-idle".into()).spawn(move || {
-                    std::thread::sleep(IDLE_AFTER);
-                    let _ = tx.send(Cmd::Deactivate { id, generation });
-                });
+                after_idle(&to_self, Cmd::Deactivate { id, generation });
             }
         }
         Cmd::Deactivate { id, generation } => {
@@ -295,11 +300,7 @@ fn run_loop(
         Cmd::Detach { id } => {
             let playing = nodes.borrow().get(&id).is_some_and(|n| n.active && n.kind == StreamKind::Playback);
             if playing {
-                let tx = to_self.clone();
-                let _ = std::thread::Builder::new().name("pw-idle".into()).spawn(move || {
-                    std::thread::sleep(IDLE_AFTER);
-                    let _ = tx.send(Cmd::Remove { id });
-                });
+                after_idle(&to_self, Cmd::Remove { id });
             } else if let Some(n) = nodes.borrow_mut().remove(&id) {
                 let _ = n.stream.disconnect();
             }

@@ -94,6 +94,11 @@ fn silence(buffer: &mut pw::buffer::Buffer, kind: StreamKind, negotiated: u64) {
         }
         _ => 0,
     };
+    set_chunk(d, stride, size);
+}
+
+/// Says what a playback buffer holds: `size` bytes from its start.
+fn set_chunk(d: &mut pw::spa::buffer::Data, stride: usize, size: usize) {
     let chunk = d.chunk_mut();
     *chunk.offset_mut() = 0;
     *chunk.stride_mut() = stride as i32;
@@ -122,10 +127,7 @@ fn cycle(
                 engine.playback_cycle(&mut slice[..frames * stride], delay);
                 frames
             };
-            let chunk = d.chunk_mut();
-            *chunk.offset_mut() = 0;
-            *chunk.stride_mut() = stride as i32;
-            *chunk.size_mut() = (frames * stride) as u32;
+            set_chunk(d, stride, frames * stride);
             Some(frames)
         }
         StreamKind::Capture => {
