@@ -33,20 +33,40 @@ impl JackEnv {
         // SAFETY (of set_var): the only test of this binary, before it
         // starts any thread or JACK client.
         std::env::set_var("JACK_DEFAULT_SERVER", &server);
-        let log = std::fs::File::create(dir.path().join("jackd.log")).unwrap();
+        let mut env = JackEnv { dir, server, procs: Vec::new() };
+        env.start_server(RATE);
+        env
+    }
+
+    /// Starts `jackd` named `self.server` (dummy driver at `rate`, two
+    /// physical ports each way) and waits until it answers.
+    fn start_server(&mut self, rate: u32) {
+        let log = std::fs::File::create(self.dir.path().join(format!("jackd-{rate}.log"))).unwrap();
         let jackd = Command::new("jackd")
-            .args(["-n", &server, "-d", "dummy", "-r", &RATE.to_string()])
+            .args(["-n", &self.server, "-d", "dummy", "-r", &rate.to_string()])
             .args(["-p", &PERIOD.to_string(), "-C", "2", "-P", "2"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("jackd");
-        let env = JackEnv { dir, server, procs: vec![Proc(jackd, "jackd")] };
+        self.procs.insert(0, Proc(jackd, "jackd"));
         wait_until("the JACK server", Duration::from_secs(10), || {
             jack::Client::new("xv-probe", jack::ClientOptions::NO_START_SERVER).is_ok()
         });
-        env
+    }
+
+    /// Kills the server (SIGKILL, as a crash) and starts it again at `rate`.
+    fn restart_server(&mut self, rate: u32) {
+        let at = self.procs.iter().position(|p| p.1 == "jackd").expect("jackd");
+        let mut old = self.procs.remove(at);
+        let _ = old.0.kill();
+        let _ = old.0.wait();
+        // The server's name is taken until libjack notices it is gone.
+        wait_until("the old server to be gone", Duration::from_secs(10), || {
+            jack::Client::new("xv-probe", jack::ClientOptions::NO_START_SERVER).is_err()
+        });
+        self.start_server(rate);
     }
 
     /// Starts `xen-vsnd serve --host jack` on a loopback socket.
@@ -256,4 +276,93 @@ fn guests_play_and_record_through_jack() {
         ));
     assert!(!ok, "a 44.1 kHz stream was accepted by a 48 kHz JACK server");
     assert!(err.contains("-22"), "{err}");
+
+    drop(probe);
+    server_restarts(&mut env);
+}
+
+/// The JACK server killed and started again under a playing guest: at the
+/// same rate the stream plays on through JACK (its client made again, its
+/// sound frame-exact); at another rate the running stream ends cleanly on
+/// the fallback clock and new OPENs take the new rate.
+fn server_restarts(env: &mut JackEnv) {
+    let (sock, log) = env.start_backend("none");
+    let stream = "xen-vsnd.jre-vm.0.0.playback";
+    let seconds = 12.0;
+    let sent = pattern(seconds);
+    let guest = env.spawn_sim(&sock, &["--domain", "jre-vm", "--play", "pattern", "--seconds", "12"]);
+    let client_there = |name: &str| {
+        jack::Client::new("xv-look", jack::ClientOptions::NO_START_SERVER)
+            .is_ok_and(|(c, _)| c.port_by_name(&format!("{name}:output_FR")).is_some())
+    };
+    wait_until("the guest's client", Duration::from_secs(10), || client_there(stream));
+    env.restart_server(RATE);
+    wait_until("the guest's client made again", Duration::from_secs(15), || client_there(stream));
+    let rec = Recorder::start("xv-rec2");
+    let (probe, _) = jack::Client::new("xv-watch2", jack::ClientOptions::NO_START_SERVER).unwrap();
+    for (ch, i) in [("FL", 1), ("FR", 2)] {
+        probe.connect_ports_by_name(&format!("{stream}:output_{ch}"), &format!("xv-rec2:in_{i}")).unwrap();
+    }
+    let (ok, report, err) = finish_sim(guest);
+    assert!(ok, "the guest's stream stalled or failed across the restart: {err}\n{report}");
+    let got = rec.samples();
+    let tail = 2 * 48000;
+    let (_, n) = xen_vsnd::sim::signal::find_and_compare(&sent[sent.len() - tail * 2..], &got, 2, 64, 0)
+        .expect("the pattern's tail reached JACK after the restart");
+    assert_eq!(n, tail, "only {n} of the last {tail} frames intact after the restart");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the JACK server went away") && text.contains("the JACK server is back"), "{text}");
+    drop((rec, probe));
+
+    // Back at 44.1 kHz under a guest playing at 48: that stream runs on the
+    // fallback clock to its end (the guest sees no stall), 48 kHz is
+    // refused from then on and 44.1 kHz plays through JACK.
+    let guest = env.spawn_sim(&sock, &["--domain", "jrate-vm", "--play", "tone", "--seconds", "6"]);
+    wait_until("the guest's client", Duration::from_secs(10), || {
+        client_there("xen-vsnd.jrate-vm.0.0.playback")
+    });
+    env.restart_server(44100);
+    let (ok, report, err) = finish_sim(guest);
+    assert!(ok, "the 48 kHz stream did not end cleanly: {err}\n{report}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("came back at another rate"));
+    let (ok, _, err) = finish_sim(env.spawn_sim(
+        &sock,
+        &["--domain", "jrate-vm", "--play", "tone", "--seconds", "0.2", "--rate", "48000"],
+    ));
+    assert!(!ok && err.contains("-22"), "48 kHz accepted by a 44.1 kHz server: {err}");
+    let rec = Recorder::start("xv-rec3");
+    let sent44 = xen_vsnd::sim::signal::generate(xen_vsnd::sim::signal::Signal::Pattern, 44100, 2, 88200);
+    let guest = env.spawn_sim(
+        &sock,
+        &[
+            "--domain",
+            "j44b-vm",
+            "--play",
+            "pattern",
+            "--seconds",
+            "2",
+            "--rate",
+            "44100",
+            "--start-delay",
+            "3",
+        ],
+    );
+    let stream44 = "xen-vsnd.j44b-vm.0.0.playback";
+    let (probe, _) = jack::Client::new("xv-watch3", jack::ClientOptions::NO_START_SERVER).unwrap();
+    // The client is there from the guest's connection on, before it plays.
+    wait_until("the 44.1 kHz guest's ports connected", Duration::from_secs(10), || {
+        [("FL", 1), ("FR", 2)].iter().all(|(ch, i)| {
+            match probe.connect_ports_by_name(&format!("{stream44}:output_{ch}"), &format!("xv-rec3:in_{i}"))
+            {
+                Ok(()) | Err(jack::Error::PortAlreadyConnected(..)) => true,
+                Err(_) => false,
+            }
+        })
+    });
+    let (ok, report, err) = finish_sim(guest);
+    assert!(ok, "{err}\n{report}");
+    let got = rec.samples();
+    let (_, n) = xen_vsnd::sim::signal::find_and_compare(&sent44, &got, 2, 64, 0)
+        .expect("the 44.1 kHz pattern reached JACK");
+    assert_eq!(n, sent44.len() / 2, "only {n} frames of the 44.1 kHz pattern intact");
 }

@@ -7,8 +7,14 @@
 //! its samples are converted to and from JACK's floats here.
 //!
 //! The server is libjack's default, or the one `JACK_DEFAULT_SERVER` names.
+//! When it goes away the guest streams keep running on a fallback clock
+//! (`fallback`), and when it comes back, at whatever rate, every stream's
+//! client is made again with its name, ports and connections; an open
+//! stream at a rate the server no longer runs stays on the fallback clock
+//! until the guest closes it, and the next OPEN must take the new rate.
 
 use super::convert::{from_f32, to_f32};
+use super::fallback::FallbackClock;
 use super::gains::ChannelGains;
 use super::punctuality::{frames_ns, Punctuality};
 use super::slot::EngineSlot;
@@ -18,7 +24,9 @@ use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, bail, Context};
 use jack::PortSpec;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 /// Longest JACK client name (`jack_client_name_size()` less the NUL).
 const MAX_CLIENT_NAME: usize = 63;
@@ -48,20 +56,149 @@ pub enum JackConnect {
 }
 
 pub struct JackHost {
-    config: JackConfig,
-    rate: u32,
+    server: Arc<Server>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
 }
 
+/// The JACK server as every stream sees it.
+struct Server {
+    config: JackConfig,
+    /// The server's sample rate; 0 while it is away.
+    rate: AtomicU32,
+    /// Every stream's shared state, to re-create its client when the
+    /// server comes back.
+    nodes: Mutex<Vec<Weak<NodeShared>>>,
+    next_id: AtomicU64,
+    /// Runs the guest streams while the server is away (and a stream whose
+    /// rate the server no longer runs at, until the guest closes it).
+    fallback: FallbackClock,
+}
+
+/// While the server is away, the first retry comes this soon, each next
+/// one twice as late, up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How often the supervisor looks whether the server went away.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
 impl JackHost {
-    /// Checks that a JACK server answers and learns its sample rate.
+    /// Checks that a JACK server answers and learns its sample rate; from
+    /// then on follows it: when it goes away the guest streams run on a
+    /// fallback clock, and when it comes back (at whatever rate) every
+    /// stream's client is made again.
     pub fn start(config: JackConfig) -> anyhow::Result<JackHost> {
         jack::set_logger(jack::LoggerType::Custom { info: jack_info, error: jack_error });
-        let (probe, _) = jack::Client::new("xen-vsnd", jack::ClientOptions::NO_START_SERVER)
-            .map_err(|e| anyhow!("{e:?}"))
-            .context("connecting to the JACK server")?;
-        let rate = probe.sample_rate();
-        tracing::info!(rate, buffer = probe.buffer_size(), "JACK server");
-        Ok(JackHost { config, rate })
+        let (probe, lost) = watch().context("connecting to the JACK server")?;
+        let server = Arc::new(Server {
+            config,
+            rate: AtomicU32::new(0),
+            nodes: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            fallback: FallbackClock::start("jack-fallback").context("starting the fallback clock")?,
+        });
+        server.rate.store(probe.as_client().sample_rate(), Ordering::SeqCst);
+        tracing::info!(
+            rate = probe.as_client().sample_rate(),
+            buffer = probe.as_client().buffer_size(),
+            "JACK server"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (server.clone(), stop.clone());
+        let supervisor = std::thread::Builder::new()
+            .name("jack-watch".into())
+            .spawn(move || supervise(&s, probe, lost, &st))
+            .context("spawning the JACK supervisor")?;
+        Ok(JackHost { server, supervisor: Some(supervisor), stop })
+    }
+}
+
+impl Drop for JackHost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Tells the supervisor that the server shut this client down.
+struct Watch(Arc<AtomicBool>);
+
+impl jack::NotificationHandler for Watch {
+    unsafe fn shutdown(&mut self, _status: jack::ClientStatus, _reason: &str) {
+        // Async-signal-safe: a store.
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+type Probe = jack::AsyncClient<Watch, ()>;
+
+/// An active client that only watches the server: its shutdown callback
+/// says when the server goes away.
+fn watch() -> anyhow::Result<(Probe, Arc<AtomicBool>)> {
+    let (client, _) =
+        jack::Client::new("xen-vsnd", jack::ClientOptions::NO_START_SERVER).map_err(|e| anyhow!("{e:?}"))?;
+    let lost = Arc::new(AtomicBool::new(false));
+    let probe = client.activate_async(Watch(lost.clone()), ()).map_err(|e| anyhow!("{e:?}"))?;
+    Ok((probe, lost))
+}
+
+/// The supervisor thread: waits for the server to go away, moves every
+/// stream to the fallback clock, reconnects with bounded backoff, and makes
+/// every stream's client again.
+fn supervise(server: &Server, probe: Probe, lost: Arc<AtomicBool>, stop: &AtomicBool) {
+    let (mut probe, mut lost) = (Some(probe), lost);
+    loop {
+        while !lost.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(WATCH_EVERY);
+        }
+        server.rate.store(0, Ordering::SeqCst);
+        let nodes = server.live_nodes();
+        tracing::warn!(
+            streams = nodes.len(),
+            "the JACK server went away: guest streams run on a fallback clock (their sound goes \
+             nowhere) until it is back; reconnecting"
+        );
+        for n in &nodes {
+            n.lose(&server.fallback);
+        }
+        // The dead server's clients: closing them only frees them here.
+        drop(probe.take());
+        let mut retry = RETRY_FIRST;
+        let (p, l) = loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(retry);
+            match watch() {
+                Ok(v) => break v,
+                Err(e) => {
+                    tracing::debug!(?retry, "JACK server not reachable yet: {e:#}");
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+            }
+        };
+        let rate = p.as_client().sample_rate();
+        (probe, lost) = (Some(p), l);
+        server.rate.store(rate, Ordering::SeqCst);
+        let nodes = server.live_nodes();
+        for n in &nodes {
+            n.rebuild(server, rate);
+        }
+        tracing::info!(rate, streams = nodes.len(), "the JACK server is back; guest clients made again");
+    }
+}
+
+impl Server {
+    /// The streams still attached (forgetting the others).
+    fn live_nodes(&self) -> Vec<Arc<NodeShared>> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.retain(|w| w.strong_count() > 0);
+        nodes.iter().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -70,85 +207,183 @@ impl HostBackend for JackHost {
         true // every wire format converts to and from floats
     }
 
+    /// The server's rate now (JACK does not resample); none while it is
+    /// away.
     fn supports_rate(&self, rate: u32) -> bool {
-        rate == self.rate
+        rate == self.server.rate.load(Ordering::SeqCst)
     }
 
     /// The stream's JACK client, with a port for each of its channels, for
     /// the life of its connection: connections made to it survive OPENs.
     fn attach(&self, spec: StreamSpec) -> anyhow::Result<Box<dyn HostNode>> {
-        let name = client_name(&spec.node_name);
+        let ports = spec.initial.channels;
+        let node = Arc::new(NodeShared {
+            id: self.server.next_id.fetch_add(1, Ordering::Relaxed),
+            gains: ChannelGains::unity(ports as usize),
+            spec,
+            slot: Arc::new(EngineSlot::default()),
+            engine_rate: AtomicU32::new(0),
+            state: Mutex::default(),
+        });
+        {
+            let mut state = node.lock();
+            match self.server.rate.load(Ordering::SeqCst) {
+                0 => {
+                    self.server.fallback.add(node.id, node.slot.clone(), node.spec.kind);
+                    state.on_fallback = true;
+                }
+                rate => state.client = Some(node.make_client(&self.server.config, rate)?),
+            }
+        }
+        self.server.nodes.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&node));
+        Ok(Box::new(JackNode { node, server: self.server.clone(), ports }))
+    }
+}
+
+/// What a stream's request thread and the supervisor share.
+struct NodeShared {
+    id: u64,
+    spec: StreamSpec,
+    slot: Arc<EngineSlot>,
+    gains: ChannelGains,
+    /// The open engine's rate; 0 while closed.
+    engine_rate: AtomicU32,
+    state: Mutex<NodeState>,
+}
+
+#[derive(Default)]
+struct NodeState {
+    /// The client, while the server is there.
+    client: Option<ActiveClient>,
+    /// The fallback clock runs the stream.
+    on_fallback: bool,
+}
+
+impl NodeShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server went away: the client goes, the fallback clock runs the
+    /// stream.
+    fn lose(&self, fallback: &FallbackClock) {
+        let mut state = self.lock();
+        drop(state.client.take());
+        if !state.on_fallback {
+            fallback.add(self.id, self.slot.clone(), self.spec.kind);
+            state.on_fallback = true;
+        }
+    }
+
+    /// The server is back at `rate`: the client again (same name, ports
+    /// and connections), and the open stream on it when it runs at that
+    /// rate; one at another rate plays on the fallback clock until the
+    /// guest closes it (its next OPEN must take the server's rate).
+    fn rebuild(&self, server: &Server, rate: u32) {
+        let mut state = self.lock();
+        match self.make_client(&server.config, rate) {
+            Ok(c) => state.client = Some(c),
+            Err(e) => {
+                tracing::warn!(stream = %self.spec.node_name, "making the JACK client again: {e:#}");
+                return;
+            }
+        }
+        let engine_rate = self.engine_rate.load(Ordering::SeqCst);
+        if engine_rate != 0 && engine_rate != rate {
+            tracing::warn!(
+                stream = %self.spec.node_name,
+                stream_rate = engine_rate,
+                server_rate = rate,
+                "the JACK server came back at another rate: the open stream plays on a fallback \
+                 clock (its sound goes nowhere) until the guest closes it"
+            );
+        } else if state.on_fallback {
+            server.fallback.remove(self.id);
+            state.on_fallback = false;
+        }
+    }
+
+    /// The stream's client at the server's `rate`, active and connected.
+    fn make_client(&self, config: &JackConfig, rate: u32) -> anyhow::Result<ActiveClient> {
+        let name = client_name(&self.spec.node_name);
         let (client, _) = jack::Client::new(&name, jack::ClientOptions::NO_START_SERVER)
             .map_err(|e| anyhow!("{e:?}"))
             .with_context(|| format!("opening JACK client {name}"))?;
-        let rate = client.sample_rate();
-        let names = channel_names(spec.initial.channels);
-        let ports = match spec.kind {
+        let names = channel_names(self.spec.initial.channels);
+        let ports = match self.spec.kind {
             StreamKind::Playback => {
                 Ports::Out(register(&client, &names, "output", jack::AudioOut::default())?)
             }
             StreamKind::Capture => Ports::In(register(&client, &names, "input", jack::AudioIn::default())?),
         };
-        let gains = ChannelGains::unity(names.len());
-        let slot = Arc::new(EngineSlot::default());
         let rt = JackRt {
-            slot: slot.clone(),
+            slot: self.slot.clone(),
+            rate,
             ports,
             scratch: vec![0; INITIAL_FRAMES * names.len() * MAX_SAMPLE_BYTES],
-            gains: gains.clone(),
+            gains: self.gains.clone(),
             punctuality: Punctuality::default(),
         };
         let active = client.activate_async((), rt).map_err(|e| anyhow!("{e:?}")).context("activating")?;
-        autoconnect(active.as_client(), &self.config.connect, spec.kind, &name, &names);
+        autoconnect(active.as_client(), &config.connect, self.spec.kind, &name, &names);
         tracing::debug!(client = name, "JACK client up");
-        Ok(Box::new(JackNode {
-            slot,
-            gains,
-            rate,
-            ports: names.len() as u32,
-            _client: ActiveClient(Some(active)),
-        }))
+        Ok(ActiveClient(Some(active)))
     }
 }
 
-/// A guest stream's JACK client.
+/// A guest stream's JACK client, seen from its request thread.
 struct JackNode {
-    slot: Arc<EngineSlot>,
-    gains: ChannelGains,
-    /// The server's rate: JACK does not resample.
-    rate: u32,
+    node: Arc<NodeShared>,
+    server: Arc<Server>,
     ports: u32,
-    _client: ActiveClient,
 }
 
 impl HostNode for JackNode {
     fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
         let g = engine.geom;
-        if g.rate != self.rate {
-            bail!("the JACK server runs at {} Hz, the guest stream at {}", self.rate, g.rate);
+        let mut state = self.node.lock();
+        let rate = self.server.rate.load(Ordering::SeqCst);
+        if rate == 0 {
+            bail!("the JACK server is away");
+        }
+        if g.rate != rate {
+            bail!("the JACK server runs at {rate} Hz, the guest stream at {}", g.rate);
         }
         if g.channels > self.ports {
             bail!("{} channels, the client has {} ports", g.channels, self.ports);
         }
-        self.gains.set(&vec![1.0; self.ports as usize]);
-        self.slot.install(engine);
+        if state.on_fallback && state.client.is_some() {
+            // Left there by a stream at the server's old rate.
+            self.server.fallback.remove(self.node.id);
+            state.on_fallback = false;
+        }
+        self.node.gains.set(&vec![1.0; self.ports as usize]);
+        self.node.engine_rate.store(g.rate, Ordering::SeqCst);
+        self.node.slot.install(engine);
         Ok(())
     }
 
     fn stop(&mut self) {
-        drop(self.slot.take());
+        drop(self.node.slot.take());
+        self.node.engine_rate.store(0, Ordering::SeqCst);
     }
 
     fn set_volume(&self, gains: Vec<f32>) {
-        self.gains.set(&gains);
+        self.node.gains.set(&gains);
     }
 }
 
 impl Drop for JackNode {
     fn drop(&mut self) {
-        // The engine first (the client, a field, is deactivated after
-        // this, which may wait for the server).
-        drop(self.slot.take());
+        // The engine first (deactivating the client may wait for the
+        // server).
+        drop(self.node.slot.take());
+        let mut state = self.node.lock();
+        drop(state.client.take());
+        if state.on_fallback {
+            self.server.fallback.remove(self.node.id);
+            state.on_fallback = false;
+        }
     }
 }
 
@@ -257,6 +492,9 @@ enum Ports {
 struct JackRt {
     /// The engine while the guest stream is open.
     slot: Arc<EngineSlot>,
+    /// The server's rate when the client was made: an engine at another
+    /// one is not run here (the fallback clock runs it).
+    rate: u32,
     ports: Ports,
     /// One period of interleaved guest-format frames, room for every port
     /// at the widest sample; sized in `buffer_size`, which JACK calls
@@ -269,8 +507,11 @@ struct JackRt {
 
 impl jack::ProcessHandler for JackRt {
     fn process(&mut self, client: &jack::Client, ps: &jack::ProcessScope) -> jack::Control {
-        let JackRt { slot, ports, scratch, gains, punctuality } = self;
+        let JackRt { slot, rate, ports, scratch, gains, punctuality } = self;
         let ran = slot.with(|engine| {
+            if engine.geom.rate != *rate {
+                return false;
+            }
             let start = now_ns();
             let frames = ps.n_frames() as usize;
             let format = engine.geom.format;

@@ -4,6 +4,7 @@
 
 pub mod alsa;
 pub mod convert;
+pub mod fallback;
 pub mod gains;
 pub mod jack;
 pub mod pipewire;

@@ -3,12 +3,14 @@
 //! cycle can no longer reach the engine (nor, through it, the guest's
 //! pages), on every path, without a timeout.
 //!
-//! A single-slot hazard pointer. The cycle (one thread at a time per slot)
-//! marks itself busy, then loads the pointer; `take` swaps the pointer out,
-//! then waits until the cycle is not busy. Both sides use sequentially
-//! consistent operations, so either the cycle saw the pointer and `take`
-//! sees it busy (and waits one callback at most), or the cycle marked
-//! itself busy after the swap and loads null.
+//! A single-slot hazard pointer. The cycle marks itself busy, then loads
+//! the pointer; `take` swaps the pointer out, then waits until the cycle
+//! is not busy. Both sides use sequentially consistent operations, so
+//! either the cycle saw the pointer and `take` sees it busy (and waits one
+//! callback at most), or the cycle marked itself busy after the swap and
+//! loads null. Two cycles may call at once while a stream changes hands
+//! (the host's cycle and the fallback clock, `fallback`): the one that
+//! finds the slot busy skips that turn.
 
 use crate::dma::DmaEngine;
 use std::ptr;
@@ -21,14 +23,16 @@ pub struct EngineSlot {
 }
 
 impl EngineSlot {
-    /// Real-time side: runs `f` on the engine when one is installed. No
-    /// allocation, no lock, no waiting.
+    /// Real-time side: runs `f` on the engine when one is installed and no
+    /// other cycle is in it. No allocation, no lock, no waiting.
     pub fn with<R>(&self, f: impl FnOnce(&mut DmaEngine) -> R) -> Option<R> {
-        self.busy.store(true, SeqCst);
+        if self.busy.swap(true, SeqCst) {
+            return None;
+        }
         let p = self.engine.load(SeqCst);
         // SAFETY: a non-null pointer came from `install`'s Box and is freed
-        // only by `take`, which waits while we are busy; only one cycle
-        // runs at a time, so the `&mut` is unique.
+        // only by `take`, which waits while we are busy; the swap above let
+        // only one cycle in, so the `&mut` is unique.
         let r = (!p.is_null()).then(|| f(unsafe { &mut *p }));
         self.busy.store(false, SeqCst);
         r

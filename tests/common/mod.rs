@@ -123,17 +123,42 @@ impl PwEnv {
         std::fs::write(dir.path().join("config/pipewire/pipewire.conf.d/test-extra.conf"), extra_conf)
             .unwrap();
         let mut env = PwEnv { dir, procs: Vec::new(), backend_log: None };
-        env.spawn_logged("pipewire", "pipewire", &[]);
+        env.start_daemons();
+        env
+    }
+
+    /// PipeWire, then WirePlumber, each up.
+    fn start_daemons(&mut self) {
+        self.spawn_logged("pipewire", "pipewire", &[]);
         wait_until("the PipeWire socket", Duration::from_secs(10), || {
-            env.runtime().join("pipewire-0").exists()
+            self.runtime().join("pipewire-0").exists()
         });
-        env.spawn_logged("wireplumber", "dbus-run-session", &["--", "wireplumber"]);
-        wait_until("the null sink", Duration::from_secs(15), || env.node_exists(SINK));
+        self.spawn_logged("wireplumber", "dbus-run-session", &["--", "wireplumber"]);
+        wait_until("the null sink", Duration::from_secs(15), || self.node_exists(SINK));
         // WirePlumber is up when it has registered its own client.
         wait_until("WirePlumber", Duration::from_secs(15), || {
-            String::from_utf8_lossy(&env.run("pw-cli", &["ls", "Client"]).stdout).contains("\"WirePlumber\"")
+            String::from_utf8_lossy(&self.run("pw-cli", &["ls", "Client"]).stdout).contains("\"WirePlumber\"")
         });
-        env
+    }
+
+    /// Kills PipeWire (SIGKILL, as a crash) and its WirePlumber, and after
+    /// `down` starts both again, as `systemctl --user restart pipewire`
+    /// (or an upgrade, slower) does to a session.
+    pub fn restart_pipewire(&mut self, down: Duration) {
+        let daemons = |p: &Proc| p.1 == "pipewire" || p.1 == "wireplumber";
+        let (mut gone, kept): (Vec<Proc>, Vec<Proc>) = self.procs.drain(..).partition(daemons);
+        self.procs = kept;
+        for p in gone.iter_mut().filter(|p| p.1 == "pipewire") {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+        for p in &mut gone {
+            p.interrupt_and_wait(Duration::from_secs(3));
+        }
+        let _ = std::fs::remove_file(self.runtime().join("pipewire-0"));
+        let _ = std::fs::remove_file(self.runtime().join("pipewire-0.lock"));
+        std::thread::sleep(down);
+        self.start_daemons();
     }
 
     pub fn node_exists(&self, name: &str) -> bool {

@@ -69,11 +69,11 @@ record() {
     rec=$!
     wait_for 20 sh -c 'pw-link -l | grep -q "e2e-recorder:input_FL"'
 }
-# intact <sent> <recording>: the recording carries the signal frame by frame
-# (one compare: under emulation it takes seconds).
+# intact <sent> <recording> [compare options]: the recording carries the
+# signal frame by frame (one compare: under emulation it takes seconds).
 intact() {
     local rc
-    why=$($bin compare --sent "$1" --got "$2" 2>&1)
+    why=$($bin compare --sent "$1" --got "$2" "${@:3}" 2>&1)
     rc=$?
     why=$(echo "$why" | tr '\n' ' ')
     echo "XE: $why"
@@ -123,10 +123,16 @@ cp $root/pw-modules/null-sink.conf $XDG_CONFIG_HOME/pipewire/pipewire.conf.d/
 # 2048): half the wake-ups, which the emulated machine needs.
 echo 'context.properties = { default.clock.max-quantum = 8192 }' \
     >$XDG_CONFIG_HOME/pipewire/pipewire.conf.d/quantum.conf
-pipewire >/run/pipewire.log 2>&1 &
-wait_for 20 test -S $XDG_RUNTIME_DIR/pipewire-0
-dbus-run-session -- wireplumber >/run/wireplumber.log 2>&1 &
-wait_for 20 sh -c 'pw-cli ls Client | grep -q "\"WirePlumber\""'
+# start_pipewire: PipeWire, then WirePlumber, each up ($pw and $wp).
+start_pipewire() {
+    pipewire >>/run/pipewire.log 2>&1 &
+    pw=$!
+    wait_for 20 test -S $XDG_RUNTIME_DIR/pipewire-0
+    dbus-run-session -- wireplumber >>/run/wireplumber.log 2>&1 &
+    wp=$!
+    wait_for 60 sh -c 'pw-cli ls Client | grep -q "\"WirePlumber\""'
+}
+start_pipewire
 backend_log=vsnd.log
 $bin serve --transport xen >/run/$backend_log 2>&1 &
 backend=$!
@@ -272,6 +278,30 @@ check "${SECOND}the hand-made links are still the same links" [ -n "$links_befor
 stop $tap INT
 
 capture_step capture ""
+
+# dom0's PipeWire killed (as a crash; an upgrade restarts it the same way)
+# and started again while the guest plays 30 s: the guest's aplay goes on
+# (xen-vsnd runs its stream on a fallback clock meanwhile), the node comes
+# back with its name, and what the guest plays from then on reaches the
+# sink intact.
+go longplay
+wait_for 60 sh -c "[ \"\$(xenstore-read /local/domain/$domid/data/playing)\" = longplay ]"
+t0=$SECONDS
+kill -9 $pw; stop $wp INT; wait $pw 2>/dev/null
+start_pipewire
+check "dom0 PipeWire restarted while the guest plays: the guest's node is back" \
+    wait_for 60 node_exists xen-vsnd.$guest.0.0.playback
+echo "XE: PipeWire restarted in $((SECONDS - t0)) s"
+record 48000 /run/longplay.wav
+wait_for 120 guest_said "GUEST: longplay (ok|failed)"
+check "dom0 PipeWire restarted while the guest plays: the guest plays on to the end" guest_step_ok longplay
+sleep 1
+stop $rec INT
+why=$(grep -a "PipeWire daemon" /run/$backend_log | tr '\n' ' ')
+check "dom0 PipeWire restarted while the guest plays: xen-vsnd saw it go and connected again" \
+    grep -q "connected to the PipeWire daemon again" /run/$backend_log
+check "dom0 PipeWire restarted while the guest plays: what the guest plays after the restart arrives intact" \
+    intact $work/guest/pattern48-long.wav /run/longplay.wav --min-fraction 0.1
 
 # Playback at 44.1 kHz, with the graph at 44.1 kHz so nothing resamples.
 pw-metadata -n settings 0 clock.force-rate 44100 >/dev/null

@@ -119,6 +119,10 @@ run_step() {
         aplay -D hw:0,0 $BUF /pattern44.wav ;;
     play48mmap)
         aplay -M -D hw:0,0 $BUF /pattern48.wav ;;
+    longplay)
+        # 30 s: dom0 restarts its PipeWire meanwhile.
+        xenstore-write data/playing longplay
+        aplay -D hw:0,0 $BUF /pattern48-long.wav ;;
     pwplay)
         # pw-play of the pattern, linked by hand to the guest PipeWire's
         # sink. pw-play returns once the sink took its last frames, which

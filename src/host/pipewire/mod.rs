@@ -14,12 +14,19 @@
 //! CLOSEs. Between CLOSE and the next OPEN it plays silence for a moment
 //! (the graph still carries the last cycle's frames), then is inactive:
 //! not scheduled, not driving the graph, keeping no sink awake.
+//!
+//! The daemon may go away (a restart, an upgrade, a crash) and come back:
+//! the guests stay connected, their streams run on a fallback clock
+//! (`host::fallback`) meanwhile, the thread reconnects with bounded
+//! backoff, and every node is made again with its name and properties,
+//! open streams continuing on it where the fallback clock left them.
 
 mod graph;
 mod node;
 mod rt;
 
 use crate::dma::DmaEngine;
+use crate::host::fallback::FallbackClock;
 use crate::host::slot::EngineSlot;
 use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::{PcmFormat, StreamKind};
@@ -27,7 +34,7 @@ use anyhow::{anyhow, Context};
 use graph::{Graph, Kind};
 use node::Node;
 use pipewire as pw;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +47,10 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A closed stream's node stays active this long, playing silence, so the
 /// graph plays out the last cycle's frames; then it is deactivated.
 const IDLE_AFTER: Duration = Duration::from_millis(500);
+/// While PipeWire is away: the first retry comes this soon, each next one
+/// twice as late, up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 enum Cmd {
     Attach {
@@ -77,6 +88,12 @@ enum Cmd {
         id: u64,
         gains: Vec<f32>,
     },
+    /// The connection of session `session` to the daemon broke.
+    Lost {
+        session: u64,
+    },
+    /// Try to connect to the daemon again.
+    Reconnect,
 }
 
 /// How the PipeWire host connects and what it adds to every node.
@@ -95,7 +112,9 @@ pub struct PipeWireHost {
 
 impl PipeWireHost {
     /// Starts the PipeWire thread and connects to the daemon (`remote`:
-    /// `PIPEWIRE_REMOTE` style name, or the default).
+    /// `PIPEWIRE_REMOTE` style name, or the default); a daemon that is not
+    /// there yet is waited for (guest streams run on the fallback clock
+    /// meanwhile).
     pub fn start(config: PipeWireConfig) -> anyhow::Result<PipeWireHost> {
         let (ready_tx, ready_rx) = mpsc::sync_channel::<anyhow::Result<pw::channel::Sender<Cmd>>>(1);
         std::thread::Builder::new()
@@ -173,23 +192,324 @@ impl Drop for PwNode {
     }
 }
 
-/// Sends `cmd` to the PipeWire thread once `IDLE_AFTER` has passed.
-fn after_idle(tx: &pw::channel::Sender<Cmd>, cmd: Cmd) {
+/// Sends `cmd` to the PipeWire thread once `delay` has passed.
+fn send_after(tx: &pw::channel::Sender<Cmd>, delay: Duration, cmd: Cmd) {
     let tx = tx.clone();
-    let _ = std::thread::Builder::new().name("pw-idle".into()).spawn(move || {
-        std::thread::sleep(IDLE_AFTER);
+    let _ = std::thread::Builder::new().name("pw-later".into()).spawn(move || {
+        std::thread::sleep(delay);
         let _ = tx.send(cmd);
     });
 }
 
-/// Recomputes every capture node's unreported latency from the graph.
-fn refresh_unreported(nodes: &RefCell<HashMap<u64, Node>>, graph: &RefCell<Graph>) {
-    let graph = graph.borrow();
-    for n in nodes.borrow().values().filter(|n| n.kind == StreamKind::Capture) {
-        let c = graph.unreported_cycles(n.stream.node_id());
-        if n.unreported_cycles.swap(c, Ordering::Relaxed) != c {
-            tracing::debug!(node = n.stream.node_id(), cycles = c, "unreported latency changed");
+/// A guest stream as the PipeWire thread keeps it: what it takes to build
+/// its node again after the daemon restarts, and the node while connected.
+struct Entry {
+    spec: StreamSpec,
+    slot: Arc<EngineSlot>,
+    /// The open stream's shape and period (OPEN until CLOSE).
+    open: Option<(Shape, u32)>,
+    /// The guest's last gains for the open stream.
+    gains: Option<Vec<f32>>,
+    /// Bumped at every OPEN and CLOSE: a deactivation deferred at CLOSE
+    /// applies only when nothing happened since.
+    generation: u64,
+    /// The node, while connected to the daemon.
+    live: Option<Node>,
+}
+
+/// One connection to the daemon and what hangs on it.
+struct Session {
+    core: pw::core::CoreRc,
+    _core_listener: pw::core::Listener,
+    _registry: pw::registry::RegistryRc,
+    _registry_listener: pw::registry::Listener,
+}
+
+/// The PipeWire thread's state.
+struct State {
+    context: pw::context::ContextRc,
+    config: PipeWireConfig,
+    to_self: pw::channel::Sender<Cmd>,
+    entries: RefCell<HashMap<u64, Entry>>,
+    graph: RefCell<Graph>,
+    /// Our capture nodes, bound to follow their `node.driver-id`.
+    watched: RefCell<HashMap<u32, (pw::node::Node, pw::node::NodeListener)>>,
+    session: RefCell<Option<(u64, Session)>>,
+    sessions: Cell<u64>,
+    /// The next retry's delay while the daemon is away.
+    retry: Cell<Duration>,
+    /// Runs the guest streams while the daemon is away.
+    fallback: FallbackClock,
+}
+
+impl State {
+    fn connected(&self) -> bool {
+        self.session.borrow().is_some()
+    }
+
+    /// Builds `e`'s node on the current connection, as the stream stands.
+    fn build(&self, e: &mut Entry) -> anyhow::Result<()> {
+        let session = self.session.borrow();
+        let Some((_, s)) = session.as_ref() else { return Ok(()) };
+        let mut n = Node::create(&s.core, e.spec.clone(), &self.config.node_props, e.slot.clone())?;
+        if let Some((shape, period)) = e.open {
+            n.open(shape, period)?;
+            if let Some(g) = &e.gains {
+                n.set_gains(g.clone());
+            }
         }
+        e.live = Some(n);
+        Ok(())
+    }
+
+    /// Recomputes every capture node's unreported latency from the graph.
+    fn refresh_unreported(&self) {
+        let graph = self.graph.borrow();
+        for n in self.entries.borrow().values().filter_map(|e| e.live.as_ref()) {
+            if n.kind != StreamKind::Capture {
+                continue;
+            }
+            let c = graph.unreported_cycles(n.stream.node_id());
+            if n.unreported_cycles.swap(c, Ordering::Relaxed) != c {
+                tracing::debug!(node = n.stream.node_id(), cycles = c, "unreported latency changed");
+            }
+        }
+    }
+
+    fn handle(self: &Rc<Self>, cmd: Cmd) {
+        match cmd {
+            Cmd::Attach { id, spec, slot, reply } => {
+                let kind = spec.kind;
+                let mut e = Entry { spec, slot, open: None, gains: None, generation: 0, live: None };
+                let r = self.build(&mut e);
+                if r.is_ok() {
+                    if !self.connected() {
+                        self.fallback.add(id, e.slot.clone(), kind);
+                    }
+                    self.entries.borrow_mut().insert(id, e);
+                }
+                self.refresh_unreported();
+                let _ = reply.send(r);
+            }
+            Cmd::Open { id, shape, period_frames, reply } => {
+                let r = match self.entries.borrow_mut().get_mut(&id) {
+                    Some(e) => {
+                        e.generation += 1;
+                        e.open = Some((shape, period_frames));
+                        e.gains = None;
+                        e.live.as_mut().map_or(Ok(()), |n| n.open(shape, period_frames))
+                    }
+                    None => Err(anyhow!("the node is gone")),
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Close { id } => {
+                if let Some(e) = self.entries.borrow_mut().get_mut(&id) {
+                    e.generation += 1;
+                    e.open = None;
+                    let generation = e.generation;
+                    send_after(&self.to_self, IDLE_AFTER, Cmd::Deactivate { id, generation });
+                }
+            }
+            Cmd::Deactivate { id, generation } => {
+                if let Some(e) = self.entries.borrow_mut().get_mut(&id).filter(|e| e.generation == generation)
+                {
+                    if let Some(n) = e.live.as_mut() {
+                        n.deactivate();
+                    }
+                }
+            }
+            Cmd::Detach { id } => {
+                let playing = self
+                    .entries
+                    .borrow()
+                    .get(&id)
+                    .and_then(|e| e.live.as_ref())
+                    .is_some_and(|n| n.active && n.kind == StreamKind::Playback);
+                if playing {
+                    send_after(&self.to_self, IDLE_AFTER, Cmd::Remove { id });
+                } else {
+                    self.remove(id);
+                }
+            }
+            Cmd::Remove { id } => self.remove(id),
+            Cmd::Volume { id, gains } => {
+                if let Some(e) = self.entries.borrow_mut().get_mut(&id) {
+                    if let Some(n) = &e.live {
+                        n.set_gains(gains.clone());
+                    }
+                    e.gains = Some(gains);
+                }
+            }
+            Cmd::Lost { session } => {
+                if self.session.borrow().as_ref().is_some_and(|(n, _)| *n == session) {
+                    self.disconnect();
+                }
+            }
+            Cmd::Reconnect => self.reconnect(),
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let Some(e) = self.entries.borrow_mut().remove(&id) else { return };
+        match e.live {
+            Some(n) => {
+                let _ = n.stream.disconnect();
+            }
+            None => self.fallback.remove(id),
+        }
+    }
+
+    /// The daemon went away: every node goes with it, the guest streams
+    /// run on the fallback clock, and reconnecting starts.
+    fn disconnect(&self) {
+        let mut entries = self.entries.borrow_mut();
+        for (id, e) in entries.iter_mut() {
+            if let Some(n) = e.live.take() {
+                let _ = n.stream.disconnect();
+            }
+            self.fallback.add(*id, e.slot.clone(), e.spec.kind);
+        }
+        let open = entries.values().filter(|e| e.open.is_some()).count();
+        drop(entries);
+        self.watched.borrow_mut().clear();
+        *self.graph.borrow_mut() = Graph::default();
+        *self.session.borrow_mut() = None;
+        tracing::warn!(
+            open_streams = open,
+            "the PipeWire daemon went away: guest streams run on a fallback clock (their sound goes \
+             nowhere) until it is back; reconnecting"
+        );
+        self.retry.set(RETRY_FIRST);
+        send_after(&self.to_self, RETRY_FIRST, Cmd::Reconnect);
+    }
+
+    /// One attempt to reach the daemon; on success every node is built
+    /// again (same name and properties) and open streams continue on it.
+    fn reconnect(self: &Rc<Self>) {
+        if self.connected() {
+            return;
+        }
+        match self.connect() {
+            Ok(()) => {
+                let mut entries = self.entries.borrow_mut();
+                let mut rebuilt = 0;
+                for (id, e) in entries.iter_mut() {
+                    self.fallback.remove(*id);
+                    match self.build(e) {
+                        Ok(()) => rebuilt += 1,
+                        Err(err) => {
+                            tracing::warn!(node = %e.spec.node_name, "re-creating the node: {err:#}");
+                            self.fallback.add(*id, e.slot.clone(), e.spec.kind);
+                        }
+                    }
+                }
+                drop(entries);
+                self.refresh_unreported();
+                tracing::info!(
+                    nodes = rebuilt,
+                    "connected to the PipeWire daemon again; guest nodes re-created"
+                );
+            }
+            Err(e) => {
+                let delay = self.retry.get();
+                tracing::debug!(retry_in = ?delay, "PipeWire daemon not reachable yet: {e:#}");
+                self.retry.set((delay * 2).min(RETRY_MAX));
+                send_after(&self.to_self, delay, Cmd::Reconnect);
+            }
+        }
+    }
+
+    /// Connects to the daemon and follows its registry.
+    fn connect(self: &Rc<Self>) -> anyhow::Result<()> {
+        let props = self
+            .config
+            .remote
+            .as_ref()
+            .map(|r| pw::properties::properties! { *pw::keys::REMOTE_NAME => r.as_str() });
+        let core = self.context.connect_rc(props).map_err(|e| {
+            anyhow!(
+                "connecting to the PipeWire daemon: {e} (is PipeWire running for this user? \
+                 XDG_RUNTIME_DIR/PIPEWIRE_RUNTIME_DIR and PIPEWIRE_REMOTE select the daemon)"
+            )
+        })?;
+        let number = self.sessions.get() + 1;
+        self.sessions.set(number);
+        let to_self = self.to_self.clone();
+        let core_listener = core
+            .add_listener_local()
+            .error(move |id, seq, res, msg| {
+                if id == pw::core::PW_ID_CORE && res == -libc::EPIPE {
+                    let _ = to_self.send(Cmd::Lost { session: number });
+                } else {
+                    tracing::warn!(id, seq, res, "PipeWire: {msg}");
+                }
+            })
+            .register();
+        let registry = core.get_registry_rc().context("PipeWire registry")?;
+        let registry_listener = self.follow_registry(&registry);
+        *self.session.borrow_mut() = Some((
+            number,
+            Session {
+                core,
+                _core_listener: core_listener,
+                _registry: registry,
+                _registry_listener: registry_listener,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Mirrors the registry into `graph` and follows the driver of each of
+    /// our capture nodes.
+    fn follow_registry(self: &Rc<Self>, registry: &pw::registry::RegistryRc) -> pw::registry::Listener {
+        let (on_global, on_remove, reg) = (Rc::downgrade(self), Rc::downgrade(self), registry.clone());
+        registry
+            .add_listener_local()
+            .global(move |obj| {
+                let Some(state) = on_global.upgrade() else { return };
+                let kind = match obj.type_ {
+                    pw::types::ObjectType::Node => Kind::Node,
+                    pw::types::ObjectType::Port => Kind::Port,
+                    pw::types::ObjectType::Link => Kind::Link,
+                    _ => Kind::Other,
+                };
+                let lookup = |k: &str| obj.props.and_then(|p| p.get(k)).map(str::to_string);
+                state.graph.borrow_mut().add(obj.id, kind, &lookup);
+                let ours = lookup("node.name").is_some_and(|n| n.starts_with("xen-vsnd."))
+                    && lookup("media.class").as_deref() == Some("Stream/Input/Audio");
+                if kind == Kind::Node && ours {
+                    if let Ok(node) = reg.bind::<pw::node::Node, _>(obj) {
+                        let (weak, id) = (Rc::downgrade(&state), obj.id);
+                        let listener = node
+                            .add_listener_local()
+                            .info(move |info| {
+                                // Properties come only with the events that change them.
+                                if !info.change_mask().contains(pw::node::NodeChangeMask::PROPS) {
+                                    return;
+                                }
+                                let Some(state) = weak.upgrade() else { return };
+                                let driver = info
+                                    .props()
+                                    .and_then(|p| p.get("node.driver-id"))
+                                    .and_then(|v| v.parse().ok());
+                                tracing::debug!(node = id, ?driver, "capture node driver");
+                                state.graph.borrow_mut().set_driver(id, driver);
+                                state.refresh_unreported();
+                            })
+                            .register();
+                        state.watched.borrow_mut().insert(obj.id, (node, listener));
+                    }
+                }
+                state.refresh_unreported();
+            })
+            .global_remove(move |id| {
+                let Some(state) = on_remove.upgrade() else { return };
+                state.watched.borrow_mut().remove(&id);
+                state.graph.borrow_mut().remove(id);
+                state.refresh_unreported();
+            })
+            .register()
     }
 }
 
@@ -200,123 +520,30 @@ fn run_loop(
     pw::init();
     let mainloop = pw::main_loop::MainLoopRc::new(None).context("PipeWire main loop")?;
     let context = pw::context::ContextRc::new(&mainloop, None).context("PipeWire context")?;
-    let props = config.remote.map(|r| pw::properties::properties! { *pw::keys::REMOTE_NAME => r });
-    let core = context.connect_rc(props).map_err(|e| {
-        anyhow!(
-            "connecting to the PipeWire daemon: {e} (is PipeWire running for this user? \
-             XDG_RUNTIME_DIR/PIPEWIRE_RUNTIME_DIR and PIPEWIRE_REMOTE select the daemon)"
-        )
-    })?;
-    let _core_listener = core
-        .add_listener_local()
-        .error(|id, seq, res, msg| tracing::warn!(id, seq, res, "PipeWire: {msg}"))
-        .register();
     let (tx, rx) = pw::channel::channel::<Cmd>();
-    let to_self = tx.clone();
-    let nodes: Rc<RefCell<HashMap<u64, Node>>> = Rc::default();
-    let graph: Rc<RefCell<Graph>> = Rc::default();
-    let registry = core.get_registry_rc().context("PipeWire registry")?;
-    // Our capture nodes, bound to follow their `node.driver-id`.
-    let watched: Rc<RefCell<HashMap<u32, (pw::node::Node, pw::node::NodeListener)>>> = Rc::default();
-    let (n1, g1, n2, g2, w1, w2, reg) = (
-        nodes.clone(),
-        graph.clone(),
-        nodes.clone(),
-        graph.clone(),
-        watched.clone(),
-        watched,
-        registry.clone(),
-    );
-    let _registry_listener = registry
-        .add_listener_local()
-        .global(move |obj| {
-            let kind = match obj.type_ {
-                pw::types::ObjectType::Node => Kind::Node,
-                pw::types::ObjectType::Port => Kind::Port,
-                pw::types::ObjectType::Link => Kind::Link,
-                _ => Kind::Other,
-            };
-            let lookup = |k: &str| obj.props.and_then(|p| p.get(k)).map(str::to_string);
-            g1.borrow_mut().add(obj.id, kind, &lookup);
-            let ours = lookup("node.name").is_some_and(|n| n.starts_with("xen-vsnd."))
-                && lookup("media.class").as_deref() == Some("Stream/Input/Audio");
-            if kind == Kind::Node && ours {
-                if let Ok(node) = reg.bind::<pw::node::Node, _>(obj) {
-                    let (n, g, id) = (n1.clone(), g1.clone(), obj.id);
-                    let listener = node
-                        .add_listener_local()
-                        .info(move |info| {
-                            // Properties come only with the events that change them.
-                            if !info.change_mask().contains(pw::node::NodeChangeMask::PROPS) {
-                                return;
-                            }
-                            let driver = info
-                                .props()
-                                .and_then(|p| p.get("node.driver-id"))
-                                .and_then(|v| v.parse().ok());
-                            tracing::debug!(node = id, ?driver, "capture node driver");
-                            g.borrow_mut().set_driver(id, driver);
-                            refresh_unreported(&n, &g);
-                        })
-                        .register();
-                    w1.borrow_mut().insert(obj.id, (node, listener));
-                }
-            }
-            refresh_unreported(&n1, &g1);
-        })
-        .global_remove(move |id| {
-            w2.borrow_mut().remove(&id);
-            g2.borrow_mut().remove(id);
-            refresh_unreported(&n2, &g2);
-        })
-        .register();
-    let core2 = core.clone();
-    let _attached = rx.attach(mainloop.loop_(), move |cmd| match cmd {
-        Cmd::Attach { id, spec, slot, reply } => {
-            let r = Node::create(&core2, spec, &config.node_props, slot).map(|n| {
-                nodes.borrow_mut().insert(id, n);
-            });
-            refresh_unreported(&nodes, &graph);
-            let _ = reply.send(r);
-        }
-        Cmd::Open { id, shape, period_frames, reply } => {
-            let r = match nodes.borrow_mut().get_mut(&id) {
-                Some(n) => n.open(shape, period_frames),
-                None => Err(anyhow!("the node is gone")),
-            };
-            let _ = reply.send(r);
-        }
-        Cmd::Close { id } => {
-            if let Some(n) = nodes.borrow_mut().get_mut(&id) {
-                let generation = n.close();
-                after_idle(&to_self, Cmd::Deactivate { id, generation });
-            }
-        }
-        Cmd::Deactivate { id, generation } => {
-            if let Some(n) = nodes.borrow_mut().get_mut(&id).filter(|n| n.generation == generation) {
-                n.deactivate();
-            }
-        }
-        Cmd::Detach { id } => {
-            let playing = nodes.borrow().get(&id).is_some_and(|n| n.active && n.kind == StreamKind::Playback);
-            if playing {
-                after_idle(&to_self, Cmd::Remove { id });
-            } else if let Some(n) = nodes.borrow_mut().remove(&id) {
-                let _ = n.stream.disconnect();
-            }
-        }
-        Cmd::Remove { id } => {
-            if let Some(n) = nodes.borrow_mut().remove(&id) {
-                let _ = n.stream.disconnect();
-            }
-        }
-        Cmd::Volume { id, gains } => {
-            if let Some(n) = nodes.borrow().get(&id) {
-                let _ = n.stream.set_control(pw::spa::sys::SPA_PROP_channelVolumes, &gains);
-                *n.gains.borrow_mut() = Some(gains);
-            }
-        }
+    let fallback = FallbackClock::start("vsnd-fallback").context("starting the fallback clock")?;
+    let state = Rc::new(State {
+        context,
+        config,
+        to_self: tx.clone(),
+        entries: RefCell::default(),
+        graph: RefCell::default(),
+        watched: RefCell::default(),
+        session: RefCell::new(None),
+        sessions: Cell::new(0),
+        retry: Cell::new(RETRY_FIRST),
+        fallback,
     });
+    // A daemon that is not there yet (xen-vsnd started first, PipeWire
+    // restarting) is waited for: guests connect and run meanwhile.
+    if let Err(e) = state.connect() {
+        tracing::warn!(
+            "{e:#}; guest streams run on a fallback clock (their sound goes nowhere) until it is reachable"
+        );
+        send_after(&tx, RETRY_FIRST, Cmd::Reconnect);
+    }
+    let handler = state.clone();
+    let _attached = rx.attach(mainloop.loop_(), move |cmd| handler.handle(cmd));
     ready.send(Ok(tx)).map_err(|_| anyhow!("caller gone"))?;
     mainloop.run();
     Ok(())

@@ -29,16 +29,13 @@ pub(super) struct Node {
     /// A second listener for main-thread events, so that they never touch
     /// the real-time callback's state.
     _control: pw::stream::StreamListener<Control>,
-    pub gains: Gains,
+    gains: Gains,
     pub kind: StreamKind,
     /// Graph cycles of latency PipeWire does not report (see `graph`),
     /// kept current by the registry listener, read by the cycle.
     pub unreported_cycles: Arc<AtomicU32>,
     /// The format last offered (EnumFormat) and the period it was for.
     offered: (Shape, u32),
-    /// Bumped at every OPEN and CLOSE: a deactivation deferred at CLOSE
-    /// applies only when nothing happened since.
-    pub generation: u64,
     /// Activated (scheduled by the graph): from OPEN until a while after
     /// CLOSE.
     pub active: bool,
@@ -239,7 +236,6 @@ impl Node {
             kind: spec.kind,
             unreported_cycles,
             offered: (shape, period),
-            generation: 0,
             active: false,
         })
     }
@@ -247,7 +243,6 @@ impl Node {
     /// OPEN: offers the guest's format and period (renegotiating in place
     /// when they changed), resets the guest's gains, and activates the node.
     pub fn open(&mut self, shape: Shape, period_frames: u32) -> anyhow::Result<()> {
-        self.generation += 1;
         if self.offered != (shape, period_frames) {
             let latency = latency(shape, period_frames);
             let props = pw::properties::properties! {
@@ -269,24 +264,23 @@ impl Node {
             }
             self.offered = (shape, period_frames);
         }
-        let unity = vec![1.0; shape.channels as usize];
-        let _ = self.stream.set_control(spa::sys::SPA_PROP_channelVolumes, &unity);
-        *self.gains.borrow_mut() = Some(unity);
+        self.set_gains(vec![1.0; shape.channels as usize]);
         self.stream.set_active(true).context("activating the node")?;
         self.active = true;
         Ok(())
+    }
+
+    /// The guest's channel gains, now and again whenever the stream
+    /// (re)negotiates.
+    pub fn set_gains(&self, gains: Vec<f32>) {
+        let _ = self.stream.set_control(spa::sys::SPA_PROP_channelVolumes, &gains);
+        *self.gains.borrow_mut() = Some(gains);
     }
 
     /// A while after CLOSE: no longer scheduled.
     pub fn deactivate(&mut self) {
         let _ = self.stream.set_active(false);
         self.active = false;
-    }
-
-    /// CLOSE: the generation a later deactivation must still find.
-    pub fn close(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
     }
 }
 
