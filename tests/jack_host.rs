@@ -1,7 +1,10 @@
 //! The JACK host (`serve --host jack`) against a real JACK 2 server with its
 //! dummy driver: simulated guests play into and record from JACK clients of
 //! this test, frame for frame; the delay a guest gets is the latency JACK
-//! reports; a rate other than the server's is refused.
+//! reports; a rate other than the server's is refused. Then the server is
+//! killed and started again under a playing guest (3 s away each time):
+//! at the same rate the stream plays on through JACK, at another rate it
+//! ends cleanly on the fallback clock and new OPENs take the new rate.
 //!
 //! One test: the server's name reaches this process's own JACK clients
 //! through `JACK_DEFAULT_SERVER`, set once before any of them exists.
@@ -56,7 +59,9 @@ impl JackEnv {
         });
     }
 
-    /// Kills the server (SIGKILL, as a crash) and starts it again at `rate`.
+    /// Kills the server (SIGKILL, as a crash) and starts it again at `rate`
+    /// 3 s later: longer than a guest waits for a position before it gives
+    /// up (2 s in the simulated guest).
     fn restart_server(&mut self, rate: u32) {
         let at = self.procs.iter().position(|p| p.1 == "jackd").expect("jackd");
         let mut old = self.procs.remove(at);
@@ -66,6 +71,7 @@ impl JackEnv {
         wait_until("the old server to be gone", Duration::from_secs(10), || {
             jack::Client::new("xv-probe", jack::ClientOptions::NO_START_SERVER).is_err()
         });
+        std::thread::sleep(Duration::from_secs(3));
         self.start_server(rate);
     }
 
@@ -192,7 +198,7 @@ fn guests_play_and_record_through_jack() {
     // Capture, from a player of this test that starts the pattern once the
     // guest's capture client is connected to it.
     let go = Arc::new(AtomicBool::new(false));
-    let _player = player("xv-play", sent.clone(), go.clone());
+    let player_client = player("xv-play", sent.clone(), go.clone());
     let cap = env.dir.path().join("captured.wav");
     let sim = env.spawn_sim(
         &sock,
@@ -277,7 +283,8 @@ fn guests_play_and_record_through_jack() {
     assert!(!ok, "a 44.1 kHz stream was accepted by a 48 kHz JACK server");
     assert!(err.contains("-22"), "{err}");
 
-    drop(probe);
+    // This process's own clients go before the server does.
+    drop((probe, rec, player_client));
     server_restarts(&mut env);
 }
 

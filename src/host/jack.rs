@@ -156,6 +156,7 @@ fn supervise(server: &Server, probe: Probe, lost: Arc<AtomicBool>, stop: &Atomic
             }
             std::thread::sleep(WATCH_EVERY);
         }
+        SERVER_AWAY.store(true, Ordering::Relaxed);
         server.rate.store(0, Ordering::SeqCst);
         let nodes = server.live_nodes();
         tracing::warn!(
@@ -182,6 +183,7 @@ fn supervise(server: &Server, probe: Probe, lost: Arc<AtomicBool>, stop: &Atomic
                 }
             }
         };
+        SERVER_AWAY.store(false, Ordering::Relaxed);
         let rate = p.as_client().sample_rate();
         (probe, lost) = (Some(p), l);
         server.rate.store(rate, Ordering::SeqCst);
@@ -406,14 +408,20 @@ unsafe extern "C" fn jack_info(msg: *const libc::c_char) {
     let _ = std::panic::catch_unwind(|| tracing::debug!(target: "jack", "{text}"));
 }
 
+/// Set while the server is away: what libjack says then about every
+/// client it cannot reach and every connection attempt it cannot make is
+/// expected (the supervisor logs the outage once).
+static SERVER_AWAY: AtomicBool = AtomicBool::new(false);
+
 /// libjack's error messages. Closing a client through the bindings clears
 /// its thread-init callback, which libjack reports as an error although
-/// nothing failed: that one goes to debug.
+/// nothing failed: that one goes to debug, as everything while the server
+/// is away.
 unsafe extern "C" fn jack_error(msg: *const libc::c_char) {
     // SAFETY: libjack passes a message string valid for the call.
     let text = unsafe { jack_message(msg) };
     let _ = std::panic::catch_unwind(|| {
-        if text.contains("SetInitCallback") {
+        if text.contains("SetInitCallback") || SERVER_AWAY.load(Ordering::Relaxed) {
             tracing::debug!(target: "jack", "{text}");
         } else {
             tracing::error!(target: "jack", "{text}");
@@ -596,7 +604,11 @@ impl Drop for ActiveClient {
     fn drop(&mut self) {
         if let Some(c) = self.0.take() {
             if let Err(e) = c.deactivate() {
-                tracing::warn!("JACK client deactivation: {e:?}");
+                if SERVER_AWAY.load(Ordering::Relaxed) {
+                    tracing::debug!("JACK client deactivation: {e:?}");
+                } else {
+                    tracing::warn!("JACK client deactivation: {e:?}");
+                }
             }
         }
     }
