@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,21 +30,32 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-/// Kills the child (SIGINT first, so recorders finalise their files).
+/// Kills the child (SIGINT first, so recorders finalise their files), and
+/// with it the process group it leads, if it leads one (`spawn_logged`
+/// starts each in a group of its own: `dbus-run-session` leaves its bus
+/// daemon behind otherwise).
 pub struct Proc(pub Child, pub &'static str);
 
 impl Proc {
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if nix::sys::signal::killpg(pid, sig).is_err() {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+    }
+
     pub fn interrupt_and_wait(&mut self, timeout: Duration) {
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGINT);
+        self.signal(nix::sys::signal::SIGINT);
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(_)) = self.0.try_wait() {
+                // The rest of the group (a bus daemon) goes too.
+                self.signal(nix::sys::signal::SIGTERM);
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.0.kill();
+        self.signal(nix::sys::signal::SIGKILL);
         let _ = self.0.wait();
     }
 }
@@ -51,7 +63,7 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
+            self.signal(nix::sys::signal::SIGKILL);
             let _ = self.0.wait();
         }
     }
@@ -96,6 +108,7 @@ impl PwEnv {
             .args(args)
             .stdout(f.try_clone().unwrap())
             .stderr(f)
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
         self.procs.push(Proc(child, name));
