@@ -136,6 +136,13 @@ fn a_guest_plays_and_records_on_through_pipewire_restarts() {
     let mut rec = env.record_monitor(&wav);
     let (ok, report, err) = finish_sim(guest);
     assert!(ok, "the guest's streams stalled or failed: {err}\n{report}");
+    // The fallback clock ran them while PipeWire was away.
+    for stream in [&play, &capture] {
+        wait_until("the stream's closed line", Duration::from_secs(5), || {
+            env.closed_streams().iter().any(|l| l.contains(&format!("stream={stream} ")))
+        });
+        assert!(env.closed_counter(stream, "fallback_cycles") > 0, "{:?}", env.closed_streams());
+    }
     let tail = 3 * 48000;
     finish_recording(&mut rec, &sent[sent.len() - tail * 2..], &wav);
     assert_tail_intact(&env, &sent, &wav, tail);
@@ -144,4 +151,20 @@ fn a_guest_plays_and_records_on_through_pipewire_restarts() {
     let (_, n) = xen_vsnd::sim::signal::find_and_compare(&sent[sent.len() - tail * 2..], &got, 2, 64, 0)
         .expect("the tail of the pattern in the guest's recording");
     assert_eq!(n, tail, "the guest recorded only {n} of the last {tail} frames intact");
+}
+
+/// A node no driver schedules (left unlinked: `node.autoconnect=false`, as
+/// while WirePlumber starts): the guest's stream moves on regardless, on
+/// the fallback clock, and its closed line counts those cycles.
+#[test]
+fn a_guest_whose_node_nothing_schedules_plays_on_the_fallback_clock() {
+    let mut env = PwEnv::start();
+    let (sock, _log) = env.start_backend_with(&["--node-property", "node.autoconnect=false"]);
+    let (ok, report, err) = env.sim(&sock, &["--domain", "lonely-vm", "--play", "tone", "--seconds", "3"]);
+    assert!(ok, "the guest's stream stalled: {err}\n{report}");
+    let stream = "xen-vsnd.lonely-vm.0.0.playback";
+    wait_until("the stream's closed line", Duration::from_secs(5), || {
+        env.closed_streams().iter().any(|l| l.contains(&format!("stream={stream} ")))
+    });
+    assert!(env.closed_counter(stream, "fallback_cycles") > 0, "{:?}", env.closed_streams());
 }

@@ -381,6 +381,7 @@ impl PcmStream {
                 overruns = s.overruns.load(Ordering::Relaxed),
                 silent_frames = s.silent_frames.load(Ordering::Relaxed),
                 late_cycles = s.late_cycles.load(Ordering::Relaxed),
+                fallback_cycles = s.fallback_cycles.load(Ordering::Relaxed),
                 events_dropped = s.events_dropped.load(Ordering::Relaxed),
                 notify_failures = s.notify_failures.load(Ordering::Relaxed),
                 callback_p50_us = s.cycle_time.quantile_us(0.5).unwrap_or(0.0),
@@ -418,14 +419,30 @@ impl PcmStream {
             return refuse(-errno::EINVAL, format!("{what} on a {} stream", self.ident.cfg.kind.as_str()));
         }
         let o = self.opened(what)?;
+        Self::check_host(o, what)?;
         Self::check_range(o, rw, what)?;
         o.shared.guest_bytes.fetch_add(rw.length as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Refuses what would keep an open stream going once its host gave it
+    /// up (`DmaShared::host_gone`).
+    fn check_host(o: &Opened, what: &str) -> Result<(), Refusal> {
+        if o.shared.host_gone.load(Ordering::Acquire) {
+            return refuse(
+                -errno::EIO,
+                format!("{what}: the host can no longer carry this stream; the guest must open it again"),
+            );
+        }
         Ok(())
     }
 
     fn trigger(&mut self, t: u8) -> Result<(), Refusal> {
         let next = self.phase.next(Event::Trigger(t)).map_err(|why| Refusal(-errno::EINVAL, why))?;
         let o = self.opened("TRIGGER")?;
+        if next.is_running() {
+            Self::check_host(o, "TRIGGER")?;
+        }
         o.shared.running.store(next.is_running(), Ordering::Release);
         self.phase = next;
         Ok(())
@@ -701,6 +718,24 @@ mod tests {
         // Any other page maps as zeroes: a list of gref 0, never mappable.
         assert_eq!(s.read_directory(2, 1).ok(), Some(vec![0]));
         assert!(s.read_directory(0, 1).is_err(), "unmappable directory page");
+    }
+
+    /// A host that gives up an open stream (a JACK server back at another
+    /// rate): the guest's next WRITE and START fail with -EIO, a STOP and
+    /// CLOSE still work, and a new OPEN runs normally.
+    #[test]
+    fn a_stream_its_host_gave_up_fails_until_opened_again() {
+        let (mut s, _, _) = stream();
+        assert_eq!(send(&mut s, Request::Open(open_req(8192))).status, 0);
+        assert_eq!(send(&mut s, Request::Trigger(trigger::START)).status, 0);
+        s.shared().unwrap().host_gone.store(true, Ordering::Release);
+        assert_eq!(send(&mut s, Request::Write(RwReq { offset: 0, length: 4096 })).status, -errno::EIO);
+        assert_eq!(send(&mut s, Request::Trigger(trigger::STOP)).status, 0);
+        assert_eq!(send(&mut s, Request::Trigger(trigger::START)).status, -errno::EIO);
+        assert_eq!(send(&mut s, Request::Close).status, 0);
+        assert_eq!(send(&mut s, Request::Open(open_req(8192))).status, 0);
+        assert_eq!(send(&mut s, Request::Write(RwReq { offset: 0, length: 4096 })).status, 0);
+        assert_eq!(send(&mut s, Request::Trigger(trigger::START)).status, 0);
     }
 
     /// hw_params twice: the frontend prepares anew with a second OPEN and

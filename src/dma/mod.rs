@@ -24,6 +24,11 @@ use std::sync::Arc;
 pub struct DmaShared {
     /// Set by TRIGGER START/RESUME, cleared by PAUSE/STOP.
     pub running: AtomicBool,
+    /// Set by the host when it can no longer carry this open stream (a
+    /// JACK server back at another rate): the guest's WRITE, READ and
+    /// TRIGGER START/RESUME are refused from then on, so its application
+    /// gets an error and opens the stream again, at what the host offers.
+    pub host_gone: AtomicBool,
     /// Bytes the host has moved since OPEN (the DMA position).
     pub position: AtomicU64,
     /// Playback: bytes the guest has WRITten; capture: bytes it has READ.
@@ -42,6 +47,14 @@ pub struct DmaShared {
     /// host did not run the real-time thread in time (no real-time
     /// scheduling, an overloaded CPU), which no guest-visible counter shows.
     pub late_cycles: AtomicU64,
+    /// When the host last ran a cycle of the stream (`now_ns`); before its
+    /// first, when the fallback clock first saw the stream running. A
+    /// running stream its host has not run for a while is moved on by the
+    /// fallback clock (`host::fallback`).
+    pub host_cycle_ns: AtomicU64,
+    /// Cycles the fallback clock ran because the host did not (PipeWire
+    /// or JACK away, a node no driver schedules).
+    pub fallback_cycles: AtomicU64,
     /// Events that did not fit because the guest stopped consuming them.
     pub events_dropped: AtomicU64,
     pub notify_failures: AtomicU64,

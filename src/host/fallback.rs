@@ -1,22 +1,33 @@
-//! A clock for guest streams while their host is away (PipeWire restarting,
-//! not yet reachable): the guest's position keeps moving at the stream's
-//! rate, with period interrupts as usual, so guest applications play on
-//! (their sound goes nowhere; capture records silence) instead of stalling
-//! until ALSA gives up with EIO. When the host is back its cycle takes the
-//! stream over again.
+//! A clock for guest streams their host does not run: PipeWire restarting
+//! or not there yet, a JACK server away, a node no driver schedules (not
+//! linked yet, WirePlumber still starting). A running stream whose host has
+//! not run a cycle of it for `STALL` (`DmaShared::host_cycle_ns`) is moved
+//! on by this clock instead, at the stream's rate, with period interrupts
+//! as usual, so guest applications play on (their sound goes nowhere;
+//! capture records silence) instead of stalling until ALSA gives up with
+//! EIO. As soon as the host runs the stream again the clock lets go.
 //!
-//! One thread runs every stream handed to it, in cycles the size the host
-//! would use (`cycle_frames` of the period), at absolute deadlines so
-//! rounding never drifts the rate.
+//! One thread watches every stream handed to it and runs the stalled ones
+//! in cycles the size the host would use (`cycle_frames` of the period), at
+//! absolute deadlines so rounding never drifts the rate.
 
 use super::slot::EngineSlot;
+use crate::dma::histogram::now_ns;
 use crate::sndif::StreamKind;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The longest a thread waits between looks at its streams.
+/// How long a running stream may go without a host cycle before this clock
+/// takes over: well above the longest cycle a graph runs (8192 frames at
+/// 44.1 kHz, 186 ms) and a late one, well below what a guest application
+/// waits before it gives up (ALSA: 10 s).
+pub const STALL: Duration = Duration::from_millis(500);
+/// How often the thread looks at its streams while none is stalled.
+const WATCH: Duration = Duration::from_millis(50);
+/// How often it runs the stalled ones.
 const TICK: Duration = Duration::from_millis(5);
 /// Scratch space for one cycle: the largest cycle (8192 frames) of the
 /// widest frame the protocol carries (8 channels of 64-bit samples).
@@ -48,14 +59,15 @@ impl FallbackClock {
         Ok(FallbackClock { tx: Some(tx), thread: Some(thread) })
     }
 
-    /// Starts running the stream in `slot` (whenever an engine is in it).
+    /// Watches the stream in `slot` from now on (for the life of its
+    /// connection), running it whenever it stalls.
     pub fn add(&self, id: u64, slot: Arc<EngineSlot>, kind: StreamKind) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Ctl::Add { id, slot, kind });
         }
     }
 
-    /// Stops running stream `id`; when this returns the thread no longer
+    /// Stops watching stream `id`; when this returns the thread no longer
     /// touches it (it waits for the cycle in progress, a few ms at most).
     pub fn remove(&self, id: u64) {
         let (done, wait) = mpsc::sync_channel(1);
@@ -76,34 +88,31 @@ impl Drop for FallbackClock {
     }
 }
 
-/// A stream on the fallback clock.
-struct Run {
+/// A watched stream.
+struct Watched {
     slot: Arc<EngineSlot>,
     kind: StreamKind,
-    /// When the clock took over the engine it runs now, and the frames it
-    /// has moved since; None until an engine is seen.
-    since: Option<(Instant, u64, usize)>,
+    /// While this clock runs the stream: when it took the engine it runs
+    /// now over, the frames it has moved since, and which engine that is
+    /// (a new OPEN brings another).
+    driving: Option<(Instant, u64, usize)>,
 }
 
 fn run(rx: &mpsc::Receiver<Ctl>) {
-    let mut streams: HashMap<u64, Run> = HashMap::new();
+    let mut streams: HashMap<u64, Watched> = HashMap::new();
     let mut scratch = vec![0u8; SCRATCH_BYTES];
     let mut raised = false;
+    let mut pace = WATCH;
     loop {
-        // Idle (nothing to run) the thread sleeps until told otherwise.
+        // With nothing to watch the thread sleeps until told otherwise.
         let next = if streams.is_empty() {
             rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
         } else {
-            rx.recv_timeout(TICK)
+            rx.recv_timeout(pace)
         };
         match next {
             Ok(Ctl::Add { id, slot, kind }) => {
-                if !raised {
-                    // Real-time once it runs audio (it may never).
-                    super::realtime::raise_this_thread();
-                    raised = true;
-                }
-                streams.insert(id, Run { slot, kind, since: None });
+                streams.insert(id, Watched { slot, kind, driving: None });
             }
             Ok(Ctl::Remove { id, done }) => {
                 streams.remove(&id);
@@ -113,21 +122,43 @@ fn run(rx: &mpsc::Receiver<Ctl>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         let now = Instant::now();
+        let mut driving = false;
         for s in streams.values_mut() {
-            catch_up(s, now, &mut scratch);
+            driving |= look_after(s, now, &mut scratch);
         }
+        if driving && !raised {
+            // Real-time once it runs audio (it may never).
+            super::realtime::raise_this_thread();
+            raised = true;
+        }
+        pace = if driving { TICK } else { WATCH };
     }
 }
 
-/// Runs every cycle of `s` that is due by `now`.
-fn catch_up(s: &mut Run, now: Instant, scratch: &mut [u8]) {
+/// Runs `s` if it is running and its host has let it stall: every cycle
+/// due by `now` since this clock took over. True while it drives it.
+fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
     let kind = s.kind;
-    let since = &mut s.since;
+    let driving = &mut s.driving;
     let ran = s.slot.with(|engine| {
-        // A new engine (a new OPEN) is told apart by its shared counters.
-        let key = Arc::as_ptr(&engine.shared) as usize;
-        let (start, done, _) = match *since {
-            Some(v) if v.2 == key => v,
+        let shared = engine.shared.clone();
+        if !shared.running.load(Ordering::Acquire) {
+            *driving = None;
+            return false;
+        }
+        let t = now_ns();
+        let last = shared.host_cycle_ns.load(Ordering::Relaxed);
+        if last == 0 {
+            // Running, never run by its host yet: the wait starts now.
+            shared.host_cycle_ns.store(t, Ordering::Relaxed);
+        }
+        if last == 0 || t.saturating_sub(last) < STALL.as_nanos() as u64 {
+            *driving = None;
+            return false;
+        }
+        let key = Arc::as_ptr(&shared) as usize;
+        let (start, mut done, _) = match *driving {
+            Some(d) if d.2 == key => d,
             _ => (now, 0, key),
         };
         let rate = u64::from(engine.geom.rate.max(1));
@@ -136,7 +167,6 @@ fn catch_up(s: &mut Run, now: Instant, scratch: &mut [u8]) {
         let stride = engine.frame_bytes().max(1);
         let bytes = (cycle as usize * stride).min(scratch.len() / stride * stride);
         let buf = &mut scratch[..bytes];
-        let mut done = done;
         while done + cycle <= due {
             match kind {
                 StreamKind::Playback => engine.playback_cycle(buf, 0),
@@ -146,12 +176,14 @@ fn catch_up(s: &mut Run, now: Instant, scratch: &mut [u8]) {
                 }
             }
             done += cycle;
+            shared.fallback_cycles.fetch_add(1, Ordering::Relaxed);
         }
-        *since = Some((start, done, key));
+        *driving = Some((start, done, key));
+        true
     });
-    if ran.is_none() {
-        s.since = None;
-    }
+    // Busy (the host's cycle is in it) counts as still driving: look again
+    // soon.
+    ran.unwrap_or(s.driving.is_some())
 }
 
 #[cfg(test)]
@@ -161,32 +193,48 @@ mod tests {
     use crate::dma::DmaShared;
     use std::sync::atomic::Ordering::Relaxed;
 
-    /// A running stream on the clock moves at its rate, in whole cycles;
-    /// after `remove` it never moves again.
+    /// A running stream no host runs is moved on at its rate, in whole
+    /// cycles, once it has stalled; a host cycle takes it back; after
+    /// `remove` the clock never moves it again.
     #[test]
-    fn the_clock_moves_a_stream_at_its_rate_until_removed() {
+    fn the_clock_runs_a_stalled_stream_at_its_rate_until_its_host_is_back() {
         let shared = Arc::new(DmaShared::default());
         let e = engine(shared.clone());
-        let (rate, stride, cycle) =
-            (e.geom.rate as u64, e.frame_bytes() as u64, super::super::cycle_frames(e.geom.period_frames()));
+        let (rate, stride, cycle) = (
+            e.geom.rate as u64,
+            e.frame_bytes() as u64,
+            u64::from(super::super::cycle_frames(e.geom.period_frames())),
+        );
         shared.running.store(true, Relaxed);
         let slot = Arc::new(EngineSlot::default());
         slot.install(e);
         let clock = FallbackClock::start("test-fallback").unwrap();
+        // A host that has just run it: the clock leaves it alone.
+        shared.host_cycle_ns.store(now_ns(), Relaxed);
         let t0 = Instant::now();
         clock.add(1, slot.clone(), StreamKind::Playback);
-        std::thread::sleep(Duration::from_millis(300));
-        clock.remove(1);
-        let elapsed = t0.elapsed().as_secs_f64();
+        std::thread::sleep(STALL / 2);
+        assert_eq!(shared.position.load(Relaxed), 0, "moved while its host ran it");
+        // Stalled from STALL after the host's last cycle on.
+        std::thread::sleep(STALL / 2 + Duration::from_millis(300));
+        let stalled = t0.elapsed().as_secs_f64() - STALL.as_secs_f64();
         let frames = shared.position.load(Relaxed) / stride;
-        assert_eq!(frames % u64::from(cycle), 0, "whole cycles");
-        // At most the elapsed time's worth; at least all but two cycles of
-        // the 300 ms it surely ran (one before the first look, one due).
-        let most = (elapsed * rate as f64) as u64;
-        let least = (0.3 * rate as f64) as u64 - 2 * u64::from(cycle);
-        assert!(frames <= most && frames >= least, "{frames} frames in {elapsed:.3}s at {rate} Hz");
-        let frozen = shared.position.load(Relaxed);
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(shared.position.load(Relaxed), frozen, "moved after remove");
+        assert_eq!(frames % cycle, 0, "whole cycles");
+        // At most the stalled time's worth; at least all but a look and a
+        // cycle of the 300 ms it surely ran.
+        let most = (stalled * rate as f64) as u64;
+        let least = ((0.3 - WATCH.as_secs_f64()) * rate as f64) as u64 - cycle;
+        assert!(frames <= most && frames >= least, "{frames} frames in {stalled:.3}s at {rate} Hz");
+        assert_eq!(shared.fallback_cycles.load(Relaxed), frames / cycle);
+        // The host runs it again: the clock lets go.
+        shared.host_cycle_ns.store(now_ns() + 10_000_000_000, Relaxed);
+        std::thread::sleep(WATCH * 2);
+        let held = shared.position.load(Relaxed);
+        std::thread::sleep(WATCH * 2);
+        assert_eq!(shared.position.load(Relaxed), held, "moved while its host ran it again");
+        clock.remove(1);
+        shared.host_cycle_ns.store(0, Relaxed);
+        std::thread::sleep(STALL + WATCH * 2);
+        assert_eq!(shared.position.load(Relaxed), held, "moved after remove");
     }
 }

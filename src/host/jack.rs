@@ -10,8 +10,8 @@
 //! When it goes away the guest streams keep running on a fallback clock
 //! (`fallback`), and when it comes back, at whatever rate, every stream's
 //! client is made again with its name, ports and connections; an open
-//! stream at a rate the server no longer runs stays on the fallback clock
-//! until the guest closes it, and the next OPEN must take the new rate.
+//! stream at a rate the server no longer runs ends with an error for the
+//! guest (`DmaShared::host_gone`), and the next OPEN must take the new rate.
 
 use super::convert::{from_f32, to_f32};
 use super::fallback::FallbackClock;
@@ -20,7 +20,7 @@ use super::punctuality::{frames_ns, Punctuality};
 use super::slot::EngineSlot;
 use super::{channel_names, HostBackend, HostNode, StreamSpec};
 use crate::dma::histogram::now_ns;
-use crate::dma::DmaEngine;
+use crate::dma::{DmaEngine, DmaShared};
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, bail, Context};
 use jack::PortSpec;
@@ -70,8 +70,8 @@ struct Server {
     /// server comes back.
     nodes: Mutex<Vec<Weak<NodeShared>>>,
     next_id: AtomicU64,
-    /// Runs the guest streams while the server is away (and a stream whose
-    /// rate the server no longer runs at, until the guest closes it).
+    /// Runs the guest streams the server does not (while it is away, and
+    /// one whose rate it no longer runs at, until the guest closes it).
     fallback: FallbackClock,
 }
 
@@ -165,7 +165,7 @@ fn supervise(server: &Server, probe: Probe, lost: Arc<AtomicBool>, stop: &Atomic
              nowhere) until it is back; reconnecting"
         );
         for n in &nodes {
-            n.lose(&server.fallback);
+            n.lose();
         }
         // The dead server's clients: closing them only frees them here.
         drop(probe.take());
@@ -227,16 +227,11 @@ impl HostBackend for JackHost {
             engine_rate: AtomicU32::new(0),
             state: Mutex::default(),
         });
-        {
-            let mut state = node.lock();
-            match self.server.rate.load(Ordering::SeqCst) {
-                0 => {
-                    self.server.fallback.add(node.id, node.slot.clone(), node.spec.kind);
-                    state.on_fallback = true;
-                }
-                rate => state.client = Some(node.make_client(&self.server.config, rate)?),
-            }
+        match self.server.rate.load(Ordering::SeqCst) {
+            0 => {} // made when the server is back
+            rate => node.lock().client = Some(node.make_client(&self.server.config, rate)?),
         }
+        self.server.fallback.add(node.id, node.slot.clone(), node.spec.kind);
         self.server.nodes.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&node));
         Ok(Box::new(JackNode { node, server: self.server.clone(), ports }))
     }
@@ -257,8 +252,8 @@ struct NodeShared {
 struct NodeState {
     /// The client, while the server is there.
     client: Option<ActiveClient>,
-    /// The fallback clock runs the stream.
-    on_fallback: bool,
+    /// The open stream's counters and flags (OPEN until CLOSE).
+    open: Option<Arc<DmaShared>>,
 }
 
 impl NodeShared {
@@ -266,21 +261,17 @@ impl NodeShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The server went away: the client goes, the fallback clock runs the
-    /// stream.
-    fn lose(&self, fallback: &FallbackClock) {
-        let mut state = self.lock();
-        drop(state.client.take());
-        if !state.on_fallback {
-            fallback.add(self.id, self.slot.clone(), self.spec.kind);
-            state.on_fallback = true;
-        }
+    /// The server went away: the client goes (the fallback clock runs an
+    /// open stream meanwhile).
+    fn lose(&self) {
+        drop(self.lock().client.take());
     }
 
     /// The server is back at `rate`: the client again (same name, ports
-    /// and connections), and the open stream on it when it runs at that
-    /// rate; one at another rate plays on the fallback clock until the
-    /// guest closes it (its next OPEN must take the server's rate).
+    /// and connections), the open stream on it when it runs at that rate;
+    /// one at another rate ends (`DmaShared::host_gone`; the fallback clock
+    /// runs it until the guest closes it) and its next OPEN must take the
+    /// server's rate.
     fn rebuild(&self, server: &Server, rate: u32) {
         let mut state = self.lock();
         match self.make_client(&server.config, rate) {
@@ -296,12 +287,13 @@ impl NodeShared {
                 stream = %self.spec.node_name,
                 stream_rate = engine_rate,
                 server_rate = rate,
-                "the JACK server came back at another rate: the open stream plays on a fallback \
-                 clock (its sound goes nowhere) until the guest closes it"
+                "the JACK server came back at another rate: the open stream ends (its next WRITE, \
+                 READ or START fails with -EIO, so the guest opens it again at the server's rate; \
+                 until then it runs on the fallback clock)"
             );
-        } else if state.on_fallback {
-            server.fallback.remove(self.id);
-            state.on_fallback = false;
+            if let Some(shared) = &state.open {
+                shared.host_gone.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -354,13 +346,9 @@ impl HostNode for JackNode {
         if g.channels > self.ports {
             bail!("{} channels, the client has {} ports", g.channels, self.ports);
         }
-        if state.on_fallback && state.client.is_some() {
-            // Left there by a stream at the server's old rate.
-            self.server.fallback.remove(self.node.id);
-            state.on_fallback = false;
-        }
         self.node.gains.set(&vec![1.0; self.ports as usize]);
         self.node.engine_rate.store(g.rate, Ordering::SeqCst);
+        state.open = Some(engine.shared.clone());
         self.node.slot.install(engine);
         Ok(())
     }
@@ -368,6 +356,7 @@ impl HostNode for JackNode {
     fn stop(&mut self) {
         drop(self.node.slot.take());
         self.node.engine_rate.store(0, Ordering::SeqCst);
+        self.node.lock().open = None;
     }
 
     fn set_volume(&self, gains: Vec<f32>) {
@@ -380,12 +369,8 @@ impl Drop for JackNode {
         // The engine first (deactivating the client may wait for the
         // server).
         drop(self.node.slot.take());
-        let mut state = self.node.lock();
-        drop(state.client.take());
-        if state.on_fallback {
-            self.server.fallback.remove(self.node.id);
-            state.on_fallback = false;
-        }
+        drop(self.node.lock().client.take());
+        self.server.fallback.remove(self.node.id);
     }
 }
 

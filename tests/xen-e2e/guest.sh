@@ -71,6 +71,13 @@ record_pattern() {
 # sink and source on hw:0,0, both through mmap). Clients get their ports at
 # once (PW_CLIENT) and are linked by hand.
 PW_CLIENT="adapter.auto-port-config = { mode = dsp }"
+# $RT <client...>: a PipeWire client at real-time priority. pw-play and
+# pw-record process audio in their main thread; at normal priority, in
+# the emulated guest, a cycle of the recorder now and then came too late
+# and the guest's graph gave it silence (seen as a gap in a recording
+# whose every frame xen-vsnd had delivered on time: no late cycle, no
+# overrun).
+RT="chrt -f 20"
 pw_start() {
     pw_daemon -c vsnd-guest.conf
     wait_until 30 pw_port -o guest-source:capture_FR && wait_until 30 pw_port -i guest-sink:playback_FR ||
@@ -130,7 +137,7 @@ run_step() {
         # them (stopping PipeWire drops the rest).
         pw_start || return 1
         rc=1
-        pw-play -P "{ $PW_CLIENT node.name = guest-player }" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
+        $RT pw-play -P "{ $PW_CLIENT node.name = guest-player }" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
         play=$!
         if ! wait_until 30 pw_port -o guest-player:output_FR; then echo "no pw-play ports"
         elif ! pw_link_stereo guest-player:output_ guest-sink:playback_; then echo "pw-link failed"
@@ -146,7 +153,7 @@ run_step() {
         # pw-record linked by hand to the guest PipeWire's source.
         pw_start || return 1
         rc=1
-        pw-record -P "{ $PW_CLIENT node.name = guest-recorder }" --format s16 --rate 48000 --channels 2 \
+        $RT pw-record -P "{ $PW_CLIENT node.name = guest-recorder }" --format s16 --rate 48000 --channels 2 \
             /tmp/cap.wav >/tmp/pw-client.log 2>&1 &
         rec=$!
         if ! wait_until 30 pw_port -i guest-recorder:input_FR; then echo "no pw-record ports"
@@ -162,7 +169,7 @@ run_step() {
         rc=1
         sink=$(card_node -i alsa_output playback_FR)
         pw-cli info "$sink" 2>&1 | grep -a "node.name\|alsa\.\|api.alsa" | sed 's/^/GUEST-PW: node /' >/dev/console
-        pw-play --target "$sink" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
+        $RT pw-play --target "$sink" /pattern48-lead.wav >/tmp/pw-client.log 2>&1 &
         play=$!
         runs_mmap $pcm && wait $play && rc=0
         pw_stop
@@ -171,7 +178,7 @@ run_step() {
         # pw-record from the source WirePlumber made on the card.
         wp_start || return 1
         rc=1
-        pw-record --target "$(card_node -o alsa_input capture_FR)" --format s16 --rate 48000 --channels 2 \
+        $RT pw-record --target "$(card_node -o alsa_input capture_FR)" --format s16 --rate 48000 --channels 2 \
             /tmp/cap.wav >/tmp/pw-client.log 2>&1 &
         rec=$!
         record_pattern $1 && rc=0

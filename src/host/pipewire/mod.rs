@@ -238,7 +238,7 @@ struct State {
     sessions: Cell<u64>,
     /// The next retry's delay while the daemon is away.
     retry: Cell<Duration>,
-    /// Runs the guest streams while the daemon is away.
+    /// Runs the guest streams the daemon does not (away, not linked yet).
     fallback: FallbackClock,
 }
 
@@ -279,17 +279,12 @@ impl State {
     fn handle(self: &Rc<Self>, cmd: Cmd) {
         match cmd {
             Cmd::Attach { id, spec, slot, reply } => {
-                let kind = spec.kind;
                 let mut e = Entry { spec, slot, open: None, gains: None, generation: 0, live: None };
-                let r = self.build(&mut e);
-                if r.is_ok() {
-                    if !self.connected() {
-                        self.fallback.add(id, e.slot.clone(), kind);
-                    }
-                    self.entries.borrow_mut().insert(id, e);
-                }
+                self.build_or_wait(&mut e);
+                self.fallback.add(id, e.slot.clone(), e.spec.kind);
+                self.entries.borrow_mut().insert(id, e);
                 self.refresh_unreported();
-                let _ = reply.send(r);
+                let _ = reply.send(Ok(()));
             }
             Cmd::Open { id, shape, period_frames, reply } => {
                 let r = match self.entries.borrow_mut().get_mut(&id) {
@@ -297,7 +292,22 @@ impl State {
                         e.generation += 1;
                         e.open = Some((shape, period_frames));
                         e.gains = None;
-                        e.live.as_mut().map_or(Ok(()), |n| n.open(shape, period_frames))
+                        match e.live.as_mut() {
+                            Some(n) => {
+                                if let Err(err) = n.open(shape, period_frames) {
+                                    // The daemon went away a moment ago
+                                    // (its news is still on its way), or
+                                    // the node broke: make it again.
+                                    tracing::warn!(node = %e.spec.node_name, "the node did not take the OPEN: {err:#}");
+                                    if let Some(n) = e.live.take() {
+                                        let _ = n.stream.disconnect();
+                                    }
+                                    self.build_or_wait(e);
+                                }
+                            }
+                            None => self.build_or_wait(e),
+                        }
+                        Ok(())
                     }
                     None => Err(anyhow!("the node is gone")),
                 };
@@ -352,11 +362,18 @@ impl State {
 
     fn remove(&self, id: u64) {
         let Some(e) = self.entries.borrow_mut().remove(&id) else { return };
-        match e.live {
-            Some(n) => {
-                let _ = n.stream.disconnect();
-            }
-            None => self.fallback.remove(id),
+        if let Some(n) = e.live {
+            let _ = n.stream.disconnect();
+        }
+        self.fallback.remove(id);
+    }
+
+    /// Builds `e`'s node if the daemon is there; if that fails the stream
+    /// waits without one (the fallback clock runs it when it is open) until
+    /// its next OPEN or the next connection.
+    fn build_or_wait(&self, e: &mut Entry) {
+        if let Err(err) = self.build(e) {
+            tracing::warn!(node = %e.spec.node_name, "making the node: {err:#}; trying again at the next OPEN");
         }
     }
 
@@ -364,11 +381,10 @@ impl State {
     /// run on the fallback clock, and reconnecting starts.
     fn disconnect(&self) {
         let mut entries = self.entries.borrow_mut();
-        for (id, e) in entries.iter_mut() {
+        for e in entries.values_mut() {
             if let Some(n) = e.live.take() {
                 let _ = n.stream.disconnect();
             }
-            self.fallback.add(*id, e.slot.clone(), e.spec.kind);
         }
         let open = entries.values().filter(|e| e.open.is_some()).count();
         drop(entries);
@@ -393,17 +409,10 @@ impl State {
         match self.connect() {
             Ok(()) => {
                 let mut entries = self.entries.borrow_mut();
-                let mut rebuilt = 0;
-                for (id, e) in entries.iter_mut() {
-                    self.fallback.remove(*id);
-                    match self.build(e) {
-                        Ok(()) => rebuilt += 1,
-                        Err(err) => {
-                            tracing::warn!(node = %e.spec.node_name, "re-creating the node: {err:#}");
-                            self.fallback.add(*id, e.slot.clone(), e.spec.kind);
-                        }
-                    }
+                for e in entries.values_mut() {
+                    self.build_or_wait(e);
                 }
+                let rebuilt = entries.values().filter(|e| e.live.is_some()).count();
                 drop(entries);
                 self.refresh_unreported();
                 tracing::info!(
