@@ -47,11 +47,6 @@ pub struct DmaShared {
     /// host did not run the real-time thread in time (no real-time
     /// scheduling, an overloaded CPU), which no guest-visible counter shows.
     pub late_cycles: AtomicU64,
-    /// When the host last ran a cycle of the stream (`now_ns`); before its
-    /// first, when the fallback clock first saw the stream running. A
-    /// running stream its host has not run for a while is moved on by the
-    /// fallback clock (`host::fallback`).
-    pub host_cycle_ns: AtomicU64,
     /// Cycles the fallback clock ran because the host did not (PipeWire
     /// or JACK away, a node no driver schedules).
     pub fallback_cycles: AtomicU64,

@@ -1,8 +1,9 @@
 //! A clock for guest streams their host does not run: PipeWire restarting
 //! or not there yet, a JACK server away, a node no driver schedules (not
 //! linked yet, WirePlumber still starting). A running stream whose host has
-//! not run a cycle of it for `STALL` (`DmaShared::host_cycle_ns`) is moved
-//! on by this clock instead, at the stream's rate, with period interrupts
+//! not run a cycle of it for `STALL` (`EngineSlot::since_host_cycle`), and
+//! that this clock has then seen running for `GRACE`, is moved on by this
+//! clock instead, at the stream's rate, with period interrupts
 //! as usual, so guest applications play on (their sound goes nowhere;
 //! capture records silence) instead of stalling until ALSA gives up with
 //! EIO. As soon as the host runs the stream again the clock lets go.
@@ -25,6 +26,9 @@ use std::time::{Duration, Instant};
 /// 44.1 kHz, 186 ms) and a late one, well below what a guest application
 /// waits before it gives up (ALSA: 10 s).
 pub const STALL: Duration = Duration::from_millis(500);
+/// How long a stream must then be seen running before this clock takes it:
+/// a stream just opened gets its node time to start.
+pub const GRACE: Duration = Duration::from_millis(250);
 /// How often the thread looks at its streams while none is stalled.
 const WATCH: Duration = Duration::from_millis(50);
 /// How often it runs the stalled ones.
@@ -92,10 +96,14 @@ impl Drop for FallbackClock {
 struct Watched {
     slot: Arc<EngineSlot>,
     kind: StreamKind,
-    /// While this clock runs the stream: when it took the engine it runs
-    /// now over, the frames it has moved since, and which engine that is
-    /// (a new OPEN brings another).
-    driving: Option<(Instant, u64, usize)>,
+    /// Running with no host cycle since this instant, in the engine with
+    /// this key (`EngineSlot::installs`: a new OPEN brings another engine):
+    /// the wait before this clock takes over starts with the engine, not
+    /// with the host's last cycle of an earlier one.
+    waiting: Option<(Instant, u64)>,
+    /// While this clock runs the stream: when it took over, the frames it
+    /// has moved since, and the engine's key.
+    driving: Option<(Instant, u64, u64)>,
 }
 
 fn run(rx: &mpsc::Receiver<Ctl>) {
@@ -112,7 +120,7 @@ fn run(rx: &mpsc::Receiver<Ctl>) {
         };
         match next {
             Ok(Ctl::Add { id, slot, kind }) => {
-                streams.insert(id, Watched { slot, kind, driving: None });
+                streams.insert(id, Watched { slot, kind, waiting: None, driving: None });
             }
             Ok(Ctl::Remove { id, done }) => {
                 streams.remove(&id);
@@ -136,27 +144,38 @@ fn run(rx: &mpsc::Receiver<Ctl>) {
 }
 
 /// Runs `s` if it is running and its host has let it stall: every cycle
-/// due by `now` since this clock took over. True while it drives it.
+/// due by `now` since this clock took over. True while it drives it (or is
+/// about to).
 fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
-    let kind = s.kind;
-    let driving = &mut s.driving;
-    let ran = s.slot.with(|engine| {
+    // While the host runs the stream the slot is left alone: entering it
+    // could keep the host's cycle out.
+    if s.slot.since_host_cycle(now_ns()) < STALL.as_nanos() as u64 {
+        (s.waiting, s.driving) = (None, None);
+        return false;
+    }
+    if s.slot.is_empty() {
+        (s.waiting, s.driving) = (None, None);
+        return false;
+    }
+    let Watched { slot, kind, waiting, driving } = s;
+    let key = slot.installs();
+    let ran = slot.with(|engine| {
         let shared = engine.shared.clone();
         if !shared.running.load(Ordering::Acquire) {
-            *driving = None;
+            (*waiting, *driving) = (None, None);
             return false;
         }
-        let t = now_ns();
-        let last = shared.host_cycle_ns.load(Ordering::Relaxed);
-        if last == 0 {
-            // Running, never run by its host yet: the wait starts now.
-            shared.host_cycle_ns.store(t, Ordering::Relaxed);
+        match *waiting {
+            Some((since, k)) if k == key => {
+                if now.saturating_duration_since(since) < GRACE {
+                    return true;
+                }
+            }
+            _ => {
+                *waiting = Some((now, key));
+                return true;
+            }
         }
-        if last == 0 || t.saturating_sub(last) < STALL.as_nanos() as u64 {
-            *driving = None;
-            return false;
-        }
-        let key = Arc::as_ptr(&shared) as usize;
         let (start, mut done, _) = match *driving {
             Some(d) if d.2 == key => d,
             _ => (now, 0, key),
@@ -168,7 +187,7 @@ fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
         let bytes = (cycle as usize * stride).min(scratch.len() / stride * stride);
         let buf = &mut scratch[..bytes];
         while done + cycle <= due {
-            match kind {
+            match *kind {
                 StreamKind::Playback => engine.playback_cycle(buf, 0),
                 StreamKind::Capture => {
                     engine.geom.format.fill_silence(buf);
@@ -181,9 +200,9 @@ fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
         *driving = Some((start, done, key));
         true
     });
-    // Busy (the host's cycle is in it) counts as still driving: look again
-    // soon.
-    ran.unwrap_or(s.driving.is_some())
+    // Busy: the host came back this instant (or the engine was just taken
+    // back): look again soon.
+    ran.unwrap_or(true)
 }
 
 #[cfg(test)]
@@ -194,30 +213,24 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     /// A running stream no host runs is moved on at its rate, in whole
-    /// cycles, once it has stalled; a host cycle takes it back; after
-    /// `remove` the clock never moves it again.
+    /// cycles, once it has waited `GRACE`; a host cycle takes it back;
+    /// after `remove` the clock never moves it again.
     #[test]
     fn the_clock_runs_a_stalled_stream_at_its_rate_until_its_host_is_back() {
         let shared = Arc::new(DmaShared::default());
         let e = engine(shared.clone());
-        let (rate, stride, cycle) = (
-            e.geom.rate as u64,
-            e.frame_bytes() as u64,
-            u64::from(super::super::cycle_frames(e.geom.period_frames())),
-        );
+        let (rate, stride) = (e.geom.rate as u64, e.frame_bytes() as u64);
+        let cycle = u64::from(super::super::cycle_frames(e.geom.period_frames()));
         shared.running.store(true, Relaxed);
         let slot = Arc::new(EngineSlot::default());
         slot.install(e);
         let clock = FallbackClock::start("test-fallback").unwrap();
-        // A host that has just run it: the clock leaves it alone.
-        shared.host_cycle_ns.store(now_ns(), Relaxed);
         let t0 = Instant::now();
         clock.add(1, slot.clone(), StreamKind::Playback);
-        std::thread::sleep(STALL / 2);
-        assert_eq!(shared.position.load(Relaxed), 0, "moved while its host ran it");
-        // Stalled from STALL after the host's last cycle on.
-        std::thread::sleep(STALL / 2 + Duration::from_millis(300));
-        let stalled = t0.elapsed().as_secs_f64() - STALL.as_secs_f64();
+        std::thread::sleep(GRACE / 2);
+        assert_eq!(shared.position.load(Relaxed), 0, "moved before it had waited");
+        std::thread::sleep(GRACE / 2 + Duration::from_millis(300));
+        let stalled = t0.elapsed().as_secs_f64() - GRACE.as_secs_f64();
         let frames = shared.position.load(Relaxed) / stride;
         assert_eq!(frames % cycle, 0, "whole cycles");
         // At most the stalled time's worth; at least all but a look and a
@@ -226,15 +239,28 @@ mod tests {
         let least = ((0.3 - WATCH.as_secs_f64()) * rate as f64) as u64 - cycle;
         assert!(frames <= most && frames >= least, "{frames} frames in {stalled:.3}s at {rate} Hz");
         assert_eq!(shared.fallback_cycles.load(Relaxed), frames / cycle);
-        // The host runs it again: the clock lets go.
-        shared.host_cycle_ns.store(now_ns() + 10_000_000_000, Relaxed);
+        // The host runs it again (a cycle every 10 ms): the clock lets go.
+        let host = {
+            let (slot, stop) = (slot.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+            let s2 = stop.clone();
+            (
+                std::thread::spawn(move || {
+                    while !s2.load(Relaxed) {
+                        slot.host_cycle();
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }),
+                stop,
+            )
+        };
         std::thread::sleep(WATCH * 2);
         let held = shared.position.load(Relaxed);
-        std::thread::sleep(WATCH * 2);
+        std::thread::sleep(WATCH * 4);
         assert_eq!(shared.position.load(Relaxed), held, "moved while its host ran it again");
         clock.remove(1);
-        shared.host_cycle_ns.store(0, Relaxed);
-        std::thread::sleep(STALL + WATCH * 2);
+        host.1.store(true, Relaxed);
+        host.0.join().unwrap();
+        std::thread::sleep(STALL * 2 + WATCH * 2);
         assert_eq!(shared.position.load(Relaxed), held, "moved after remove");
     }
 }

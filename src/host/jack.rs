@@ -503,8 +503,10 @@ impl jack::ProcessHandler for JackRt {
         let JackRt { slot, rate, ports, scratch, gains, punctuality } = self;
         let ran = slot.with(|engine| {
             if engine.geom.rate != *rate {
+                // Not run here: leave the stream to the fallback clock.
                 return false;
             }
+            slot.host_cycle();
             let start = now_ns();
             let frames = ps.n_frames() as usize;
             let format = engine.geom.format;

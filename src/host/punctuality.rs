@@ -46,15 +46,12 @@ impl Punctuality {
         self.last = None;
     }
 
-    /// After a host cycle of a stream: notes that the host ran it
-    /// (`DmaShared::host_cycle_ns`) and adds its late cycles to the
+    /// After a host cycle of a stream: adds its late cycles to the
     /// stream's count while the guest stream runs. `timing` is the cycle's
     /// (start, duration) in nanoseconds, None when the host gave none; a
     /// stream not running, or a cycle without timing, starts the watch
     /// afresh.
     pub fn account(&mut self, shared: &DmaShared, timing: Option<(u64, u64)>, end_ns: u64) {
-        // The host runs the stream: the fallback clock leaves it alone.
-        shared.host_cycle_ns.store(crate::dma::histogram::now_ns(), Ordering::Relaxed);
         match timing {
             Some((start, duration)) if shared.running.load(Ordering::Relaxed) => {
                 let late = self.cycle(start, duration, end_ns);

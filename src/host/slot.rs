@@ -12,17 +12,35 @@
 //! (the host's cycle and the fallback clock, `fallback`): the one that
 //! finds the slot busy skips that turn.
 
+use crate::dma::histogram::now_ns;
 use crate::dma::DmaEngine;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 
 #[derive(Default)]
 pub struct EngineSlot {
     engine: AtomicPtr<DmaEngine>,
     busy: AtomicBool,
+    /// When the host last ran a cycle for this slot (`now_ns`), engine or
+    /// not: the fallback clock reads it without entering the slot, so it
+    /// never keeps the host's cycle out while the host runs.
+    host_ns: AtomicU64,
+    /// Engines installed so far: tells one OPEN's engine from the next.
+    installs: AtomicU64,
 }
 
 impl EngineSlot {
+    /// Real-time side, at every host cycle: the host runs this stream.
+    pub fn host_cycle(&self) {
+        self.host_ns.store(now_ns(), Relaxed);
+    }
+
+    /// Nanoseconds since the host last ran a cycle for this slot (`now`
+    /// from `now_ns`); `now` itself if it never did.
+    pub fn since_host_cycle(&self, now: u64) -> u64 {
+        now.saturating_sub(self.host_ns.load(Relaxed))
+    }
+
     /// Real-time side: runs `f` on the engine when one is installed and no
     /// other cycle is in it. No allocation, no lock, no waiting.
     pub fn with<R>(&self, f: impl FnOnce(&mut DmaEngine) -> R) -> Option<R> {
@@ -41,6 +59,7 @@ impl EngineSlot {
     /// Installs `engine` (OPEN), replacing (and dropping) any previous one.
     pub fn install(&self, engine: DmaEngine) {
         drop(self.take());
+        self.installs.fetch_add(1, SeqCst);
         self.engine.store(Box::into_raw(Box::new(engine)), SeqCst);
     }
 
@@ -54,6 +73,12 @@ impl EngineSlot {
         // SAFETY: `p` came from `Box::into_raw` in `install` and, swapped
         // out, is owned by us alone now that the cycle is not busy.
         (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
+    }
+
+    /// How many engines have been installed: the one in the slot now is
+    /// the last of them.
+    pub fn installs(&self) -> u64 {
+        self.installs.load(SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -72,7 +97,6 @@ mod tests {
     use super::*;
     use crate::dma::testing::engine;
     use crate::dma::DmaShared;
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     use std::sync::Arc;
 
     /// A cycle running flat out on another thread while engines are

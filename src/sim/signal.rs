@@ -213,6 +213,19 @@ pub struct Delivery {
     pub inserted_silences: usize,
     /// Frames of such silence.
     pub inserted_frames: usize,
+    /// Runs of `sent` missing from `got` (a cycle whose frames the graph
+    /// dropped), when allowed, skipped.
+    pub dropped_runs: usize,
+    /// Frames of `sent` in such runs.
+    pub dropped_frames: usize,
+}
+
+impl Delivery {
+    /// Every frame of `sent` (`frames` of them) is accounted for: arrived
+    /// in order, or in a dropped run.
+    pub fn complete(&self, frames: usize) -> bool {
+        self.delivered + self.dropped_frames == frames
+    }
 }
 
 /// Compares `sent` with `got` from where `sent`'s first `window` frames
@@ -224,12 +237,34 @@ pub fn compare_allowing_inserted_silence(
     channels: usize,
     window: usize,
 ) -> Option<Delivery> {
+    compare_allowing_glitches(sent, got, channels, window, 0)
+}
+
+/// As `compare_allowing_inserted_silence`, and where `got` goes on with
+/// `sent` up to `max_drop` frames further on (its next `window` frames
+/// found there), skips the frames in between as a dropped run.
+pub fn compare_allowing_glitches(
+    sent: &[i16],
+    got: &[i16],
+    channels: usize,
+    window: usize,
+    max_drop: usize,
+) -> Option<Delivery> {
     let (start, _) = find_and_compare(sent, got, channels, window, 0)?;
     let frame = |buf: &[i16], f: usize| buf.get(f * channels..(f + 1) * channels).map(|s| s.to_vec());
     let silent = |s: &[i16]| s.iter().all(|v| *v == 0);
-    let mut d = Delivery { start, delivered: 0, inserted_silences: 0, inserted_frames: 0 };
+    let frames = sent.len() / channels;
+    let mut d = Delivery {
+        start,
+        delivered: 0,
+        inserted_silences: 0,
+        inserted_frames: 0,
+        dropped_runs: 0,
+        dropped_frames: 0,
+    };
     let mut g = start;
-    for k in 0..sent.len() / channels {
+    let mut k = 0;
+    while k < frames {
         let want = frame(sent, k).unwrap_or_default();
         let Some(mut have) = frame(got, g) else { break };
         if have != want && silent(&have) {
@@ -244,10 +279,22 @@ pub fn compare_allowing_inserted_silence(
             }
         }
         if have != want {
-            break;
+            // Did `got` go on further into `sent`? Its next window, found
+            // within `max_drop` frames, says so.
+            let w = window * channels;
+            let ahead = got.get(g * channels..g * channels + w).and_then(|probe| {
+                (k + 1..=(k + max_drop).min(frames.saturating_sub(window)))
+                    .find(|&j| sent.get(j * channels..j * channels + w) == Some(probe))
+            });
+            let Some(j) = ahead else { break };
+            d.dropped_runs += 1;
+            d.dropped_frames += j - k;
+            k = j;
+            continue;
         }
         d.delivered += 1;
         g += 1;
+        k += 1;
     }
     Some(d)
 }
@@ -264,12 +311,32 @@ mod tests {
         g.extend(std::iter::repeat_n(0, 2 * 512)); // a late cycle
         g.extend_from_slice(&s[2 * 1000..]);
         let d = compare_allowing_inserted_silence(&s, &g, 2, 64).unwrap();
-        assert_eq!(d, Delivery { start: 5, delivered: 3000, inserted_silences: 1, inserted_frames: 512 });
+        assert_eq!(
+            d,
+            Delivery {
+                start: 5,
+                delivered: 3000,
+                inserted_silences: 1,
+                inserted_frames: 512,
+                dropped_runs: 0,
+                dropped_frames: 0
+            }
+        );
         // Frames dropped: the count stops there.
         let mut lost = g.clone();
         lost.drain(2 * 2000..2 * 2010);
         let d = compare_allowing_inserted_silence(&s, &lost, 2, 64).unwrap();
         assert!(d.delivered < 3000, "{d:?}");
+        // ... unless drops are allowed: then they are counted.
+        let d = compare_allowing_glitches(&s, &lost, 2, 64, 128).unwrap();
+        assert_eq!(
+            (d.delivered, d.dropped_runs, d.dropped_frames, d.inserted_silences),
+            (2990, 1, 10, 1),
+            "{d:?}"
+        );
+        assert!(d.complete(3000));
+        // Not beyond the drop allowed.
+        assert!(!compare_allowing_glitches(&s, &lost, 2, 64, 5).unwrap().complete(3000));
         // Silence instead of sound (not inserted, replacing): the stream
         // after it is shifted and the count stops.
         let mut replaced = s.clone();

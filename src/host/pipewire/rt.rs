@@ -41,6 +41,7 @@ fn delay_frames(t: &pw::stream::Time, stream_rate: u32, frame_bytes: usize) -> u
 /// One graph cycle.
 pub(super) fn process(stream: &pw::stream::Stream, rt: &mut Rt) {
     let start = now_ns();
+    rt.slot.host_cycle();
     let time = stream.time().ok();
     let Some(mut buffer) = stream.dequeue_buffer() else {
         return;
