@@ -144,8 +144,9 @@ fn watch() -> anyhow::Result<(Probe, Arc<AtomicBool>)> {
     Ok((probe, lost))
 }
 
-/// The supervisor thread: waits for the server to go away, moves every
-/// stream to the fallback clock, reconnects with bounded backoff, and makes
+/// The supervisor thread: waits for the server to go away, lets every
+/// stream's client go (the fallback clock runs the open streams, which no
+/// cycle reaches any more), reconnects with bounded backoff, and makes
 /// every stream's client again.
 fn supervise(server: &Server, probe: Probe, lost: Arc<AtomicBool>, stop: &AtomicBool) {
     let (mut probe, mut lost) = (Some(probe), lost);
