@@ -12,6 +12,7 @@ pub mod backend;
 pub mod dma;
 pub mod fault;
 pub mod host;
+pub mod logging;
 pub mod sim;
 pub mod sndif;
 pub mod xen;

@@ -73,13 +73,20 @@ impl ConfigSource for StoreSource<'_> {
     }
 }
 
-/// Domain names become part of node names: keep them to a safe alphabet.
-pub fn sanitize_name(s: &str) -> String {
-    let out: String = s
-        .chars()
-        .take(64)
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
-        .collect();
+/// A domain name as it appears in node names: letters, digits, `-`, `_`
+/// and `.` as they are, every other byte as `%XX` (its UTF-8 bytes in
+/// hex), so names stay readable and distinct domains never share one
+/// (`q"x` is `q%22x`, `q_x` stays `q_x`, `%` is `%25`). Nothing is cut:
+/// xenstore bounds the name.
+pub fn node_safe_name(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
     out
 }
 
@@ -284,7 +291,7 @@ impl Device {
                 == Some("1");
         let domain = self
             .read(s, &format!("/local/domain/{}/name", self.domid))
-            .map(|n| sanitize_name(&n))
+            .map(|n| node_safe_name(&n))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| format!("domain-{}", self.domid));
         let published = self.published_refs(s, &card)?;
@@ -322,5 +329,26 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         self.teardown("device dropped");
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    /// Distinct domain names give distinct node names, readable where
+    /// they can be.
+    #[test]
+    fn node_names_of_distinct_domains_are_distinct() {
+        assert_eq!(node_safe_name("work-vm.2_b"), "work-vm.2_b");
+        assert_eq!(node_safe_name("q\"x"), "q%22x");
+        assert_eq!(node_safe_name("q_x"), "q_x");
+        assert_eq!(node_safe_name("a%22"), "a%2522");
+        assert_eq!(node_safe_name("é"), "%C3%A9");
+        let names = ["q\"x", "q_x", "q x", "q%22x", "q%x", "qx", &"a".repeat(100), &"a".repeat(101)];
+        let mut seen: Vec<String> = names.iter().map(|n| node_safe_name(n)).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), names.len(), "{seen:?}");
     }
 }

@@ -174,6 +174,15 @@ impl PcmStream {
         }
     }
 
+    /// A request the host could not carry out, logged as such (rate
+    /// limited with the guest's errors).
+    pub fn host_fault(&mut self, what: &str) {
+        if let Some(suppressed) = self.log.allow() {
+            let id = &self.ident;
+            tracing::warn!(domid = id.domid, stream = %id.node_name(), suppressed, "host fault: {what}");
+        }
+    }
+
     /// Logs the open stream's figures since the last call: cycles, callback
     /// time quantiles, under/overruns and the current delay.
     pub fn log_stats(&mut self) {
@@ -231,7 +240,13 @@ impl PcmStream {
         let status = match result {
             Ok(()) => 0,
             Err(Refusal(status, why)) => {
-                self.warn(&why);
+                if status == -errno::EIO {
+                    // -EIO is what the host could not do (its node, a
+                    // server that went away), not what the guest asked.
+                    self.host_fault(&why);
+                } else {
+                    self.warn(&why);
+                }
                 hw_param = None;
                 status
             }

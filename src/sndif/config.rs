@@ -117,6 +117,21 @@ fn clean_name(s: String) -> String {
     s.chars().filter(|c| !c.is_control()).take(limits::MAX_NAME_LEN).collect::<String>().trim().to_string()
 }
 
+/// A stream's `unique-id` for properties: as `clean_name`, but one longer
+/// than `MAX_NAME_LEN` keeps its first 63 characters and adds `~` and a
+/// 64-bit hash of the whole id (16 hex digits: 80 in all), so two long ids
+/// that differ anywhere stay apart.
+fn bounded_id(s: String) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control()).collect::<String>().trim().to_string();
+    if clean.chars().count() <= limits::MAX_NAME_LEN {
+        return clean;
+    }
+    // FNV-1a: stable across builds and machines.
+    let hash =
+        clean.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{}~{hash:016x}", clean.chars().take(limits::MAX_NAME_LEN - 17).collect::<String>())
+}
+
 fn parse_u32(key: &str, v: &str) -> Result<u32, String> {
     v.trim().parse::<u32>().map_err(|_| format!("{key}: not a number: {v:?}"))
 }
@@ -211,7 +226,7 @@ pub fn parse_card(src: &dyn ConfigSource) -> Result<CardConfig, String> {
                 Some(keys::TYPE_CAPTURE) => StreamKind::Capture,
                 other => return Err(format!("{what}: bad type {other:?}")),
             };
-            let unique_id = clean_name(src.read(&join(&sdir, keys::UNIQUE_ID)).unwrap_or_default());
+            let unique_id = bounded_id(src.read(&join(&sdir, keys::UNIQUE_ID)).unwrap_or_default());
             streams.push(StreamConfig { index: si, unique_id, kind, params });
         }
         let name = clean_name(src.read(&join(&pdir, keys::DEVICE_NAME)).unwrap_or_default());
@@ -286,6 +301,12 @@ pub(crate) mod tests {
         let s = &c.pcms[0].streams;
         assert_eq!(s.len(), 2);
         assert_eq!((s[0].kind, s[0].unique_id.as_str()), (StreamKind::Playback, "pw0-play"));
+        // Long ids are cut with a hash of the whole: ones that differ only
+        // far in stay distinct.
+        let (a, b) = (format!("{}a", "x".repeat(100)), format!("{}b", "x".repeat(100)));
+        let (ba, bb) = (bounded_id(a), bounded_id(b));
+        assert_ne!(ba, bb);
+        assert!(ba.chars().count() <= limits::MAX_NAME_LEN && ba.starts_with(&"x".repeat(63)), "{ba}");
         assert_eq!((s[1].kind, s[1].unique_id.as_str()), (StreamKind::Capture, "pw0-cap"));
         assert_eq!(s[0].params.rates, vec![44100, 48000]);
         assert_eq!(s[0].params.formats, vec![PcmFormat::S16Le, PcmFormat::S32Le]);
