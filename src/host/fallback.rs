@@ -158,8 +158,9 @@ fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
         return false;
     }
     let Watched { slot, kind, waiting, driving } = s;
-    let key = slot.installs();
     let ran = slot.with(|engine| {
+        // Read inside: the engine seen here is the last one installed.
+        let key = slot.installs();
         let shared = engine.shared.clone();
         if !shared.running.load(Ordering::Acquire) {
             (*waiting, *driving) = (None, None);

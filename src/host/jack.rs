@@ -225,7 +225,6 @@ impl HostBackend for JackHost {
             gains: ChannelGains::unity(ports as usize),
             spec,
             slot: Arc::new(EngineSlot::default()),
-            engine_rate: AtomicU32::new(0),
             state: Mutex::default(),
         });
         match self.server.rate.load(Ordering::SeqCst) {
@@ -244,8 +243,6 @@ struct NodeShared {
     spec: StreamSpec,
     slot: Arc<EngineSlot>,
     gains: ChannelGains,
-    /// The open engine's rate; 0 while closed.
-    engine_rate: AtomicU32,
     state: Mutex<NodeState>,
 }
 
@@ -253,8 +250,8 @@ struct NodeShared {
 struct NodeState {
     /// The client, while the server is there.
     client: Option<ActiveClient>,
-    /// The open stream's counters and flags (OPEN until CLOSE).
-    open: Option<Arc<DmaShared>>,
+    /// The open stream's rate, counters and flags (OPEN until CLOSE).
+    open: Option<(u32, Arc<DmaShared>)>,
 }
 
 impl NodeShared {
@@ -282,19 +279,16 @@ impl NodeShared {
                 return;
             }
         }
-        let engine_rate = self.engine_rate.load(Ordering::SeqCst);
-        if engine_rate != 0 && engine_rate != rate {
+        if let Some((stream_rate, shared)) = state.open.as_ref().filter(|(r, _)| *r != rate) {
             tracing::warn!(
                 stream = %self.spec.node_name,
-                stream_rate = engine_rate,
+                stream_rate,
                 server_rate = rate,
                 "the JACK server came back at another rate: the open stream ends (its next WRITE, \
                  READ or START fails with -EIO, so the guest opens it again at the server's rate; \
                  until then it runs on the fallback clock)"
             );
-            if let Some(shared) = &state.open {
-                shared.host_gone.store(true, Ordering::Release);
-            }
+            shared.host_gone.store(true, Ordering::Release);
         }
     }
 
@@ -348,15 +342,13 @@ impl HostNode for JackNode {
             bail!("{} channels, the client has {} ports", g.channels, self.ports);
         }
         self.node.gains.set(&vec![1.0; self.ports as usize]);
-        self.node.engine_rate.store(g.rate, Ordering::SeqCst);
-        state.open = Some(engine.shared.clone());
+        state.open = Some((g.rate, engine.shared.clone()));
         self.node.slot.install(engine);
         Ok(())
     }
 
     fn stop(&mut self) {
         drop(self.node.slot.take());
-        self.node.engine_rate.store(0, Ordering::SeqCst);
         self.node.lock().open = None;
     }
 
