@@ -9,10 +9,13 @@
 //! - `sim`: a simulated guest frontend for tests, demos and measurements
 
 pub mod backend;
+pub mod control;
 pub mod dma;
 pub mod fault;
 pub mod host;
+pub mod ipc;
 pub mod logging;
+pub mod policy;
 pub mod sim;
 pub mod sndif;
 pub mod xen;

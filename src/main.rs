@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use xen_vsnd::backend::registry::Registry;
+use xen_vsnd::control::{self, server::ControlServer, Reply, Request};
 use xen_vsnd::host::alsa::{AlsaConfig, AlsaHost};
 use xen_vsnd::host::jack::{JackConfig, JackConnect, JackHost};
 use xen_vsnd::host::pipewire::{PipeWireConfig, PipeWireHost};
@@ -22,6 +24,8 @@ Each guest stream becomes a PipeWire node (--host jack: a JACK client; --host al
 xen-vsnd.<domain>.<card>.<pcm>.<playback|capture>; the graph clock drives the guest's DMA \
 position and period interrupts, and the downstream latency is reported back to guests that \
 opt in to the delay extension.\n\n\
+Policy (which VM may play, record, where its nodes go): /etc/xen-vsnd/config.toml or \
+serve --config; `xen-vsnd status` and `xen-vsnd ctl` talk to a running serve.\n\n\
 Logging: RUST_LOG (default info)."
 )]
 struct Cli {
@@ -74,6 +78,49 @@ enum Cmd {
         /// then get the base protocol's CUR_POS events only.
         #[arg(long)]
         no_delay_report: bool,
+        /// Policy file (TOML): per-VM playback, capture, target node, volume
+        /// cap, node properties. Default: /etc/xen-vsnd/config.toml when it
+        /// exists, else built-in defaults (guests play; capture is denied).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Control socket for `status` and `ctl` (default: $RUNTIME_DIRECTORY/control
+        /// under systemd, /run/xen-vsnd/control as root, else in $XDG_RUNTIME_DIR;
+        /// beside a loopback transport's socket).
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+        /// PipeWire host: do not connect by name; use the PipeWire of the
+        /// desktop sessions that register (`xen-vsnd session`). For the
+        /// system service, which cannot reach a user's runtime directory.
+        #[arg(long, conflicts_with = "pipewire_remote")]
+        pipewire_from_sessions: bool,
+    },
+    /// Show every guest stream of a running serve: state, format, period,
+    /// quantum, delay, under- and overruns, late cycles, node, policy.
+    Status {
+        /// Machine-readable: one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The control socket (default: $XEN_VSND_CONTROL, /run/xen-vsnd/control,
+        /// then $XDG_RUNTIME_DIR/xen-vsnd/control).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Change a running serve's policy (root or the service's user only).
+    Ctl {
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+    /// Hand this user's PipeWire to the system service when it asks (run
+    /// in the desktop session, e.g. as the xen-vsnd-session user unit).
+    Session {
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// The PipeWire socket's name in $PIPEWIRE_RUNTIME_DIR or
+        /// $XDG_RUNTIME_DIR, or its path (default: $PIPEWIRE_REMOTE or pipewire-0).
+        #[arg(long)]
+        pipewire_remote: Option<String>,
     },
     /// Run a simulated guest against a loopback backend.
     SimGuest(SimOptions),
@@ -130,12 +177,16 @@ fn main() {
             node_properties,
             stats_interval,
             no_delay_report,
+            config,
+            control_socket,
+            pipewire_from_sessions,
         } => serve(
             &transport,
             match host {
                 HostKind::Pipewire => HostChoice::PipeWire(PipeWireConfig {
                     remote: pipewire_remote,
                     node_props: node_properties,
+                    handoff: pipewire_from_sessions.then(Default::default),
                 }),
                 HostKind::Alsa => HostChoice::Alsa(AlsaConfig {
                     capture_device: alsa_capture_device.unwrap_or_else(|| alsa_device.clone()),
@@ -154,6 +205,14 @@ fn main() {
                 stats_interval: stats_interval.map(std::time::Duration::from_secs_f64),
                 delay_reports: !no_delay_report,
             },
+            config,
+            control_socket.unwrap_or_else(|| control::default_socket(&transport)),
+        ),
+        Cmd::Status { json, control } => status(&control::client_socket(control.as_deref()), json),
+        Cmd::Ctl { control, action } => ctl(&control::client_socket(control.as_deref()), action),
+        Cmd::Session { control, pipewire_remote } => control::session::run(
+            &control::client_socket(control.as_deref()),
+            &control::session::pipewire_socket(pipewire_remote.as_deref()),
         ),
         Cmd::SimGuest(o) => sim_guest(&o),
         Cmd::Signal { kind, seconds, rate, channels, lead_in, lead_out, out } => {
@@ -178,6 +237,26 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
     }
 }
 
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Let a VM's capture streams hear dom0's input, or give them digital
+    /// silence; applies from the next graph cycle, until the next reload.
+    Mic {
+        #[arg(value_enum)]
+        what: MicWord,
+        /// The domain's name, as dom0 knows it (`xl list`).
+        domain: String,
+    },
+    /// Read the policy file again and apply it to every stream (as SIGHUP).
+    Reload,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MicWord {
+    Allow,
+    Deny,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum HostKind {
     Pipewire,
@@ -191,7 +270,13 @@ enum HostChoice {
     Alsa(AlsaConfig),
 }
 
-fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options) -> anyhow::Result<()> {
+fn serve(
+    transport: &str,
+    host: HostChoice,
+    options: xen_vsnd::backend::Options,
+    config: Option<PathBuf>,
+    control_socket: PathBuf,
+) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
         signal_hook_like::on(sig, shutdown.clone())?;
@@ -199,8 +284,12 @@ fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options)
     // Before anything touches the transport or the host.
     let _instance =
         xen_vsnd::backend::instance::claim(&xen_vsnd::backend::instance::transport_key(transport))?;
+    let mut handoff = None;
     let host: Arc<dyn HostBackend> = match host {
-        HostChoice::PipeWire(c) => Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?),
+        HostChoice::PipeWire(c) => {
+            handoff = c.handoff.clone();
+            Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?)
+        }
         HostChoice::Jack(c) => Arc::new(JackHost::start(c).context("starting the JACK host")?),
         HostChoice::Alsa(c) => Arc::new(AlsaHost::new(c)),
     };
@@ -214,10 +303,93 @@ fn serve(transport: &str, host: HostChoice, options: xen_vsnd::backend::Options)
     } else {
         bail!("unknown transport {transport:?} (xen or loopback:<path>)");
     };
-    xen_vsnd::backend::run(t, host, shutdown.clone(), options)?;
+    let registry = Arc::new(Registry::new(host.clone(), config).context("reading the policy")?);
+    let _control = ControlServer::start(&control_socket, registry.clone(), handoff)?;
+    xen_vsnd::backend::run(t, host, registry, shutdown.clone(), options)?;
     tracing::info!("stopped");
     let _ = shutdown.load(Ordering::Relaxed);
     Ok(())
+}
+
+fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let Reply::Status(v) = control::request(socket, &Request::Status)? else {
+        bail!("unexpected answer");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let streams = v["streams"].as_array().cloned().unwrap_or_default();
+    if let Some(n) = v["sessions"].as_u64() {
+        println!("desktop sessions offering PipeWire: {n}");
+    }
+    if streams.is_empty() {
+        println!("no guest streams");
+    }
+    for s in streams {
+        let text = |k: &str| match &s[k] {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(t) => t.clone(),
+            other => other.to_string(),
+        };
+        let p = &s["policy"];
+        let allowed = if s["allowed"].as_bool() == Some(true) { "allowed" } else { "DENIED (silence)" };
+        println!(
+            "{} (domid {}) {} [node {}]: {}",
+            text("domain"),
+            text("domid"),
+            text("node"),
+            text("node_id"),
+            text("state")
+        );
+        if s["format"].is_string() {
+            println!(
+                "    {} {} Hz x{}, period {} of buffer {} frames, quantum {}, delay {} frames",
+                text("format"),
+                text("rate"),
+                text("channels"),
+                text("period_frames"),
+                text("buffer_frames"),
+                text("quantum"),
+                text("delay_frames")
+            );
+            println!(
+                "    underruns {}, overruns {}, late cycles {}, fallback cycles {}",
+                text("underruns"),
+                text("overruns"),
+                text("late_cycles"),
+                text("fallback_cycles")
+            );
+        }
+        println!(
+            "    {} {allowed}; capture rule from {}; volume cap {}; target {}",
+            text("kind"),
+            p["capture_from"].as_str().unwrap_or("-"),
+            p["volume_cap"],
+            p["target"].as_str().unwrap_or("default"),
+        );
+    }
+    Ok(())
+}
+
+fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<()> {
+    let req = match action {
+        CtlAction::Mic { what, domain } => Request::Mic { domain, allow: matches!(what, MicWord::Allow) },
+        CtlAction::Reload => Request::Reload,
+    };
+    match control::request(socket, &req)? {
+        Reply::Applied(list) => {
+            for a in &list {
+                let at = a.position.map_or_else(String::new, |p| format!(" from byte {p}"));
+                println!("{}: {}{at}", a.node, if a.allowed { "allowed" } else { "denied" });
+            }
+            if list.is_empty() {
+                println!("applied (no guest streams now)");
+            }
+            Ok(())
+        }
+        _ => bail!("unexpected answer"),
+    }
 }
 
 fn compare(sent: &std::path::Path, got: &std::path::Path, min_fraction: f64) -> anyhow::Result<()> {

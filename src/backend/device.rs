@@ -22,6 +22,8 @@ pub struct Services {
     pub grants: Arc<dyn GrantMapper>,
     pub evtchn: Arc<dyn EventChannels>,
     pub host: Arc<dyn HostBackend>,
+    /// Every connected stream and dom0's policy for it.
+    pub registry: Arc<super::registry::Registry>,
     /// Log each open stream's figures this often (`serve --stats-interval`).
     pub stats_interval: Option<std::time::Duration>,
     /// Offer the delay extension (off with `serve --no-delay-report`).
@@ -289,11 +291,11 @@ impl Device {
         let report_delay = s.delay_reports
             && self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
                 == Some("1");
-        let domain = self
-            .read(s, &format!("/local/domain/{}/name", self.domid))
-            .map(|n| node_safe_name(&n))
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| format!("domain-{}", self.domid));
+        // Only dom0 writes a domain's name (the guest can read it, not
+        // change it): names, routing and policy key on it, never on
+        // anything in the guest's frontend directory.
+        let vm_name = self.read(s, &format!("/local/domain/{}/name", self.domid)).filter(|n| !n.is_empty());
+        let domain = vm_name.as_deref().map_or_else(|| format!("domain-{}", self.domid), node_safe_name);
         let published = self.published_refs(s, &card)?;
         let mut streams = Vec::new();
         for ((pcm, sc), &[ring_ref, port, evt_ref, evt_port]) in card.streams().zip(&published) {
@@ -305,14 +307,21 @@ impl Device {
             let ident = Arc::new(StreamIdentity {
                 domid: self.domid,
                 domain: domain.clone(),
+                vm_name: vm_name.clone(),
                 devid: self.devid,
                 card_long_name: card.long_name.clone(),
                 pcm_index: pcm.index,
                 pcm_name: pcm.name.clone(),
                 cfg: sc.clone(),
             });
-            let pcm_stream =
-                PcmStream::new(ident, s.grants.clone(), s.host.clone(), evt_page, evt_ch, report_delay);
+            let pcm_stream = PcmStream::new(
+                s.registry.register(ident),
+                s.grants.clone(),
+                s.host.clone(),
+                evt_page,
+                evt_ch,
+                report_delay,
+            );
             streams.push(StreamService::spawn(
                 pcm_stream,
                 BackRing::new(ring_page),

@@ -6,6 +6,7 @@ pub mod instance;
 pub mod lifecycle;
 pub mod pcm;
 pub mod ratelimit;
+pub mod registry;
 pub mod ring;
 pub mod service;
 pub mod worker;
@@ -38,14 +39,17 @@ impl Default for Options {
     }
 }
 
-/// Serves every vsnd device until `shutdown` is set.
+/// Serves every vsnd device until `shutdown` is set; every stream is
+/// registered in `registry` (policy, status).
 pub fn run(
     transport: Transport,
     host: Arc<dyn HostBackend>,
+    registry: Arc<registry::Registry>,
     shutdown: Arc<AtomicBool>,
     options: Options,
 ) -> anyhow::Result<()> {
     let s = Services {
+        registry,
         store: transport.store,
         grants: transport.grants,
         evtchn: transport.evtchn,

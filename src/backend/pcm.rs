@@ -6,6 +6,7 @@
 
 use super::lifecycle::{Event, Phase};
 use super::ratelimit::LogLimiter;
+use super::registry::StreamRecord;
 use crate::dma::{DmaEngine, DmaShared, EventIndex, EventRing, Geometry};
 use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::config::limits;
@@ -21,7 +22,11 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct StreamIdentity {
     pub domid: DomId,
+    /// The domain's name as in node names (`device::node_safe_name`).
     pub domain: String,
+    /// The name dom0 wrote for the domain, as it is: what policy matches
+    /// on. None when it could not be read.
+    pub vm_name: Option<String>,
     pub devid: u32,
     pub card_long_name: String,
     pub pcm_index: u32,
@@ -100,6 +105,9 @@ struct Opened {
 
 pub struct PcmStream {
     pub ident: Arc<StreamIdentity>,
+    /// The stream as `status` and policy see it; its controls go into
+    /// every engine.
+    record: Arc<StreamRecord>,
     grants: Arc<dyn GrantMapper>,
     host: Arc<dyn HostBackend>,
     evt_page: Arc<SharedPages>,
@@ -126,7 +134,7 @@ const MIN_PERIOD_FRAMES: u32 = 16;
 
 impl PcmStream {
     pub fn new(
-        ident: Arc<StreamIdentity>,
+        record: Arc<StreamRecord>,
         grants: Arc<dyn GrantMapper>,
         host: Arc<dyn HostBackend>,
         evt_page: Arc<SharedPages>,
@@ -134,7 +142,8 @@ impl PcmStream {
         report_delay: bool,
     ) -> PcmStream {
         let mut s = PcmStream {
-            ident,
+            ident: record.ident.clone(),
+            record,
             grants,
             host,
             evt_page,
@@ -156,7 +165,7 @@ impl PcmStream {
     /// Makes the stream's host node if there is none.
     fn attach(&mut self) -> anyhow::Result<&mut Box<dyn HostNode>> {
         if self.node.is_none() {
-            self.node = Some(self.host.attach(self.ident.spec())?);
+            self.node = Some(self.host.attach(self.record.spec())?);
         }
         self.node.as_mut().ok_or_else(|| anyhow::anyhow!("no host node"))
     }
@@ -358,6 +367,7 @@ impl PcmStream {
             EventRing::new(self.evt_page.clone(), self.evt_index.clone()),
             self.evt_channel.clone(),
             shared.clone(),
+            self.record.controls.clone(),
             self.report_delay,
         );
         let node = self.attach().map_err(|e| Refusal(-errno::EIO, format!("OPEN: host node: {e:#}")))?;
@@ -373,6 +383,9 @@ impl PcmStream {
             buffer = geom.buffer_bytes, period = geom.period_bytes, "opened"
         );
         self.stats_prev = None;
+        // Each OPEN starts at full volume, as the guest's mixer expects.
+        self.record.controls.set_guest_gains(&[]);
+        self.record.opened(geom, shared.clone());
         self.opened = Some(Opened { geom, buffer, shared, volume_mdb: vec![0; n], muted: vec![false; n] });
         self.phase = self.phase.next(Event::Open).unwrap_or(Phase::Prepared);
         Ok(())
@@ -383,6 +396,7 @@ impl PcmStream {
     /// released. The node stays, for the next OPEN.
     pub fn close(&mut self) {
         self.phase = Phase::Closed;
+        self.record.closed();
         if let Some(o) = self.opened.take() {
             if let Some(node) = self.node.as_mut() {
                 node.stop();
@@ -503,20 +517,20 @@ impl PcmStream {
         })
     }
 
-    fn apply_volume(o: &Opened, node: Option<&dyn HostNode>) {
-        let gains = o
+    /// The guest's volume and mute become the engine's gain on its
+    /// samples; the host node's own volume stays the dom0 user's.
+    fn apply_volume(&self) {
+        let Some(o) = &self.opened else { return };
+        let gains: Vec<f32> = o
             .volume_mdb
             .iter()
             .zip(&o.muted)
             .map(|(mdb, m)| if *m { 0.0 } else { 10f32.powf(*mdb as f32 / 20_000.0).min(1.0) })
             .collect();
-        if let Some(node) = node {
-            node.set_volume(gains);
-        }
+        self.record.controls.set_guest_gains(&gains);
     }
 
     fn set_volume(&mut self, rw: RwReq) -> Result<(), Refusal> {
-        // The field, not `opened_mut`: `self.node` is borrowed too below.
         let o =
             self.opened.as_mut().ok_or_else(|| Refusal(-errno::EINVAL, "SET_VOLUME before OPEN".into()))?;
         Self::check_range(o, rw, "SET_VOLUME")?;
@@ -530,7 +544,7 @@ impl PcmStream {
             // Volumes above 0 dB are clamped: the backend only attenuates.
             *v = i32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]).min(0);
         }
-        Self::apply_volume(o, self.node.as_deref());
+        self.apply_volume();
         Ok(())
     }
 
@@ -559,7 +573,7 @@ impl PcmStream {
                 *m = mute;
             }
         }
-        Self::apply_volume(o, self.node.as_deref());
+        self.apply_volume();
         Ok(())
     }
 }
@@ -573,8 +587,10 @@ impl Drop for PcmStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::registry::Registry;
     use crate::dma::testing::NullChannel;
     use crate::host::HostNode;
+    use crate::policy::Policy;
     use crate::sndif::config::parse_card;
     use crate::sndif::config::tests::libxl_dump;
     use crate::sndif::trigger;
@@ -600,10 +616,12 @@ mod tests {
         }
     }
 
-    /// Records the gains it is given; takes only rate `.1` when set; counts
-    /// the engines its nodes run now in `.2`, and the nodes it made in `.3`.
+    /// Records the node properties it is given; takes only rate `.1` when
+    /// set; counts the engines its nodes run now in `.2`, and the nodes it
+    /// made in `.3`.
     #[derive(Default)]
-    struct FakeHost(Mutex<Vec<Vec<f32>>>, Option<u32>, AtomicU64, AtomicU64);
+    struct FakeHost(Mutex<Vec<PropsUpdate>>, Option<u32>, AtomicU64, AtomicU64);
+    type PropsUpdate = (String, Vec<(String, String)>);
     struct FakeNode(Arc<FakeHost>, Option<DmaEngine>);
     impl HostNode for FakeNode {
         fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
@@ -617,9 +635,6 @@ mod tests {
                 self.0 .2.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        fn set_volume(&self, gains: Vec<f32>) {
-            self.0 .0.lock().unwrap().push(gains);
-        }
     }
     impl HostBackend for Arc<FakeHost> {
         fn supports(&self, _: PcmFormat) -> bool {
@@ -632,6 +647,9 @@ mod tests {
             self.3.fetch_add(1, Ordering::Relaxed);
             Ok(Box::new(FakeNode(self.clone(), None)))
         }
+        fn update_properties(&self, node: &str, props: Vec<(String, String)>) {
+            self.0.lock().unwrap().push((node.to_string(), props));
+        }
     }
 
     fn stream() -> (PcmStream, Arc<FakeGrants>, Arc<FakeHost>) {
@@ -643,6 +661,7 @@ mod tests {
         let ident = Arc::new(StreamIdentity {
             domid: 7,
             domain: "vm".into(),
+            vm_name: Some("vm".into()),
             devid: 0,
             card_long_name: card.long_name.clone(),
             pcm_index: 0,
@@ -651,8 +670,9 @@ mod tests {
         });
         let grants = Arc::new(FakeGrants(64));
         let host = Arc::new(host);
+        let registry = Registry::with_policy(Arc::new(host.clone()), None, Policy::default());
         let s = PcmStream::new(
-            ident,
+            registry.register(ident),
             grants.clone(),
             Arc::new(host.clone()),
             Arc::new(test_pages(PAGE_SIZE)),
@@ -825,8 +845,8 @@ mod tests {
         buffer.copy_in(100, &(-6000i32).to_le_bytes());
         buffer.copy_in(104, &(3000i32).to_le_bytes());
         assert_eq!(send(&mut s, Request::SetVolume(RwReq { offset: 100, length: 8 })).status, 0);
-        let g = host.0.lock().unwrap().last().cloned().unwrap();
-        assert!((g[0] - 0.501).abs() < 0.001 && g[1] == 1.0, "{g:?}");
+        let g = |c| s.record.controls.guest_gain(c);
+        assert!((g(0) - 0.501).abs() < 0.001 && g(1) == 1.0, "{} {}", g(0), g(1));
         assert_eq!(send(&mut s, Request::GetVolume(RwReq { offset: 200, length: 8 })).status, 0);
         let mut back = [0u8; 8];
         buffer.copy_out(200, &mut back);
@@ -834,9 +854,11 @@ mod tests {
         assert_eq!(back[4..], 0i32.to_le_bytes(), "gain above 0 dB is clamped");
         buffer.copy_in(300, &[0, 1]);
         assert_eq!(send(&mut s, Request::Mute(RwReq { offset: 300, length: 2 })).status, 0);
-        assert_eq!(host.0.lock().unwrap().last().unwrap()[1], 0.0);
+        assert_eq!(s.record.controls.guest_gain(1), 0.0);
         assert_eq!(send(&mut s, Request::Unmute(RwReq { offset: 300, length: 2 })).status, 0);
-        assert_eq!(host.0.lock().unwrap().last().unwrap()[1], 1.0);
+        assert_eq!(s.record.controls.guest_gain(1), 1.0);
+        // The guest's volume is xen-vsnd's gain: the node was never told.
+        assert!(host.0.lock().unwrap().is_empty());
         assert_eq!(
             send(&mut s, Request::SetVolume(RwReq { offset: 4090, length: 8 })).status,
             -errno::EINVAL

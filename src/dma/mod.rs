@@ -6,9 +6,11 @@
 //! no panics. The request thread and the real-time side share only atomics
 //! (`DmaShared`); the engine itself is owned by the host's process callback.
 
+pub mod controls;
 mod events;
 pub mod histogram;
 
+pub use controls::StreamControls;
 pub use events::{EventIndex, EventRing};
 pub use histogram::{delta as histogram_delta, quantile_us_of, CycleHistogram};
 
@@ -55,6 +57,8 @@ pub struct DmaShared {
     pub notify_failures: AtomicU64,
     /// Delay sent with the last event, frames at the stream rate.
     pub delay_frames: AtomicU32,
+    /// Frames the last cycle moved (the host's quantum for this stream).
+    pub cycle_frames: AtomicU32,
     /// Time the host's real-time callback spent per cycle on this stream.
     pub cycle_time: CycleHistogram,
     /// Of that, the time raising the guest's interrupt took (one system
@@ -87,6 +91,8 @@ pub struct DmaEngine {
     events: EventRing,
     evtchn: Arc<dyn EventChannel>,
     pub shared: Arc<DmaShared>,
+    /// dom0's policy and the guest's volume, applied to every cycle.
+    controls: Arc<StreamControls>,
     /// The frontend opted in to the delay extension.
     report_delay: bool,
 }
@@ -98,9 +104,10 @@ impl DmaEngine {
         events: EventRing,
         evtchn: Arc<dyn EventChannel>,
         shared: Arc<DmaShared>,
+        controls: Arc<StreamControls>,
         report_delay: bool,
     ) -> DmaEngine {
-        DmaEngine { geom, buffer, events, evtchn, shared, report_delay }
+        DmaEngine { geom, buffer, events, evtchn, shared, controls, report_delay }
     }
 
     pub fn frame_bytes(&self) -> usize {
@@ -151,7 +158,14 @@ impl DmaEngine {
         let written = self.shared.guest_bytes.load(Acquire);
         let avail = written.saturating_sub(pos).min(out.len() as u64) as usize;
         let avail = avail - avail % self.frame_bytes().max(1);
-        self.ring_out(pos, &mut out[..avail]);
+        if self.controls.allowed() {
+            self.ring_out(pos, &mut out[..avail]);
+            self.controls.apply(self.geom.format, self.geom.channels as usize, &mut out[..avail]);
+        } else {
+            // dom0 does not let this guest play: the position moves on,
+            // the host hears silence.
+            self.geom.format.fill_silence(&mut out[..avail]);
+        }
         if avail < out.len() {
             self.geom.format.fill_silence(&mut out[avail..]);
             self.shared.underruns.fetch_add(1, Relaxed);
@@ -172,8 +186,36 @@ impl DmaEngine {
         if (pos + n as u64).saturating_sub(read) > self.geom.buffer_bytes as u64 {
             self.shared.overruns.fetch_add(1, Relaxed);
         }
-        self.ring_in(pos, &input[..n]);
+        if self.controls.allowed() && self.controls.is_unity(self.geom.channels as usize) {
+            self.ring_in(pos, &input[..n]);
+        } else {
+            self.ring_in_processed(pos, &input[..n]);
+        }
         self.advance(pos, n, delay_frames);
+    }
+
+    /// Stores `input` at `pos` as the controls say: digital silence when
+    /// dom0 denies this guest its input (nothing of dom0's reaches the
+    /// guest), else scaled by the gains. Through a stack buffer: no
+    /// allocation in the cycle.
+    fn ring_in_processed(&self, pos: u64, input: &[u8]) {
+        let fb = self.frame_bytes().max(1);
+        let mut scratch = [0u8; 2048];
+        let chunk = scratch.len() / fb * fb;
+        let allowed = self.controls.allowed();
+        let mut done = 0;
+        while done < input.len() {
+            let n = (input.len() - done).min(chunk);
+            let part = &mut scratch[..n];
+            if allowed {
+                part.copy_from_slice(&input[done..done + n]);
+                self.controls.apply(self.geom.format, self.geom.channels as usize, part);
+            } else {
+                self.geom.format.fill_silence(part);
+            }
+            self.ring_in(pos + done as u64, part);
+            done += n;
+        }
     }
 
     fn advance(&mut self, pos: u64, bytes: usize, delay_frames: u32) {
@@ -181,6 +223,7 @@ impl DmaEngine {
         self.shared.position.store(new_pos, Release);
         self.shared.cycles.fetch_add(1, Relaxed);
         self.shared.delay_frames.store(delay_frames, Relaxed);
+        self.shared.cycle_frames.store((bytes / self.frame_bytes().max(1)) as u32, Relaxed);
         if self.geom.period_bytes == 0 {
             return; // the guest asked for no position events
         }
@@ -232,7 +275,15 @@ pub(crate) mod testing {
     /// A stopped engine on fresh memory that reports to `shared`.
     pub fn engine(shared: Arc<DmaShared>) -> DmaEngine {
         let evt = EventRing::new(Arc::new(test_pages(4096)), Arc::default());
-        DmaEngine::new(geometry(), Arc::new(test_pages(4096)), evt, Arc::new(NullChannel), shared, false)
+        DmaEngine::new(
+            geometry(),
+            Arc::new(test_pages(4096)),
+            evt,
+            Arc::new(NullChannel),
+            shared,
+            Arc::default(),
+            false,
+        )
     }
 }
 
@@ -266,6 +317,7 @@ mod tests {
             buf.clone(),
             EventRing::new(evt.clone(), Arc::default()),
             ch.clone(),
+            Arc::default(),
             Arc::default(),
             report_delay,
         );
@@ -335,5 +387,37 @@ mod tests {
         assert_eq!(back, input);
         e.capture_cycle(&input, 0); // guest read nothing: the oldest period is overwritten
         assert_eq!(e.shared.overruns.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn denied_directions_carry_silence_and_keep_the_clock() {
+        let (mut e, buf, _, _) = engine(false);
+        let controls = Arc::new(StreamControls::new(false, 1.0));
+        e.controls = controls.clone();
+        e.shared.running.store(true, Relaxed);
+        // Capture: the guest's buffer gets zeros, not the input.
+        buf.copy_in(0, &[7u8; 4096]);
+        e.capture_cycle(&[9u8; 3000], 0);
+        let mut back = vec![1u8; 3000];
+        buf.copy_out(0, &mut back);
+        assert!(back.iter().all(|b| *b == 0));
+        assert_eq!(e.shared.position.load(Relaxed), 3000);
+        assert_eq!(e.shared.cycle_frames.load(Relaxed), 750);
+        // Allowed again from the next cycle on, with the guest's gain.
+        controls.set_policy(true, 1.0);
+        controls.set_guest_gains(&[0.5, 0.5]);
+        let input: Vec<u8> = [400i16, -400].iter().cycle().take(8).flat_map(|s| s.to_le_bytes()).collect();
+        e.capture_cycle(&input, 0);
+        let mut back = vec![0u8; 16];
+        buf.copy_out(3000, &mut back);
+        let expect: Vec<u8> = [200i16, -200].iter().cycle().take(8).flat_map(|s| s.to_le_bytes()).collect();
+        assert_eq!(back, expect);
+        // Playback denied: the host gets silence, the position moves.
+        controls.set_policy(false, 1.0);
+        e.shared.guest_bytes.store(1 << 20, Relaxed);
+        let mut out = [1u8; 256];
+        e.playback_cycle(&mut out, 0);
+        assert_eq!(out, [0u8; 256]);
+        assert_eq!(e.shared.underruns.load(Relaxed), 0);
     }
 }

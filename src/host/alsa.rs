@@ -7,8 +7,6 @@
 //! guest. The delay sent is `snd_pcm_delay()`: the frames between the
 //! guest's position and the DAC, or from the ADC to it.
 
-use super::convert::{from_f32, to_f32};
-use super::gains::ChannelGains;
 use super::slot::EngineSlot;
 use super::{HostBackend, HostNode, StreamSpec};
 use crate::dma::histogram::now_ns;
@@ -106,7 +104,6 @@ struct AlsaNode {
 /// An open stream's device thread, and what it shares with the node.
 struct AlsaRun {
     slot: Arc<EngineSlot>,
-    gains: ChannelGains,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -141,7 +138,6 @@ impl HostNode for AlsaNode {
         };
         let frame_bytes = engine.frame_bytes();
         let stop = Arc::new(AtomicBool::new(false));
-        let gains = ChannelGains::unity(g.channels as usize);
         let slot = Arc::new(EngineSlot::default());
         slot.install(engine);
         let mut rt = AlsaRt {
@@ -151,7 +147,6 @@ impl HostNode for AlsaNode {
             kind: spec.kind,
             buf: vec![0; period * frame_bytes],
             period,
-            gains: gains.clone(),
             stop: stop.clone(),
         };
         tracing::debug!(stream = spec.node_name, device, period, "ALSA PCM up");
@@ -161,7 +156,7 @@ impl HostNode for AlsaNode {
             .name("vsnd-alsa".into())
             .spawn(move || rt.run())
             .context("spawning the ALSA stream thread")?;
-        self.run = Some(AlsaRun { slot, gains, stop, thread });
+        self.run = Some(AlsaRun { slot, stop, thread });
         Ok(())
     }
 
@@ -170,12 +165,6 @@ impl HostNode for AlsaNode {
             r.stop.store(true, Ordering::Relaxed);
             drop(r.slot.take());
             self.playing_out = Some(r.thread);
-        }
-    }
-
-    fn set_volume(&self, gains: Vec<f32>) {
-        if let Some(r) = &self.run {
-            r.gains.set(&gains);
         }
     }
 }
@@ -196,7 +185,6 @@ struct AlsaRt {
     /// One ALSA period of interleaved guest-format frames.
     buf: Vec<u8>,
     period: usize,
-    gains: ChannelGains,
     stop: Arc<AtomicBool>,
 }
 
@@ -260,13 +248,10 @@ impl AlsaRt {
     fn play_period(&mut self) -> alsa::Result<()> {
         // Once written, this period sits behind what the device holds.
         let delay = self.device_delay() + self.period as u32;
-        let (buf, gains, format) = (&mut self.buf, &self.gains, self.geom.format);
-        let played = timed(&self.slot, |e| {
-            e.playback_cycle(buf, delay);
-            apply_gains(format, gains, buf);
-        });
+        let buf = &mut self.buf;
+        let played = timed(&self.slot, |e| e.playback_cycle(buf, delay));
         if played.is_none() {
-            format.fill_silence(&mut self.buf); // closed: the loop ends
+            self.geom.format.fill_silence(&mut self.buf); // closed: the loop ends
         }
         let io = self.pcm.io_bytes();
         let mut done = 0;
@@ -287,11 +272,8 @@ impl AlsaRt {
             }
         }
         let delay = self.device_delay();
-        let (buf, gains, format) = (&mut self.buf, &self.gains, self.geom.format);
-        timed(&self.slot, |e| {
-            apply_gains(format, gains, buf);
-            e.capture_cycle(buf, delay);
-        });
+        let buf = &self.buf;
+        timed(&self.slot, |e| e.capture_cycle(buf, delay));
         Ok(())
     }
 }
@@ -306,20 +288,6 @@ fn timed(slot: &EngineSlot, work: impl FnOnce(&mut DmaEngine)) -> Option<()> {
     })
 }
 
-/// Scales each channel of interleaved `buf` by its gain (skipped when all
-/// gains are 1, the usual case).
-fn apply_gains(format: PcmFormat, gains: &ChannelGains, buf: &mut [u8]) {
-    if gains.all_unity() {
-        return;
-    }
-    let sample = format.sample_bytes();
-    for frame in buf.chunks_exact_mut(sample * gains.channels()) {
-        for (c, s) in frame.chunks_exact_mut(sample).enumerate() {
-            from_f32(format, to_f32(format, s) * gains.get(c), s);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,15 +298,5 @@ mod tests {
             let a = alsa_format(f);
             assert_eq!(a.physical_width().ok(), Some(8 * f.sample_bytes() as i32), "{f:?} -> {a}");
         }
-    }
-
-    #[test]
-    fn gains_scale_channels() {
-        let gains = ChannelGains::unity(2);
-        gains.set(&[0.5, 1.0]);
-        let mut buf: Vec<u8> = [1000i16, 1000, -2000, -2000].iter().flat_map(|s| s.to_le_bytes()).collect();
-        apply_gains(PcmFormat::S16Le, &gains, &mut buf);
-        let out: Vec<i16> = buf.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
-        assert_eq!(out, [500, 1000, -1000, -2000]);
     }
 }

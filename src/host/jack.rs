@@ -15,7 +15,6 @@
 
 use super::convert::{from_f32, to_f32};
 use super::fallback::FallbackClock;
-use super::gains::ChannelGains;
 use super::punctuality::{frames_ns, Punctuality};
 use super::slot::EngineSlot;
 use super::{channel_names, HostBackend, HostNode, StreamSpec};
@@ -222,7 +221,6 @@ impl HostBackend for JackHost {
         let ports = spec.initial.channels;
         let node = Arc::new(NodeShared {
             id: self.server.next_id.fetch_add(1, Ordering::Relaxed),
-            gains: ChannelGains::unity(ports as usize),
             spec,
             slot: Arc::new(EngineSlot::default()),
             state: Mutex::default(),
@@ -242,7 +240,6 @@ struct NodeShared {
     id: u64,
     spec: StreamSpec,
     slot: Arc<EngineSlot>,
-    gains: ChannelGains,
     state: Mutex<NodeState>,
 }
 
@@ -310,7 +307,6 @@ impl NodeShared {
             rate,
             ports,
             scratch: vec![0; INITIAL_FRAMES * names.len() * MAX_SAMPLE_BYTES],
-            gains: self.gains.clone(),
             punctuality: Punctuality::default(),
         };
         let active = client.activate_async((), rt).map_err(|e| anyhow!("{e:?}")).context("activating")?;
@@ -341,7 +337,6 @@ impl HostNode for JackNode {
         if g.channels > self.ports {
             bail!("{} channels, the client has {} ports", g.channels, self.ports);
         }
-        self.node.gains.set(&vec![1.0; self.ports as usize]);
         state.open = Some((g.rate, engine.shared.clone()));
         self.node.slot.install(engine);
         Ok(())
@@ -350,10 +345,6 @@ impl HostNode for JackNode {
     fn stop(&mut self) {
         drop(self.node.slot.take());
         self.node.lock().open = None;
-    }
-
-    fn set_volume(&self, gains: Vec<f32>) {
-        self.node.gains.set(&gains);
     }
 }
 
@@ -487,13 +478,12 @@ struct JackRt {
     /// before the first cycle and whenever the period changes (allocating
     /// there is allowed).
     scratch: Vec<u8>,
-    gains: ChannelGains,
     punctuality: Punctuality,
 }
 
 impl jack::ProcessHandler for JackRt {
     fn process(&mut self, client: &jack::Client, ps: &jack::ProcessScope) -> jack::Control {
-        let JackRt { slot, rate, ports, scratch, gains, punctuality } = self;
+        let JackRt { slot, rate, ports, scratch, punctuality } = self;
         let ran = slot.with(|engine| {
             if engine.geom.rate != *rate {
                 // Not run here: leave the stream to the fallback clock.
@@ -509,7 +499,6 @@ impl jack::ProcessHandler for JackRt {
                 // Cannot happen (buffer_size came first); never panic here.
                 return false;
             }
-            let gain = |c: usize| gains.get(c);
             let scratch = &mut scratch[..bytes];
             match ports {
                 Ports::Out(ports) => {
@@ -521,19 +510,17 @@ impl jack::ProcessHandler for JackRt {
                             out.fill(0.0);
                             continue;
                         }
-                        let g = gain(c);
                         for (f, o) in out.iter_mut().enumerate() {
                             let at = (f * channels + c) * sample;
-                            *o = to_f32(format, &scratch[at..at + sample]) * g;
+                            *o = to_f32(format, &scratch[at..at + sample]);
                         }
                     }
                 }
                 Ports::In(ports) => {
                     for (c, port) in ports.iter().enumerate().take(channels) {
-                        let g = gain(c);
                         for (f, v) in port.as_slice(ps).iter().enumerate() {
                             let at = (f * channels + c) * sample;
-                            from_f32(format, v * g, &mut scratch[at..at + sample]);
+                            from_f32(format, *v, &mut scratch[at..at + sample]);
                         }
                     }
                     let delay = max_latency(ports, jack::LatencyType::Capture);

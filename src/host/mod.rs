@@ -5,7 +5,6 @@
 pub mod alsa;
 pub mod convert;
 pub mod fallback;
-pub mod gains;
 pub mod jack;
 pub mod pipewire;
 pub mod punctuality;
@@ -60,8 +59,6 @@ pub trait HostNode: Send {
     /// touches it, nor the guest's buffer, again; it waits at most for one
     /// callback in progress, never for the host.
     fn stop(&mut self);
-    /// Linear per-channel gains (mute is a gain of 0), for the open stream.
-    fn set_volume(&self, gains: Vec<f32>);
 }
 
 pub trait HostBackend: Send + Sync {
@@ -74,6 +71,14 @@ pub trait HostBackend: Send + Sync {
     }
     /// Presents a connected guest stream; no engine runs until `start`.
     fn attach(&self, spec: StreamSpec) -> anyhow::Result<Box<dyn HostNode>>;
+    /// Sets (adds or replaces) properties of the node named `node_name`,
+    /// in place and for the node's later incarnations (policy reloads).
+    /// Hosts without node properties ignore it.
+    fn update_properties(&self, _node_name: &str, _props: Vec<(String, String)>) {}
+    /// The host's object ids of its guest nodes, by node name (`status`).
+    fn node_ids(&self) -> std::collections::BTreeMap<String, u32> {
+        Default::default()
+    }
 }
 
 /// Channel position names for `n` channels: the usual layouts up to 8

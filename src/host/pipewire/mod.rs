@@ -22,6 +22,7 @@
 //! open streams continuing on it where the fallback clock left them.
 
 mod graph;
+pub mod handoff;
 mod node;
 mod rt;
 
@@ -32,10 +33,12 @@ use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, Context};
 use graph::{Graph, Kind};
+use handoff::Handoff;
 use node::Node;
 use pipewire as pw;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -84,16 +87,17 @@ enum Cmd {
     Remove {
         id: u64,
     },
-    Volume {
-        id: u64,
-        gains: Vec<f32>,
-    },
+    /// Work that needs the thread's state (property updates, queries).
+    Run(Box<dyn FnOnce(&State) + Send>),
     /// The connection of session `session` to the daemon broke.
     Lost {
         session: u64,
     },
     /// Try to connect to the daemon again.
     Reconnect,
+    /// A desktop session handed over a connection to its daemon
+    /// (`handoff`); None: it could not.
+    Handed(Option<OwnedFd>),
 }
 
 /// How the PipeWire host connects and what it adds to every node.
@@ -103,6 +107,9 @@ pub struct PipeWireConfig {
     pub remote: Option<String>,
     /// Extra properties for every guest node (`serve --node-property`).
     pub node_props: Vec<(String, String)>,
+    /// Set: never connect by name; use the connections desktop sessions
+    /// hand over (`xen-vsnd session`, for the system service).
+    pub handoff: Option<Arc<Handoff>>,
 }
 
 pub struct PipeWireHost {
@@ -154,6 +161,41 @@ impl HostBackend for PipeWireHost {
             .with_context(|| format!("creating node {name}"))?;
         Ok(Box::new(PwNode { id, tx: self.tx.clone(), slot }))
     }
+
+    fn update_properties(&self, node_name: &str, props: Vec<(String, String)>) {
+        let name = node_name.to_string();
+        let _ = self.tx.send(Cmd::Run(Box::new(move |state| {
+            for e in state.entries.borrow_mut().values_mut().filter(|e| e.spec.node_name == name) {
+                for (k, v) in &props {
+                    match e.spec.props.iter_mut().find(|(key, _)| key == k) {
+                        Some(p) => p.1 = v.clone(),
+                        None => e.spec.props.push((k.clone(), v.clone())),
+                    }
+                }
+                if let Some(n) = &e.live {
+                    n.update_properties(&props);
+                }
+            }
+        })));
+    }
+
+    fn node_ids(&self) -> BTreeMap<String, u32> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let asked = self.tx.send(Cmd::Run(Box::new(move |state| {
+            let ids = state
+                .entries
+                .borrow()
+                .values()
+                .filter_map(|e| Some((e.spec.node_name.clone(), e.live.as_ref()?.stream.node_id())))
+                .filter(|(_, id)| *id != pw::spa::sys::SPA_ID_INVALID)
+                .collect();
+            let _ = reply.send(ids);
+        })));
+        if asked.is_err() {
+            return BTreeMap::new();
+        }
+        rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_default()
+    }
 }
 
 /// A guest stream's node, seen from the stream's request thread.
@@ -176,10 +218,6 @@ impl HostNode for PwNode {
         if self.slot.take().is_some() {
             let _ = self.tx.send(Cmd::Close { id: self.id });
         }
-    }
-
-    fn set_volume(&self, gains: Vec<f32>) {
-        let _ = self.tx.send(Cmd::Volume { id: self.id, gains });
     }
 }
 
@@ -208,8 +246,6 @@ struct Entry {
     slot: Arc<EngineSlot>,
     /// The open stream's shape and period (OPEN until CLOSE).
     open: Option<(Shape, u32)>,
-    /// The guest's last gains for the open stream.
-    gains: Option<Vec<f32>>,
     /// Bumped at every OPEN and CLOSE: a deactivation deferred at CLOSE
     /// applies only when nothing happened since.
     generation: u64,
@@ -238,6 +274,8 @@ struct State {
     sessions: Cell<u64>,
     /// The next retry's delay while the daemon is away.
     retry: Cell<Duration>,
+    /// A handoff thread is asking the sessions.
+    asking: Cell<bool>,
     /// Runs the guest streams the daemon does not (away, not linked yet).
     fallback: FallbackClock,
 }
@@ -254,9 +292,6 @@ impl State {
         let mut n = Node::create(&s.core, e.spec.clone(), &self.config.node_props, e.slot.clone())?;
         if let Some((shape, period)) = e.open {
             n.open(shape, period)?;
-            if let Some(g) = &e.gains {
-                n.set_gains(g.clone());
-            }
         }
         e.live = Some(n);
         Ok(())
@@ -279,7 +314,7 @@ impl State {
     fn handle(self: &Rc<Self>, cmd: Cmd) {
         match cmd {
             Cmd::Attach { id, spec, slot, reply } => {
-                let mut e = Entry { spec, slot, open: None, gains: None, generation: 0, live: None };
+                let mut e = Entry { spec, slot, open: None, generation: 0, live: None };
                 self.build_or_wait(&mut e);
                 self.fallback.add(id, e.slot.clone(), e.spec.kind);
                 self.entries.borrow_mut().insert(id, e);
@@ -291,7 +326,6 @@ impl State {
                     Some(e) => {
                         e.generation += 1;
                         e.open = Some((shape, period_frames));
-                        e.gains = None;
                         match e.live.as_mut() {
                             Some(n) => {
                                 if let Err(err) = n.open(shape, period_frames) {
@@ -343,20 +377,26 @@ impl State {
                 }
             }
             Cmd::Remove { id } => self.remove(id),
-            Cmd::Volume { id, gains } => {
-                if let Some(e) = self.entries.borrow_mut().get_mut(&id) {
-                    if let Some(n) = &e.live {
-                        n.set_gains(gains.clone());
-                    }
-                    e.gains = Some(gains);
-                }
-            }
+            Cmd::Run(work) => work(self),
             Cmd::Lost { session } => {
                 if self.session.borrow().as_ref().is_some_and(|(n, _)| *n == session) {
                     self.disconnect();
                 }
             }
             Cmd::Reconnect => self.reconnect(),
+            Cmd::Handed(fd) => {
+                self.asking.set(false);
+                match fd {
+                    Some(fd) if !self.connected() => {
+                        let r = self.context.connect_fd_rc(fd, None).map_err(|e| anyhow!("{e}"));
+                        self.connected_or_retry(r.and_then(|core| self.follow(core)));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.connected_or_retry(Err(anyhow!("no desktop session handed over its PipeWire")))
+                    }
+                }
+            }
         }
     }
 
@@ -406,7 +446,29 @@ impl State {
         if self.connected() {
             return;
         }
-        match self.connect() {
+        if let Some(h) = &self.config.handoff {
+            // The sessions are asked off this thread (they may be slow to
+            // answer); the answer comes back as `Handed`.
+            if !self.asking.replace(true) {
+                let (h, tx) = (h.clone(), self.to_self.clone());
+                let spawned = std::thread::Builder::new().name("pw-handoff".into()).spawn(move || {
+                    let _ = tx.send(Cmd::Handed(h.fetch()));
+                });
+                if spawned.is_err() {
+                    self.asking.set(false);
+                    self.connected_or_retry(Err(anyhow!("cannot spawn a thread")));
+                }
+            }
+            return;
+        }
+        let r = self.connect();
+        self.connected_or_retry(r);
+    }
+
+    /// After an attempt to connect: on success every node is built again,
+    /// else the next attempt is scheduled.
+    fn connected_or_retry(self: &Rc<Self>, r: anyhow::Result<()>) {
+        match r {
             Ok(()) => {
                 let mut entries = self.entries.borrow_mut();
                 for e in entries.values_mut() {
@@ -429,7 +491,7 @@ impl State {
         }
     }
 
-    /// Connects to the daemon and follows its registry.
+    /// Connects to the daemon by name and follows its registry.
     fn connect(self: &Rc<Self>) -> anyhow::Result<()> {
         let props = self
             .config
@@ -442,6 +504,12 @@ impl State {
                  XDG_RUNTIME_DIR/PIPEWIRE_RUNTIME_DIR and PIPEWIRE_REMOTE select the daemon)"
             )
         })?;
+        self.follow(core)
+    }
+
+    /// Makes `core` the current session: its loss is noticed, its
+    /// registry followed.
+    fn follow(self: &Rc<Self>, core: pw::core::CoreRc) -> anyhow::Result<()> {
         let number = self.sessions.get() + 1;
         self.sessions.set(number);
         let to_self = self.to_self.clone();
@@ -541,11 +609,22 @@ fn run_loop(
         session: RefCell::new(None),
         sessions: Cell::new(0),
         retry: Cell::new(RETRY_FIRST),
+        asking: Cell::new(false),
         fallback,
     });
-    // A daemon that is not there yet (xen-vsnd started first, PipeWire
-    // restarting) is waited for: guests connect and run meanwhile.
-    if let Err(e) = state.connect() {
+    if let Some(h) = &state.config.handoff {
+        // A session that comes while none is connected is asked at once.
+        let tx2 = tx.clone();
+        h.on_offer(move || {
+            let _ = tx2.send(Cmd::Reconnect);
+        });
+        tracing::info!(
+            "waiting for a desktop session to hand over its PipeWire (xen-vsnd session);              guest streams run on a fallback clock meanwhile"
+        );
+        let _ = tx.send(Cmd::Reconnect);
+    } else if let Err(e) = state.connect() {
+        // A daemon that is not there yet (xen-vsnd started first, PipeWire
+        // restarting) is waited for: guests connect and run meanwhile.
         tracing::warn!(
             "{e:#}; guest streams run on a fallback clock (their sound goes nowhere) until it is reachable"
         );

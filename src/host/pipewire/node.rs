@@ -14,14 +14,8 @@ use pipewire as pw;
 use pw::spa;
 use pw::spa::param::audio::{AudioFormat, AudioInfoRaw};
 use pw::spa::pod::Pod;
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// The guest's channel gains, kept so they can be applied again once the
-/// stream has (re)negotiated (a control set before that is lost).
-pub(super) type Gains = Rc<RefCell<Option<Vec<f32>>>>;
 
 pub(super) struct Node {
     pub stream: pw::stream::StreamRc,
@@ -29,7 +23,6 @@ pub(super) struct Node {
     /// A second listener for main-thread events, so that they never touch
     /// the real-time callback's state.
     _control: pw::stream::StreamListener<Control>,
-    gains: Gains,
     pub kind: StreamKind,
     /// Graph cycles of latency PipeWire does not report (see `graph`),
     /// kept current by the registry listener, read by the cycle.
@@ -43,7 +36,6 @@ pub(super) struct Node {
 
 /// What the main-thread listener keeps.
 struct Control {
-    gains: Gains,
     negotiated: Arc<AtomicU64>,
 }
 
@@ -187,18 +179,11 @@ impl Node {
             .process(process)
             .register()
             .context("stream listener")?;
-        let gains: Gains = Rc::default();
         let control = stream
-            .add_local_listener_with_user_data(Control { gains: gains.clone(), negotiated })
-            .state_changed(|stream, c, _old, new| {
-                use pw::stream::StreamState::{Paused, Streaming};
-                if matches!(new, Streaming) {
+            .add_local_listener_with_user_data(Control { negotiated })
+            .state_changed(|_, _, _old, new| {
+                if matches!(new, pw::stream::StreamState::Streaming) {
                     crate::host::realtime::warn_once_without_realtime();
-                }
-                if matches!(new, Paused | Streaming) {
-                    if let Some(g) = c.gains.borrow().as_ref() {
-                        let _ = stream.set_control(spa::sys::SPA_PROP_channelVolumes, g);
-                    }
                 }
             })
             .param_changed(|_, c, id, param| {
@@ -232,7 +217,6 @@ impl Node {
             stream,
             _rt: rt_listener,
             _control: control,
-            gains,
             kind: spec.kind,
             unreported_cycles,
             offered: (shape, period),
@@ -241,17 +225,16 @@ impl Node {
     }
 
     /// OPEN: offers the guest's format and period (renegotiating in place
-    /// when they changed), resets the guest's gains, and activates the node.
+    /// when they changed) and activates the node. The node's volume is
+    /// the dom0 user's: xen-vsnd applies the guest's own volume to its
+    /// samples (`dma::controls`).
     pub fn open(&mut self, shape: Shape, period_frames: u32) -> anyhow::Result<()> {
         if self.offered != (shape, period_frames) {
             let latency = latency(shape, period_frames);
-            let props = pw::properties::properties! {
-                *pw::keys::NODE_LATENCY => latency.as_str(),
-                "node.rate" => format!("1/{}", shape.rate),
-            };
-            // SAFETY: a live stream and a dict that outlives the call
-            // (PipeWire copies it).
-            unsafe { pw::sys::pw_stream_update_properties(self.stream.as_raw_ptr(), props.dict().as_raw()) };
+            self.update_properties(&[
+                (pw::keys::NODE_LATENCY.to_string(), latency),
+                ("node.rate".to_string(), format!("1/{}", shape.rate)),
+            ]);
             if self.offered.0 != shape {
                 // The adapter takes a new EnumFormat when the node starts:
                 // pause it, offer, start it again (below).
@@ -264,17 +247,20 @@ impl Node {
             }
             self.offered = (shape, period_frames);
         }
-        self.set_gains(vec![1.0; shape.channels as usize]);
         self.stream.set_active(true).context("activating the node")?;
         self.active = true;
         Ok(())
     }
 
-    /// The guest's channel gains, now and again whenever the stream
-    /// (re)negotiates.
-    pub fn set_gains(&self, gains: Vec<f32>) {
-        let _ = self.stream.set_control(spa::sys::SPA_PROP_channelVolumes, &gains);
-        *self.gains.borrow_mut() = Some(gains);
+    /// Adds or replaces properties of the live node.
+    pub fn update_properties(&self, props: &[(String, String)]) {
+        let mut p = pw::properties::PropertiesBox::new();
+        for (k, v) in props {
+            p.insert(k.as_str(), v.as_str());
+        }
+        // SAFETY: a live stream and a dict that outlives the call
+        // (PipeWire copies it).
+        unsafe { pw::sys::pw_stream_update_properties(self.stream.as_raw_ptr(), p.dict().as_raw()) };
     }
 
     /// A while after CLOSE: no longer scheduled.

@@ -1,0 +1,181 @@
+//! dom0's policy for its guests: a TOML file (`serve --config`, by default
+//! /etc/xen-vsnd/config.toml) with defaults and one section per VM, matched
+//! on the domain name dom0 wrote (`/local/domain/<id>/name`), never on
+//! anything the guest can write.
+//!
+//! ```toml
+//! [defaults]
+//! capture = false          # the microphone: off unless a VM is allowed
+//! playback = true
+//! volume_cap = 1.0         # the most the guest's playback volume reaches
+//!
+//! [vm.work-vm]
+//! capture = true
+//! target = "alsa_output.usb-headset.analog-stereo"
+//! volume_cap = 0.5
+//! node_properties = { "node.description" = "Work VM" }
+//! ```
+//!
+//! Pure: parsing and resolving only. Applying it to streams is the
+//! backend's (`backend::registry`).
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where `serve` looks for its policy when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/xen-vsnd/config.toml";
+
+/// What one section may say; anything left out comes from `[defaults]`,
+/// then from the built-in defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Section {
+    pub playback: Option<bool>,
+    pub capture: Option<bool>,
+    /// PipeWire `target.object` of the VM's nodes (a node name or serial).
+    pub target: Option<String>,
+    /// Linear gain, 0–1: the guest's playback volume never goes above it.
+    pub volume_cap: Option<f32>,
+    /// Extra properties of the VM's nodes (a VM's override a default's).
+    #[serde(default)]
+    pub node_properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    defaults: Section,
+    #[serde(default)]
+    vm: BTreeMap<String, Section>,
+}
+
+/// The policy in force for one VM.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VmPolicy {
+    pub playback: bool,
+    pub capture: bool,
+    pub target: Option<String>,
+    pub volume_cap: f32,
+    pub node_properties: BTreeMap<String, String>,
+    /// The `[vm.<name>]` section that applied, if any.
+    pub section: Option<String>,
+}
+
+/// A parsed policy file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    file: File,
+    /// Where it came from (None: the built-in defaults).
+    pub source: Option<PathBuf>,
+}
+
+impl Policy {
+    /// Parses policy text; `source` is only for messages.
+    pub fn parse(text: &str, source: Option<PathBuf>) -> anyhow::Result<Policy> {
+        let file: File = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (name, s) in
+            std::iter::once(("defaults", &file.defaults)).chain(file.vm.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            if let Some(c) = s.volume_cap {
+                if !(0.0..=1.0).contains(&c) {
+                    bail!("[{name}] volume_cap = {c}: it must be between 0 and 1 (a linear gain)");
+                }
+            }
+        }
+        Ok(Policy { file, source })
+    }
+
+    /// Reads `path`, or DEFAULT_PATH when `path` is None and that file
+    /// exists; otherwise the built-in defaults.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Policy::default()),
+        };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Policy::parse(&text, Some(path.clone())).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// The policy for the domain dom0 named `domain`.
+    pub fn for_domain(&self, domain: &str) -> VmPolicy {
+        self.for_vm(Some(domain))
+    }
+
+    /// The policy for a domain dom0 named `name`; a domain whose name
+    /// could not be read gets the defaults.
+    pub fn for_vm(&self, name: Option<&str>) -> VmPolicy {
+        let vm = name.and_then(|n| self.file.vm.get(n));
+        let d = &self.file.defaults;
+        let pick =
+            |f: fn(&Section) -> Option<bool>, builtin: bool| vm.and_then(f).or(f(d)).unwrap_or(builtin);
+        let mut node_properties = d.node_properties.clone();
+        if let Some(v) = vm {
+            node_properties.extend(v.node_properties.clone());
+        }
+        VmPolicy {
+            playback: pick(|s| s.playback, true),
+            // The microphone is dom0's: a guest hears it only when allowed.
+            capture: pick(|s| s.capture, false),
+            target: vm.and_then(|s| s.target.clone()).or_else(|| d.target.clone()),
+            volume_cap: vm.and_then(|s| s.volume_cap).or(d.volume_cap).unwrap_or(1.0),
+            node_properties,
+            section: name.filter(|_| vm.is_some()).map(str::to_string),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_defaults_deny_the_microphone() {
+        let p = Policy::default().for_domain("any");
+        assert!(p.playback && !p.capture);
+        assert_eq!((p.volume_cap, p.target, p.section), (1.0, None, None));
+    }
+
+    #[test]
+    fn sections_override_defaults_field_by_field() {
+        let p = Policy::parse(
+            r#"
+            [defaults]
+            volume_cap = 0.8
+            node_properties = { "a" = "1", "b" = "2" }
+            [vm.work-vm]
+            capture = true
+            target = "sink-2"
+            node_properties = { "b" = "3" }
+            [vm."q\"x"]
+            playback = false
+            "#,
+            None,
+        )
+        .unwrap();
+        let w = p.for_domain("work-vm");
+        assert!(w.capture && w.playback);
+        assert_eq!(w.volume_cap, 0.8);
+        assert_eq!(w.target.as_deref(), Some("sink-2"));
+        assert_eq!(w.node_properties.get("b").map(String::as_str), Some("3"));
+        assert_eq!(w.node_properties.get("a").map(String::as_str), Some("1"));
+        assert_eq!(w.section.as_deref(), Some("work-vm"));
+        let q = p.for_domain("q\"x");
+        assert!(!q.playback && !q.capture);
+        // Names match exactly: no prefix, no case folding.
+        assert_eq!(p.for_domain("work-vm2").section, None);
+        assert_eq!(p.for_domain("Work-VM").section, None);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_a_reason() {
+        let e = Policy::parse("[vm.a]\nvolume_cap = 2.0\n", None).unwrap_err();
+        assert!(format!("{e}").contains("between 0 and 1"), "{e}");
+        let e = Policy::parse("[vm.a]\nmicrophone = true\n", None).unwrap_err();
+        assert!(format!("{e}").contains("microphone"), "{e}");
+        assert!(Policy::parse("[vm.a\n", None).is_err());
+    }
+}
