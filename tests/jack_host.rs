@@ -81,8 +81,10 @@ impl JackEnv {
         let log = self.dir.path().join(format!("backend-{}.log", self.procs.len()));
         let f = std::fs::File::create(&log).unwrap();
         let spec = format!("loopback:{}", sock.display());
+        let policy = capture_allowed_policy(self.dir.path());
         let child = Command::new(BIN)
             .args(["serve", "--host", "jack", "--jack-connect", connect, "--transport", &spec])
+            .args(["--config", policy.to_str().unwrap()])
             .env("JACK_DEFAULT_SERVER", &self.server)
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())

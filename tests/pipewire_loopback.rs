@@ -290,35 +290,6 @@ fn a_guest_killed_mid_stream_is_cleaned_up_without_disturbing_another() {
 }
 
 #[test]
-fn guest_volume_reaches_the_node() {
-    let mut env = PwEnv::start();
-    let (sock, _log) = env.start_backend();
-    let sim = env.spawn_sim(
-        &sock,
-        &["--domain", "quiet-vm", "--play", "tone", "--seconds", "3", "--set-volume-mdb", "-6000"],
-    );
-    let name = "xen-vsnd.quiet-vm.0.0.playback";
-    let mut volumes = Vec::new();
-    wait_until("the node's channel volumes to follow the guest", Duration::from_secs(10), || {
-        let dump = env.dump();
-        volumes = dump
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|o| o["info"]["props"]["node.name"] == name)
-            .flat_map(|o| o["info"]["params"]["Props"].as_array().cloned().unwrap_or_default())
-            .filter_map(|p| p["channelVolumes"].as_array().cloned())
-            .flatten()
-            .filter_map(|v| v.as_f64())
-            .collect();
-        volumes.len() == 2 && volumes.iter().all(|v| (v - 0.501).abs() < 0.01)
-    });
-    let (ok, report, err) = finish_sim(sim);
-    assert!(ok, "{err}");
-    assert_eq!(report["volume_mdb"], serde_json::json!([-6000, -6000]));
-}
-
-#[test]
 fn delay_is_reported_only_to_guests_that_opt_in() {
     let mut env = PwEnv::start();
     let (sock, _log) = env.start_backend();

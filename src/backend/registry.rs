@@ -82,6 +82,14 @@ impl Registry {
     pub fn register(&self, ident: Arc<StreamIdentity>) -> Arc<StreamRecord> {
         let (p, from) = self.resolve(&ident);
         let (allowed, cap) = controls_for(ident.cfg.kind, &p);
+        if !allowed {
+            tracing::info!(
+                stream = %ident.node_name(),
+                "{} is denied by the policy ({from}): the stream carries digital silence \
+                 (allow it in the policy file, or `xen-vsnd ctl mic allow <domain>` for capture)",
+                ident.cfg.kind.as_str()
+            );
+        }
         let r = Arc::new(StreamRecord {
             ident,
             controls: Arc::new(StreamControls::new(allowed, cap)),

@@ -120,6 +120,11 @@ pub struct SimOptions {
     /// buffer-size the "toolstack" writes for the card (bytes).
     #[arg(long, default_value_t = 65536)]
     pub card_buffer_size: u32,
+    /// Hostile identity: write this other VM's name into every key the
+    /// guest can write (unique-ids, card and PCM names) and try to
+    /// overwrite its own domain name, which dom0 owns.
+    #[arg(long, value_name = "VM")]
+    pub impersonate: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -158,18 +163,22 @@ pub enum ReconnectMode {
 /// unique-id=<domain>-play, type=p', 'STREAM, unique-id=<domain>-cap, type=c' ]]`.
 fn card_entries(o: &SimOptions) -> Vec<(String, String)> {
     let kv = |k: &str, v: String| (k.to_string(), v);
+    // A guest may write its frontend directory: an impersonator puts the
+    // other VM's name everywhere it can.
+    let who = o.impersonate.as_deref().unwrap_or(&o.domain);
+    let name = |n: &str| o.impersonate.clone().unwrap_or_else(|| n.to_string());
     vec![
-        kv(keys::SHORT_NAME, "XenSnd".into()),
-        kv(keys::LONG_NAME, "Xen PV Sound".into()),
+        kv(keys::SHORT_NAME, name("XenSnd")),
+        kv(keys::LONG_NAME, name("Xen PV Sound")),
         kv(keys::SAMPLE_RATES, "44100,48000".into()),
         kv(keys::SAMPLE_FORMATS, "s16_le,s32_le".into()),
         kv(keys::CHANNELS_MIN, "1".into()),
         kv(keys::CHANNELS_MAX, "2".into()),
         kv(keys::BUFFER_SIZE, o.card_buffer_size.to_string()),
-        kv("0/name", "dev0".into()),
-        kv("0/0/unique-id", format!("{}-play", o.domain)),
+        kv("0/name", name("dev0")),
+        kv("0/0/unique-id", format!("{who}-play")),
         kv("0/0/type", keys::TYPE_PLAYBACK.into()),
-        kv("0/1/unique-id", format!("{}-cap", o.domain)),
+        kv("0/1/unique-id", format!("{who}-cap")),
         kv("0/1/type", keys::TYPE_CAPTURE.into()),
     ]
 }
@@ -233,6 +242,17 @@ fn publish(o: &SimOptions, conn: &mut GuestConn, fe: &str) -> anyhow::Result<(Fr
 pub fn connect(o: &SimOptions) -> anyhow::Result<Guest> {
     let start = Instant::now();
     let mut conn = GuestConn::connect(&o.connect, &o.domain, GUEST_PAGES, card_entries(o))?;
+    if let Some(other) = &o.impersonate {
+        // dom0 owns the domain's name: this must be refused.
+        let own = format!("/local/domain/{}", conn.domid);
+        for key in ["name", "vm", "device/vsnd/0/name", "data/name"] {
+            let r = conn.write(&format!("{own}/{key}"), other);
+            tracing::info!(
+                "impersonating {other}: writing {own}/{key}: {}",
+                if r.is_ok() { "done" } else { "refused" }
+            );
+        }
+    }
     let fe = format!("/local/domain/{}/device/vsnd/0", conn.domid);
     let be = conn.read(&format!("{fe}/{}", keys::BACKEND))?.context("no backend path")?;
     let (playback, capture) = handshake(o, &mut conn, &fe, &be)?;

@@ -299,10 +299,15 @@ impl PwEnv {
 
     /// Like `start_backend_with`, run by `wrapper` (a command that execs
     /// the rest of its arguments, so the backend keeps its process id).
+    /// Test daemons allow guests dom0's input (`capture_allowed_policy`)
+    /// unless `extra` brings a `--config` of its own (the policy tests).
     pub fn start_backend_under(&mut self, wrapper: &[&str], extra: &[&str]) -> (PathBuf, PathBuf) {
         let sock = self.dir.path().join("vsnd.sock");
         let spec = format!("loopback:{}", sock.display());
-        let args = [wrapper, &[BIN, "serve", "--transport", spec.as_str()][..], extra].concat();
+        let policy = capture_allowed_policy(self.dir.path());
+        let policy_args = ["--config", policy.to_str().unwrap()];
+        let policy_args: &[&str] = if extra.contains(&"--config") { &[] } else { &policy_args };
+        let args = [wrapper, &[BIN, "serve", "--transport", spec.as_str()][..], policy_args, extra].concat();
         let log = self.spawn_logged("backend", args[0], &args[1..]);
         self.backend_log = Some(log.clone());
         wait_for_backend(&log);
@@ -426,6 +431,15 @@ pub fn spawn_sim_with(mut nice: Command, sock: &Path, args: &[&str]) -> Child {
 }
 
 /// Waits (bounded) until the backend logging to `log` serves.
+/// A policy file in `dir` that lets every guest record dom0's input (the
+/// built-in default denies it): for the tests whose subject is audio, not
+/// policy.
+pub fn capture_allowed_policy(dir: &Path) -> PathBuf {
+    let p = dir.join("capture-allowed.toml");
+    std::fs::write(&p, "[defaults]\ncapture = true\n").unwrap();
+    p
+}
+
 pub fn wait_for_backend(log: &Path) {
     wait_until("the backend to serve", Duration::from_secs(15), || {
         std::fs::read_to_string(log).unwrap_or_default().contains("serving vsnd devices")

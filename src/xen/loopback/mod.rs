@@ -197,11 +197,17 @@ impl Hypervisor {
     }
 
     /// Guests may read their own tree and their devices' backend dirs, and
-    /// write only their own tree, as xenstore permissions allow on real Xen.
+    /// write only their own tree, as xenstore permissions allow on real Xen
+    /// — but not the keys the toolstack writes there for dom0 (libxl makes
+    /// `name` and `domid` read-only to the guest).
     fn check_access(domid: DomId, path: &str, write: bool) -> anyhow::Result<()> {
         let own = format!("/local/domain/{domid}");
         let be = format!("/local/domain/0/backend/vsnd/{domid}");
         let under = |top: &str| path == top || path.starts_with(&format!("{top}/"));
+        let dom0s = write && (path == own || under(&format!("{own}/name")) || under(&format!("{own}/domid")));
+        if dom0s {
+            return Err(anyhow!("EACCES: {path}"));
+        }
         if under(&own) || (!write && under(&be)) {
             Ok(())
         } else {
