@@ -12,6 +12,7 @@
 //! [vm.work-vm]
 //! capture = true
 //! target = "alsa_output.usb-headset.analog-stereo"
+//! capture_target = "alsa_input.usb-headset.mono-fallback"
 //! volume_cap = 0.5
 //! node_properties = { "node.description" = "Work VM" }
 //! ```
@@ -34,8 +35,11 @@ pub const DEFAULT_PATH: &str = "/etc/xen-vsnd/config.toml";
 pub struct Section {
     pub playback: Option<bool>,
     pub capture: Option<bool>,
-    /// PipeWire `target.object` of the VM's nodes (a node name or serial).
+    /// PipeWire `target.object` of the VM's playback nodes (a sink's
+    /// node name or serial).
     pub target: Option<String>,
+    /// `target.object` of its capture nodes (a source).
+    pub capture_target: Option<String>,
     /// Linear gain, 0–1: the guest's playback volume never goes above it.
     pub volume_cap: Option<f32>,
     /// Extra properties of the VM's nodes (a VM's override a default's).
@@ -58,6 +62,7 @@ pub struct VmPolicy {
     pub playback: bool,
     pub capture: bool,
     pub target: Option<String>,
+    pub capture_target: Option<String>,
     pub volume_cap: f32,
     pub node_properties: BTreeMap<String, String>,
     /// The `[vm.<name>]` section that applied, if any.
@@ -121,6 +126,7 @@ impl Policy {
             // The microphone is dom0's: a guest hears it only when allowed.
             capture: pick(|s| s.capture, false),
             target: vm.and_then(|s| s.target.clone()).or_else(|| d.target.clone()),
+            capture_target: vm.and_then(|s| s.capture_target.clone()).or_else(|| d.capture_target.clone()),
             volume_cap: vm.and_then(|s| s.volume_cap).or(d.volume_cap).unwrap_or(1.0),
             node_properties,
             section: name.filter(|_| vm.is_some()).map(str::to_string),

@@ -171,7 +171,11 @@ pub fn policy_props(kind: StreamKind, p: &VmPolicy) -> Vec<(String, String)> {
         StreamKind::Playback => vec![(PROP_PLAYBACK.to_string(), word(p.playback))],
         StreamKind::Capture => vec![(PROP_CAPTURE.to_string(), word(p.capture))],
     };
-    if let Some(t) = &p.target {
+    let target = match kind {
+        StreamKind::Playback => &p.target,
+        StreamKind::Capture => &p.capture_target,
+    };
+    if let Some(t) = target {
         v.push(("target.object".into(), t.clone()));
     }
     v.extend(p.node_properties.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -232,7 +236,10 @@ impl StreamRecord {
                 capture: p.capture,
                 capture_from: from,
                 volume_cap: p.volume_cap,
-                target: p.target,
+                target: match id.cfg.kind {
+                    StreamKind::Playback => p.target,
+                    StreamKind::Capture => p.capture_target,
+                },
                 section: p.section,
             },
         }

@@ -52,12 +52,35 @@ struct XenBus {
 }
 
 fn open_xenbus() -> anyhow::Result<File> {
+    let mut errors = Vec::new();
     for p in ["/dev/xen/xenbus", "/proc/xen/xenbus"] {
-        if let Ok(f) = OpenOptions::new().read(true).write(true).open(p) {
-            return Ok(f);
+        match OpenOptions::new().read(true).write(true).open(p) {
+            Ok(f) => return Ok(f),
+            Err(e) => errors.push(format!("{p}: {e}")),
         }
     }
-    bail!("cannot open /dev/xen/xenbus (is this dom0 with xenfs/xen-evtchn loaded?)")
+    bail!("cannot reach xenstore ({}){}", errors.join("; "), device_hint(&errors.join(" ")))
+}
+
+/// What an open error of a /dev/xen device most likely means.
+fn device_hint(err: &str) -> &'static str {
+    if err.contains("ermission denied") {
+        " — this user may not use the Xen devices: install the udev rule \
+         (60-xen-vsnd.rules, group xen-vsnd) and run as a member of that group"
+    } else if err.contains("No such file") {
+        " — is this a Xen domain with the xen-evtchn, xen-gntdev and xenfs drivers loaded?"
+    } else {
+        ""
+    }
+}
+
+/// Opens a /dev/xen device, saying why not (the OS error, and a hint).
+fn open_device(path: &str, write: bool) -> anyhow::Result<File> {
+    OpenOptions::new().read(true).write(write).open(path).map_err(|e| {
+        let msg = format!("open {path}: {e}");
+        let hint = device_hint(&msg);
+        anyhow::anyhow!("{msg}{hint}")
+    })
 }
 
 fn split_nul(b: &[u8]) -> Vec<String> {
@@ -215,7 +238,7 @@ impl EventChannels for Evtchn {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/xen/evtchn")
-            .context("open /dev/xen/evtchn")?;
+            .map_err(|e| anyhow::anyhow!("open /dev/xen/evtchn: {e}{}", device_hint(&e.to_string())))?;
         let arg: [u32; 2] = [domid, remote_port];
         // SAFETY: IOCTL_EVTCHN_BIND_INTERDOMAIN reads {remote_domain, remote_port}.
         let port = unsafe { libc::ioctl(dev.as_raw_fd(), ioctl::EVTCHN_BIND_INTERDOMAIN as _, &arg) };
@@ -292,10 +315,9 @@ pub fn open() -> anyhow::Result<Transport> {
     let (tx, rx) = mpsc::channel();
     let bus = Arc::new(XenBus::start(tx)?);
     let own_domid = bus.read("domid")?.and_then(|d| d.trim().parse().ok()).unwrap_or(0);
-    let gnt =
-        OpenOptions::new().read(true).write(true).open("/dev/xen/gntdev").context("open /dev/xen/gntdev")?;
+    let gnt = open_device("/dev/xen/gntdev", true)?;
     // Fail early, with a clear message, when event channels are unavailable.
-    File::open("/dev/xen/evtchn").context("open /dev/xen/evtchn")?;
+    open_device("/dev/xen/evtchn", true)?;
     Ok(Transport {
         store: bus,
         grants: Arc::new(Gntdev { dev: Arc::new(gnt) }),
@@ -303,4 +325,14 @@ pub fn open() -> anyhow::Result<Transport> {
         watch_events: rx,
         own_domid,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_device_error_keeps_the_os_error_and_says_what_it_means() {
+        let e = format!("{:#}", super::open_device("/nonexistent/xen/evtchn", true).unwrap_err());
+        assert!(e.contains("No such file or directory (os error 2)") && e.contains("xen-evtchn"), "{e}");
+        assert!(super::device_hint("Permission denied (os error 13)").contains("udev rule"));
+    }
 }

@@ -122,8 +122,20 @@ impl PwEnv {
 
     /// Like `start`, with one more PipeWire configuration fragment.
     pub fn start_with_conf(extra_conf: &str) -> PwEnv {
+        PwEnv::start_with_confs(extra_conf, "")
+    }
+
+    /// Like `start_with_conf`, and a WirePlumber configuration fragment
+    /// (wireplumber.conf.d) too.
+    pub fn start_with_confs(extra_conf: &str, wireplumber_conf: &str) -> PwEnv {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["run", "config/pipewire/pipewire.conf.d", "state", "data"] {
+        for sub in [
+            "run",
+            "config/pipewire/pipewire.conf.d",
+            "config/wireplumber/wireplumber.conf.d",
+            "state",
+            "data",
+        ] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
         std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -135,6 +147,11 @@ impl PwEnv {
         .unwrap();
         std::fs::write(dir.path().join("config/pipewire/pipewire.conf.d/test-extra.conf"), extra_conf)
             .unwrap();
+        std::fs::write(
+            dir.path().join("config/wireplumber/wireplumber.conf.d/test-extra.conf"),
+            wireplumber_conf,
+        )
+        .unwrap();
         let mut env = PwEnv { dir, procs: Vec::new(), backend_log: None };
         env.start_daemons();
         env

@@ -133,10 +133,53 @@ start_pipewire() {
     wait_for 60 sh -c 'pw-cli ls Client | grep -q "\"WirePlumber\""'
 }
 start_pipewire
+
+# xen-vsnd as the system unit runs it (session-config/xen-vsnd.service):
+# user and group xen-vsnd (tests/xen-e2e/run creates them, as the package
+# would), the Xen devices through the udev rule, no capabilities, no new
+# privileges, real-time limits, its runtime directory, and the desktop
+# session's PipeWire handed over by `xen-vsnd session`.
+mkdir -p /run/udev/rules.d
+cp $root/session-config/60-xen-vsnd.rules /run/udev/rules.d/
+# udev_rule_applies: udev's own rule engine (udevadm test applies what it
+# finds) gives the service's group the three devices, read-write.
+udev_rule_applies() {
+    local d out
+    for d in xenbus evtchn gntdev; do
+        out=$(udevadm test --action=add "/sys/class/misc/xen!$d" 2>&1)
+        echo "$out" | grep -q "60-xen-vsnd.rules:[0-9]* GROUP" || { why="xen/$d: the rule did not match"; return 1; }
+        [ "$(stat -c '%G %a' /dev/xen/$d)" = "xen-vsnd 660" ] || { why="/dev/xen/$d: $(stat -c '%G %a' /dev/xen/$d)"; return 1; }
+    done
+    why=$(ls -l /dev/xen | tr '\n' ' ')
+}
+check "udev rule: group xen-vsnd gets /dev/xen/xenbus, evtchn and gntdev (mode 660)" udev_rule_applies
+# As the package installs it: the binary where the service user can run it.
+install -D -m755 $bin /run/xen-vsnd-bin/xen-vsnd
+bin=/run/xen-vsnd-bin/xen-vsnd
+# dom0's policy: the microphone for audioguest and vsndguest, not for
+# guest612 (the default: denied).
+policy=/run/xen-vsnd-policy.toml
+printf '[vm.audioguest]\ncapture = true\n\n[vm.vsndguest]\ncapture = true\n' >$policy
+chmod 644 $policy
+mkdir -p /run/xen-vsnd && chown xen-vsnd:xen-vsnd /run/xen-vsnd && chmod 755 /run/xen-vsnd
+# start_backend [serve options]: as the unit's ExecStart, User=, Group=,
+# NoNewPrivileges=, CapabilityBoundingSet=, LimitRTPRIO=, RuntimeDirectory=.
+start_backend() {
+    prlimit --rtprio=95 --memlock=$((64 << 20)) -- \
+        setpriv --reuid=xen-vsnd --regid=xen-vsnd --init-groups --no-new-privs --inh-caps=-all --bounding-set=-all \
+        env -i PATH=/usr/bin:/bin RUNTIME_DIRECTORY=/run/xen-vsnd \
+        $bin serve --transport xen --pipewire-from-sessions --config $policy "$@" >/run/$backend_log 2>&1 &
+    backend=$!
+}
 backend_log=vsnd.log
-$bin serve --transport xen >/run/$backend_log 2>&1 &
-backend=$!
+start_backend
 wait_for 20 grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
+check "xen-vsnd runs as user xen-vsnd with no capabilities" \
+    sh -c "[ \"\$(stat -c %U /proc/$backend)\" = xen-vsnd ] && grep -q '^CapEff:[[:space:]]*0*\$' /proc/$backend/status"
+# The desktop user's part: hands its PipeWire to the service when asked.
+$bin session --control /run/xen-vsnd/control >>/run/session.log 2>&1 &
+check "xen-vsnd session hands dom0's PipeWire to the service" \
+    wait_for 30 grep -q "connected through the session's PipeWire" /run/$backend_log
 
 xl_create() { xl create ${1:-$work/guest.cfg} >/run/xl.log 2>&1; local rc=$?; why=$(tail -3 /run/xl.log); return $rc; }
 states() {
@@ -183,6 +226,22 @@ capture_step() {   # capture_step <guest step> <label>
     check "$2guest capture node in dom0 PipeWire, linked" node_exists xen-vsnd.$guest.0.0.capture
     wait_for 60 guest_said "GUEST: $1 (ok|failed)"
     check "$2dom0 plays into the guest's capture: the guest records it intact ($1)" captured_intact $1
+    check "$2xen-vsnd status shows the guest's capture stream, allowed by the config" \
+        sh -c "$bin status --json | grep -A40 '\"node\": \"xen-vsnd.$guest.0.0.capture\"' | grep -q '\"capture_from\": \"config\"'"
+}
+# A guest the policy does not allow the microphone: it records while dom0
+# plays the pattern into the sink, and gets nothing but zeros.
+capture_denied_step() {   # capture_denied_step <label>
+    go capturedenied
+    wait_for 60 sh -c "pw-link -l | grep -q 'xen-vsnd.$guest.0.0.capture:input_FL'"
+    wait_for 60 sh -c "[ \"\$(xenstore-read /local/domain/$domid/data/capturing)\" = capturedenied ]"
+    why=$(pw-cli info "xen-vsnd.$guest.0.0.capture" 2>&1 | grep -a "xen-vsnd.capture")
+    check "$1the guest's capture node says the microphone is denied" \
+        sh -c "pw-cli info xen-vsnd.$guest.0.0.capture | grep -q 'xen-vsnd.capture = \"denied\"'"
+    $RT pw-play --target null-sink $work/guest/pattern48.wav >>/run/play.log 2>&1
+    wait_for 60 guest_said "GUEST: capturedenied (ok|failed)"
+    check "$1capture denied by dom0's policy: the guest records only zero samples while dom0 plays" \
+        guest_step_ok capturedenied
 }
 # captured_intact <step>: the guest recorded the pattern intact. The one
 # allowance: every frame arrived in order with silence inserted, and
@@ -209,8 +268,7 @@ restart_step() {
     before=$(grep -ac "aplay ok again" $glog)
     restarts=$((restarts + 1))
     backend_log=vsnd-restart$restarts.log
-    $bin serve --transport xen "${@:2}" >/run/$backend_log 2>&1 &
-    backend=$!
+    start_backend "${@:2}"
     # The frontend first removes its card (the guest application sees
     # errors and closes), then connects again: give it time under emulation.
     check "$1xen-vsnd killed and restarted with a guest connected: the guest reconnects" \
@@ -336,7 +394,7 @@ check "${L}the guest runs Linux 6.12" guest_said "GUEST: kernel 6\.12\."
 playback_step play48 48000 "$L"
 playback_step replay2 48000 "$L$SECOND"
 playback_step replay3 48000 "$L$THIRD"
-capture_step capture "$L"
+capture_denied_step "$L"
 destroy_guest "$L"
 fi
 

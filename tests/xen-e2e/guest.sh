@@ -193,6 +193,19 @@ run_step() {
         wait_until 10 grep -q RUNNING $pcmc/status
         xenstore-write data/capturing $1
         wait $rec && xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
+    capturedenied)
+        # dom0's policy denies this guest the microphone: while dom0 plays,
+        # every sample recorded must be zero (and a whole recording made).
+        arecord -D hw:0,0 $BUF -f S16_LE -r 48000 -c 2 -d $CAPTURE_SECONDS /tmp/cap.wav &
+        rec=$!
+        wait_until 10 grep -q RUNNING $pcmc/status
+        xenstore-write data/capturing $1
+        wait $rec || return 1
+        local n nz
+        n=$(tail -c +45 /tmp/cap.wav | wc -c)
+        nz=$(tail -c +45 /tmp/cap.wav | tr -d '\000' | wc -c)
+        echo "zeros: recorded $n bytes, $nz of them not zero"
+        [ "$n" -ge $((CAPTURE_FRAMES * 4 * 9 / 10)) ] && [ "$nz" -eq 0 ] ;;
     latency)
         # dom0's WirePlumber links playback to the sink and capture to its
         # monitor: the round trip goes through dom0's graph.
@@ -217,7 +230,7 @@ while true; do
         last=$go
         [ "$go" = loop ] && run_step loop
         if out=$(run_step "$go" 2>&1); then
-            echo "GUEST: $go ok $(echo "$out" | grep '^compare:\|^guest-latency:\|^pipewire:')"
+            echo "GUEST: $go ok $(echo "$out" | grep '^compare:\|^guest-latency:\|^pipewire:\|^zeros:')"
         else
             echo "GUEST: $go failed: $(echo "$out" | tail -3 | tr '\n' ' ')"
         fi
