@@ -41,6 +41,21 @@ fn sighup_pipe() -> anyhow::Result<OwnedFd> {
     Ok(r)
 }
 
+/// Members of this group may reach the control socket: read the status
+/// and hand over their PipeWire (`xen-vsnd session`), not change the
+/// policy. A group of its own: the group `xen-vsnd` owns /dev/xen, which
+/// no desktop user should get.
+pub const SESSION_GROUP: &str = "xen-vsnd-session";
+
+/// Makes `path` group-owned by SESSION_GROUP when it exists (the service's
+/// user is a member: `SupplementaryGroups=` in the unit).
+fn give_to_session_group(path: &Path) {
+    let Ok(Some(g)) = nix::unistd::Group::from_name(SESSION_GROUP) else { return };
+    if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
+        tracing::warn!("the control socket stays in this user's group ({SESSION_GROUP}: {e})");
+    }
+}
+
 pub struct ControlServer {
     path: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -68,6 +83,7 @@ impl ControlServer {
         socket::bind(listener.as_raw_fd(), &UnixAddr::new(path)?)
             .with_context(|| format!("binding the control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        give_to_session_group(path);
         socket::listen(&listener, Backlog::new(16)?)?;
         let hup = sighup_pipe().context("SIGHUP handler")?;
         let stop = Arc::new(AtomicBool::new(false));
