@@ -10,9 +10,34 @@ use std::time::Duration;
 /// Runs the self-test; `link` connects the guest's playback node to its
 /// capture node in the host graph. Returns the report.
 fn self_test(extra: &[&str], tolerance: &str, link: impl Fn(&PwEnv, &str, &str)) -> serde_json::Value {
+    self_test_with(false, extra, tolerance, link)
+}
+
+/// `self_test`, with the backend as the system service runs it when
+/// `via_session`: its PipeWire handed over by `xen-vsnd session`.
+fn self_test_with(
+    via_session: bool,
+    extra: &[&str],
+    tolerance: &str,
+    link: impl Fn(&PwEnv, &str, &str),
+) -> serde_json::Value {
     let mut env = PwEnv::start();
     // The test links the nodes itself.
-    let (sock, _log) = env.start_backend_with(&["--node-property", "node.autoconnect=false"]);
+    let serve = ["--node-property", "node.autoconnect=false", "--pipewire-from-sessions"];
+    let (sock, _log) = env.start_backend_with(&serve[..if via_session { 3 } else { 2 }]);
+    let _session = via_session.then(|| {
+        let control = format!("{}.control", sock.display());
+        let pw = env.runtime().join("pipewire-0");
+        let child = env
+            .cmd(BIN)
+            .args(["session", "--control", &control, "--pipewire-remote"])
+            .arg(&pw)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc(child, "session")
+    });
     let base =
         ["--domain", "lat-vm", "--measure-latency", "--seconds", "2.5", "--latency-tolerance", tolerance];
     let sim = env.spawn_sim(&sock, &[&base[..], extra].concat());
@@ -37,6 +62,28 @@ fn direct(env: &PwEnv, play: &str, cap: &str) {
 fn direct_link_round_trip_matches_the_reported_delay() {
     let l = &self_test(&[], "1", direct)["latency"];
     assert!(l["error"].as_i64().unwrap().abs() <= 1, "{l}");
+}
+
+/// The system service's split adds nothing to the path: the service is a
+/// client of the session's PipeWire like any other, and the round trip
+/// through the sink and its monitor is what it is with a direct
+/// connection, and what is reported.
+#[test]
+fn round_trip_through_a_handed_over_pipewire_matches_the_reported_delay() {
+    let through_sink = |env: &PwEnv, play: &str, cap: &str| {
+        env.link(play, SINK, "output", "playback");
+        env.link(SINK, cap, "monitor", "input");
+    };
+    let handed = self_test_with(true, &[], "1", through_sink)["latency"].clone();
+    let direct = self_test_with(false, &[], "1", through_sink)["latency"].clone();
+    println!(
+        "round trip through sink and monitor: handed-over PipeWire measured {} reported {}; \
+         connected by name measured {} reported {}",
+        handed["measured"], handed["reported"], direct["measured"], direct["reported"]
+    );
+    assert!(handed["error"].as_i64().unwrap().abs() <= 1, "{handed}");
+    assert!(handed["measured"].as_i64().unwrap() > 0, "{handed}");
+    assert_eq!(handed["measured"], direct["measured"], "the hand-over added latency: {handed} / {direct}");
 }
 
 #[test]

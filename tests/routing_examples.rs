@@ -30,6 +30,23 @@ fn linked_to(env: &PwEnv, node: &str) -> String {
     String::new()
 }
 
+/// Starts work-vm and `other` playing; work-vm must be linked to the
+/// second sink, `other` to the default one. Returns both guests.
+fn play_and_check_routes(env: &PwEnv, sock: &std::path::Path, other: &str) -> [std::process::Child; 2] {
+    let (work_node, other_node) =
+        ("xen-vsnd.work-vm.0.0.playback".to_string(), format!("xen-vsnd.{other}.0.0.playback"));
+    let guests = [
+        spawn_playing_guest(env, sock, "work-vm", 3.0, &[]),
+        spawn_playing_guest(env, sock, other, 3.0, &[]),
+    ];
+    wait_until("both guests linked", Duration::from_secs(10), || {
+        !linked_to(env, &work_node).is_empty() && !linked_to(env, &other_node).is_empty()
+    });
+    assert_eq!(linked_to(env, &work_node), "second-sink:playback_FL", "{}", env.links());
+    assert_eq!(linked_to(env, &other_node), format!("{SINK}:playback_FL"), "{}", env.links());
+    guests
+}
+
 #[test]
 fn the_pipewire_client_rules_example_routes_one_vm_to_its_sink() {
     let example = include_str!("../session-config/51-xen-vsnd.conf")
@@ -40,25 +57,8 @@ fn the_pipewire_client_rules_example_routes_one_vm_to_its_sink() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("51-xen-vsnd.conf"), example).unwrap();
     let (sock, _log) = env.start_backend();
-    let work = spawn_playing_guest(&env, &sock, "work-vm", 3.0, &[]);
-    let other = spawn_playing_guest(&env, &sock, "other-vm", 3.0, &[]);
-    wait_until("both guests linked", Duration::from_secs(10), || {
-        !linked_to(&env, "xen-vsnd.work-vm.0.0.playback").is_empty()
-            && !linked_to(&env, "xen-vsnd.other-vm.0.0.playback").is_empty()
-    });
-    assert_eq!(
-        linked_to(&env, "xen-vsnd.work-vm.0.0.playback"),
-        "second-sink:playback_FL",
-        "{}",
-        env.links()
-    );
-    assert_eq!(
-        linked_to(&env, "xen-vsnd.other-vm.0.0.playback"),
-        format!("{SINK}:playback_FL"),
-        "{}",
-        env.links()
-    );
-    for g in [work, other] {
+    let guests = play_and_check_routes(&env, &sock, "other-vm");
+    for g in guests {
         let (ok, _, err) = finish_sim(g);
         assert!(ok, "{err}");
     }
@@ -73,24 +73,7 @@ fn the_policy_example_routes_allows_and_caps() {
     let policy = env.dir.path().join("config.toml");
     std::fs::write(&policy, example).unwrap();
     let (sock, _log) = env.start_backend_with(&["--config", policy.to_str().unwrap()]);
-    let work = spawn_playing_guest(&env, &sock, "work-vm", 3.0, &[]);
-    let untrusted = spawn_playing_guest(&env, &sock, "untrusted-vm", 3.0, &[]);
-    wait_until("both guests linked", Duration::from_secs(10), || {
-        !linked_to(&env, "xen-vsnd.work-vm.0.0.playback").is_empty()
-            && !linked_to(&env, "xen-vsnd.untrusted-vm.0.0.playback").is_empty()
-    });
-    assert_eq!(
-        linked_to(&env, "xen-vsnd.work-vm.0.0.playback"),
-        "second-sink:playback_FL",
-        "{}",
-        env.links()
-    );
-    assert_eq!(
-        linked_to(&env, "xen-vsnd.untrusted-vm.0.0.playback"),
-        format!("{SINK}:playback_FL"),
-        "{}",
-        env.links()
-    );
+    let guests = play_and_check_routes(&env, &sock, "untrusted-vm");
     let out = env.run(BIN, &["status", "--json", "--control", &format!("{}.control", sock.display())]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let find = |node: &str| {
@@ -106,7 +89,7 @@ fn the_policy_example_routes_allows_and_caps() {
         (p["node.name"] == "xen-vsnd.untrusted-vm.0.0.playback").then(|| p["node.description"].clone())
     });
     assert_eq!(desc, Some("Untrusted VM".into()));
-    for g in [work, untrusted] {
+    for g in guests {
         let (ok, _, err) = finish_sim(g);
         assert!(ok, "{err}");
     }
