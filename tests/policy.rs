@@ -57,9 +57,14 @@ fn policy_file(env: &PwEnv, name: &str, text: &str) -> PathBuf {
 #[test]
 fn the_microphone_is_off_until_dom0_allows_it() {
     let mut env = PwEnv::start();
-    // An empty file: the built-in defaults.
-    let policy = policy_file(&env, "policy.toml", "");
-    let (sock, log) = env.start_backend_with(&["--config", policy.to_str().unwrap()]);
+    // No policy at all: the built-in defaults.
+    assert!(
+        !Path::new(xen_vsnd::policy::DEFAULT_PATH).exists(),
+        "{} exists on this machine: this test needs a dom0 without a policy",
+        xen_vsnd::policy::DEFAULT_PATH
+    );
+    let (sock, log) = env.start_backend_as_is(&[], &[]);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("no policy file: built-in defaults"));
     let node = "xen-vsnd.mic-vm.0.0.capture";
 
     // 1. Denied by default: the guest records only zeros while dom0 plays
@@ -71,11 +76,15 @@ fn the_microphone_is_off_until_dom0_allows_it() {
     // The node says so, and so does the log line of the policy.
     assert!(std::fs::read_to_string(&log).unwrap().contains("capture is denied by the policy"));
 
-    // 2. Allowed by the file, applied by SIGHUP: intact, frame for frame.
-    std::fs::write(&policy, "[vm.mic-vm]\ncapture = true\n").unwrap();
+    // 2. A policy file that leaves mic-vm out, then allows it, applied by
+    //    SIGHUP to the running stream: intact, frame for frame.
+    let policy = policy_file(&env, "policy.toml", "[vm.other-vm]\ncapture = true\n");
+    env.stop_backend();
+    let (sock, _log) = env.start_backend_with(&["--config", policy.to_str().unwrap()]);
     let (sim, _) = start_recording_guest(&env, &sock, "mic-vm", 8);
     wait_until("the capture node", Duration::from_secs(10), || env.node_exists(node));
     assert_eq!(node_prop(&env, node, "xen-vsnd.capture").as_deref(), Some("denied"));
+    std::fs::write(&policy, "[vm.mic-vm]\ncapture = true\n").unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(env.backend_pid() as i32), nix::sys::signal::SIGHUP)
         .unwrap();
     wait_until("the node to say allowed", Duration::from_secs(10), || {
@@ -99,7 +108,7 @@ fn the_microphone_is_off_until_dom0_allows_it() {
     let src = env.dir.path().join("long-src.wav");
     xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &pattern(5.0)).unwrap();
     let mut play = Proc(
-        env.cmd("pw-play")
+        env.realtime_cmd("pw-play")
             .args(["--target", SINK, src.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -143,6 +152,12 @@ fn the_microphone_is_off_until_dom0_allows_it() {
     assert!(before.iter().any(|s| *s != 0), "the pattern did not arrive before the deny");
     let leaked = got[from..].iter().filter(|s| **s != 0).count();
     assert_eq!(leaked, 0, "{leaked} nonzero samples more than one cycle ({quantum} frames) after the deny");
+
+    // 4. `ctl mic allow`: the VM's next recording is intact again.
+    let out = ctl(&env, &sock, &["mic", "allow", "mic-vm"]);
+    assert!(out.contains("applied (no guest streams now)"), "{out}");
+    let (_, sent, cap) = capture_what_the_sink_plays(&env, &sock, "mic-vm", &format!("{node}:input_FL"), &[]);
+    assert_arrived_intact(&env, &sent, &cap);
 }
 
 /// A guest recording `seconds` into a WAV of its own; returns it and the path.
@@ -226,7 +241,12 @@ fn a_guest_cannot_take_another_vms_policy_or_names() {
     let src = env.dir.path().join("src.wav");
     let sent = pattern(2.0);
     xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
-    assert!(env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]).status.success());
+    assert!(env
+        .realtime_cmd("pw-play")
+        .args(["--target", SINK, src.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
     for (g, who) in [(work, "work-vm"), (evil, "evil-vm")] {
         let (ok, _, err) = finish_sim(g);
         assert!(ok, "{who}: {err}");

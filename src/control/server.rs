@@ -47,10 +47,16 @@ fn sighup_pipe() -> anyhow::Result<OwnedFd> {
 /// no desktop user should get.
 pub const SESSION_GROUP: &str = "xen-vsnd-session";
 
-/// Makes `path` group-owned by SESSION_GROUP when it exists (the service's
-/// user is a member: `SupplementaryGroups=` in the unit).
+/// Makes `path` group-owned by SESSION_GROUP when that group exists. The
+/// system unit runs with it as its primary group, so the socket is born
+/// that way (its system-call filter forbids chown); a serve started
+/// otherwise by someone in the group gets it changed here.
 fn give_to_session_group(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(Some(g)) = nix::unistd::Group::from_name(SESSION_GROUP) else { return };
+    if std::fs::metadata(path).is_ok_and(|m| m.gid() == g.gid.as_raw()) {
+        return;
+    }
     if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
         tracing::warn!("the control socket stays in this user's group ({SESSION_GROUP}: {e})");
     }

@@ -244,6 +244,13 @@ impl PwEnv {
         xruns.into_iter().filter(|(_, n)| *n > 0).collect()
     }
 
+    /// Stops the last backend started (SIGINT, bounded wait).
+    pub fn stop_backend(&mut self) {
+        if let Some(i) = self.procs.iter().rposition(|p| p.1 == "backend") {
+            self.procs.remove(i).interrupt_and_wait(Duration::from_secs(10));
+        }
+    }
+
     /// The process id of the last backend started.
     pub fn backend_pid(&self) -> u32 {
         self.procs.iter().rev().find(|p| p.1 == "backend").expect("a backend").0.id()
@@ -319,12 +326,18 @@ impl PwEnv {
     /// Test daemons allow guests dom0's input (`capture_allowed_policy`)
     /// unless `extra` brings a `--config` of its own (the policy tests).
     pub fn start_backend_under(&mut self, wrapper: &[&str], extra: &[&str]) -> (PathBuf, PathBuf) {
-        let sock = self.dir.path().join("vsnd.sock");
-        let spec = format!("loopback:{}", sock.display());
         let policy = capture_allowed_policy(self.dir.path());
         let policy_args = ["--config", policy.to_str().unwrap()];
         let policy_args: &[&str] = if extra.contains(&"--config") { &[] } else { &policy_args };
-        let args = [wrapper, &[BIN, "serve", "--transport", spec.as_str()][..], policy_args, extra].concat();
+        self.start_backend_as_is(wrapper, &[policy_args, extra].concat())
+    }
+
+    /// `serve` with exactly `extra` (no policy of the tests': the built-in
+    /// defaults, unless /etc/xen-vsnd/config.toml exists), run by `wrapper`.
+    pub fn start_backend_as_is(&mut self, wrapper: &[&str], extra: &[&str]) -> (PathBuf, PathBuf) {
+        let sock = self.dir.path().join("vsnd.sock");
+        let spec = format!("loopback:{}", sock.display());
+        let args = [wrapper, &[BIN, "serve", "--transport", spec.as_str()][..], extra].concat();
         let log = self.spawn_logged("backend", args[0], &args[1..]);
         self.backend_log = Some(log.clone());
         wait_for_backend(&log);
@@ -359,13 +372,22 @@ impl PwEnv {
     /// (2.7 ms) an ordinary thread now and then lost a cycle of what it
     /// measures.
     fn recorder_cmd(&self) -> Command {
+        self.realtime_cmd("pw-record")
+    }
+
+    /// `program` (a PipeWire client that processes in its main thread:
+    /// pw-play, pw-record) at real-time priority where the machine allows
+    /// it: at normal priority a cycle of it now and then came too late and
+    /// the graph mixed silence in its place (a gap no xen-vsnd counter
+    /// shows, seen in a guest's recording of what pw-play played).
+    pub fn realtime_cmd(&self, program: &str) -> Command {
         let rt = Command::new("chrt").args(["-f", "40", "true"]).status().is_ok_and(|s| s.success());
         if rt {
             let mut c = self.cmd("chrt");
-            c.args(["-f", "40", "pw-record"]);
+            c.args(["-f", "40", program]);
             c
         } else {
-            self.cmd("pw-record")
+            self.cmd(program)
         }
     }
 
@@ -414,7 +436,7 @@ pub fn capture_what_the_sink_plays(
     wait_until("the guest's capture stream to be linked", Duration::from_secs(10), || {
         env.links().contains(linked_port)
     });
-    let play = env.run("pw-play", &["--target", SINK, src.to_str().unwrap()]);
+    let play = env.realtime_cmd("pw-play").args(["--target", SINK, src.to_str().unwrap()]).output().unwrap();
     assert!(play.status.success(), "pw-play failed");
     let (ok, report, err) = finish_sim(sim);
     assert!(ok, "{err}");

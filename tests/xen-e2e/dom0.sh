@@ -161,12 +161,13 @@ bin=/run/xen-vsnd-bin/xen-vsnd
 policy=/run/xen-vsnd-policy.toml
 printf '[vm.audioguest]\ncapture = true\n\n[vm.vsndguest]\ncapture = true\n' >$policy
 chmod 644 $policy
-mkdir -p /run/xen-vsnd && chown xen-vsnd:xen-vsnd /run/xen-vsnd && chmod 755 /run/xen-vsnd
+mkdir -p /run/xen-vsnd && chown xen-vsnd:xen-vsnd-session /run/xen-vsnd && chmod 755 /run/xen-vsnd
 # start_backend [serve options]: as the unit's ExecStart, User=, Group=,
-# NoNewPrivileges=, CapabilityBoundingSet=, LimitRTPRIO=, RuntimeDirectory=.
+# SupplementaryGroups=, NoNewPrivileges=, CapabilityBoundingSet=,
+# LimitRTPRIO=, RuntimeDirectory=.
 start_backend() {
     prlimit --rtprio=95 --memlock=$((64 << 20)) -- \
-        setpriv --reuid=xen-vsnd --regid=xen-vsnd --init-groups --no-new-privs --inh-caps=-all --bounding-set=-all \
+        setpriv --reuid=xen-vsnd --regid=xen-vsnd-session --groups=xen-vsnd --no-new-privs --inh-caps=-all --bounding-set=-all \
         env -i PATH=/usr/bin:/bin RUNTIME_DIRECTORY=/run/xen-vsnd \
         $bin serve --transport xen --pipewire-from-sessions --config $policy "$@" >/run/$backend_log 2>&1 &
     backend=$!
@@ -174,8 +175,9 @@ start_backend() {
 backend_log=vsnd.log
 start_backend
 wait_for 20 grep -q "serving vsnd devices" /run/vsnd.log && echo "XE: backend up"
-check "xen-vsnd runs as user xen-vsnd with no capabilities" \
-    sh -c "[ \"\$(stat -c %U /proc/$backend)\" = xen-vsnd ] && grep -q '^CapEff:[[:space:]]*0*\$' /proc/$backend/status"
+check "xen-vsnd runs as user xen-vsnd with no capabilities; its control socket is group xen-vsnd-session" \
+    sh -c "[ \"\$(stat -c %U /proc/$backend)\" = xen-vsnd ] && grep -q '^CapEff:[[:space:]]*0*\$' /proc/$backend/status &&
+        [ \"\$(stat -c '%G %a' /run/xen-vsnd/control)\" = 'xen-vsnd-session 660' ]"
 # The desktop user's part: hands its PipeWire to the service when asked.
 $bin session --control /run/xen-vsnd/control >>/run/session.log 2>&1 &
 check "xen-vsnd session hands dom0's PipeWire to the service" \
