@@ -90,3 +90,106 @@ fn the_system_unit_is_hardened() {
         assert!(text.lines().any(|l| l.starts_with(line)), "{line} missing:\n{text}");
     }
 }
+
+/// The system calls of the syscall sets `set` expands to, from
+/// `systemd-analyze syscall-filter` (sets name other sets).
+fn syscall_set(listing: &str, set: &str) -> std::collections::BTreeSet<String> {
+    let mut sets: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    let mut current = None;
+    for line in listing.lines() {
+        let t = line.trim();
+        if line.starts_with('@') {
+            current = line.split_whitespace().next();
+            sets.entry(current.unwrap()).or_default();
+        } else if let (Some(c), Some(word)) = (current, t.split_whitespace().next()) {
+            if !t.starts_with('#') {
+                sets.get_mut(c).unwrap().push(word);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![set];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(s) = todo.pop() {
+        for m in sets.get(s).into_iter().flatten() {
+            if m.starts_with('@') {
+                if seen.insert(*m) {
+                    todo.push(m);
+                }
+            } else {
+                out.insert(m.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The unit's `SystemCallFilter=@system-service ~@privileged` cannot be
+/// tried without systemd as PID 1: instead every system call a serve makes
+/// (as the unit runs it: PipeWire from a session, guests playing and
+/// recording, status, ctl, reload) is traced and must be in the filter.
+#[test]
+fn the_service_makes_no_system_call_its_filter_forbids() {
+    let listing = Command::new("systemd-analyze").arg("syscall-filter").output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let privileged = syscall_set(&listing, "@privileged");
+    let allowed: std::collections::BTreeSet<String> =
+        syscall_set(&listing, "@system-service").difference(&privileged).cloned().collect();
+    assert!(allowed.contains("ioctl") && !allowed.contains("chown"), "{allowed:?}");
+
+    let mut env = common::PwEnv::start();
+    let trace = env.dir.path().join("serve.strace");
+    let trace_arg = trace.to_str().unwrap().to_string();
+    // The unit's primary group, where this machine has it (then the
+    // control socket is born in it, as under the unit).
+    let group = nix::unistd::Group::from_name("xen-vsnd-session").ok().flatten();
+    let regid = group.map(|g| format!("--regid={}", g.gid));
+    let mut wrapper = vec!["strace", "-f", "-qq", "-o", trace_arg.as_str()];
+    if let Some(r) = &regid {
+        wrapper.extend(["setpriv", r.as_str(), "--keep-groups"]);
+    }
+    let (sock, _log) = env.start_backend_under(&wrapper, &["--pipewire-from-sessions"]);
+    let control = format!("{}.control", sock.display());
+    let pw = env.runtime().join("pipewire-0");
+    let _session = common::Proc(
+        env.cmd(BIN)
+            .args(["session", "--control", &control, "--pipewire-remote"])
+            .arg(&pw)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        "session",
+    );
+    let cap = env.dir.path().join("cap.wav");
+    let args = ["--domain", "sys-vm", "--play", "tone", "--seconds", "3", "--capture-seconds", "3"];
+    let guest = env.spawn_sim(&sock, &[&args[..], &["--capture-wav", cap.to_str().unwrap()]].concat());
+    common::wait_until("the guest's node in PipeWire", std::time::Duration::from_secs(15), || {
+        env.node_running("xen-vsnd.sys-vm.0.0.playback")
+    });
+    for args in [&["status", "--json"][..], &["ctl", "mic", "allow", "sys-vm"], &["ctl", "reload"]] {
+        let out = env.run(BIN, &[&args[..1], &["--control", &control], &args[1..]].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (ok, _, err) = common::finish_sim(guest);
+    assert!(ok, "{err}");
+    env.stop_backend();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let rest = line.split_once(' ').map_or("", |(_, r)| r.trim_start());
+        let name = rest.strip_prefix("<... ").unwrap_or(rest);
+        let name: String = name.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() && name != "exit" {
+            used.insert(name);
+        }
+    }
+    // Before the filter applies: what systemd itself and the exec do.
+    for before in ["execve", "setgid", "setgroups", "setresgid", "prctl", "capget", "capset"] {
+        used.remove(before);
+    }
+    assert!(used.len() > 30, "the trace looks empty: {used:?}");
+    let forbidden: Vec<&String> = used.iter().filter(|c| !allowed.contains(*c)).collect();
+    println!("serve made {} distinct system calls", used.len());
+    assert!(forbidden.is_empty(), "outside @system-service ~@privileged: {forbidden:?}");
+}
