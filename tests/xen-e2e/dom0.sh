@@ -341,7 +341,9 @@ stop $tap INT
 capture_step capture ""
 
 # dom0's PipeWire killed (as a crash; an upgrade restarts it the same way)
-# and started again while the guest plays 30 s: the guest's aplay goes on
+# and started again while the guest plays 60 s (PipeWire and WirePlumber
+# took 17 to 29 s to come back under emulation: twice that is left to
+# record afterwards): the guest's aplay goes on
 # (xen-vsnd runs its stream on a fallback clock meanwhile), the node comes
 # back with its name, and what the guest plays from then on reaches the
 # sink intact.
