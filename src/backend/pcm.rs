@@ -370,6 +370,9 @@ impl PcmStream {
             self.record.controls.clone(),
             self.report_delay,
         );
+        // Each OPEN starts at full volume, as the guest's mixer expects
+        // (before the engine can run a cycle).
+        self.record.controls.set_guest_gains(&[]);
         let node = self.attach().map_err(|e| Refusal(-errno::EIO, format!("OPEN: host node: {e:#}")))?;
         if let Err(e) = node.start(engine) {
             // A node the host lost is made anew at the next OPEN.
@@ -383,8 +386,6 @@ impl PcmStream {
             buffer = geom.buffer_bytes, period = geom.period_bytes, "opened"
         );
         self.stats_prev = None;
-        // Each OPEN starts at full volume, as the guest's mixer expects.
-        self.record.controls.set_guest_gains(&[]);
         self.record.opened(geom, shared.clone());
         self.opened = Some(Opened { geom, buffer, shared, volume_mdb: vec![0; n], muted: vec![false; n] });
         self.phase = self.phase.next(Event::Open).unwrap_or(Phase::Prepared);
