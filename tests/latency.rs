@@ -25,19 +25,7 @@ fn self_test_with(
     // The test links the nodes itself.
     let serve = ["--node-property", "node.autoconnect=false", "--pipewire-from-sessions"];
     let (sock, _log) = env.start_backend_with(&serve[..if via_session { 3 } else { 2 }]);
-    let _session = via_session.then(|| {
-        let control = format!("{}.control", sock.display());
-        let pw = env.runtime().join("pipewire-0");
-        let child = env
-            .cmd(BIN)
-            .args(["session", "--control", &control, "--pipewire-remote"])
-            .arg(&pw)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Proc(child, "session")
-    });
+    let _session = via_session.then(|| env.start_session(&format!("{}.control", sock.display())));
     let base =
         ["--domain", "lat-vm", "--measure-latency", "--seconds", "2.5", "--latency-tolerance", tolerance];
     let sim = env.spawn_sim(&sock, &[&base[..], extra].concat());

@@ -8,7 +8,6 @@
 mod common;
 
 use common::*;
-use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
@@ -42,17 +41,7 @@ fn guest_streams_wait_for_a_desktop_session_then_move_to_its_pipewire() {
     assert_eq!(status(&env)["sessions"], 0);
 
     // The user logs in: the session part hands over its PipeWire.
-    let pw_socket = env.runtime().join("pipewire-0");
-    let mut session = Proc(
-        env.cmd(BIN)
-            .args(["session", "--control", &control, "--pipewire-remote"])
-            .arg(&pw_socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        "session",
-    );
+    let mut session = env.start_session(&control);
     wait_until("the guest's node in the session's PipeWire, running", Duration::from_secs(10), || {
         env.node_running(node)
     });

@@ -150,17 +150,7 @@ fn the_service_makes_no_system_call_its_filter_forbids() {
     }
     let (sock, _log) = env.start_backend_under(&wrapper, &["--pipewire-from-sessions"]);
     let control = format!("{}.control", sock.display());
-    let pw = env.runtime().join("pipewire-0");
-    let _session = common::Proc(
-        env.cmd(BIN)
-            .args(["session", "--control", &control, "--pipewire-remote"])
-            .arg(&pw)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-        "session",
-    );
+    let _session = env.start_session(&control);
     let cap = env.dir.path().join("cap.wav");
     let args = ["--domain", "sys-vm", "--play", "tone", "--seconds", "3", "--capture-seconds", "3"];
     let guest = env.spawn_sim(&sock, &[&args[..], &["--capture-wav", cap.to_str().unwrap()]].concat());

@@ -244,6 +244,20 @@ impl PwEnv {
         xruns.into_iter().filter(|(_, n)| *n > 0).collect()
     }
 
+    /// `xen-vsnd session`: hands this environment's PipeWire to the
+    /// `serve --pipewire-from-sessions` whose control socket is `control`.
+    pub fn start_session(&self, control: &str) -> Proc {
+        let child = self
+            .cmd(BIN)
+            .args(["session", "--control", control, "--pipewire-remote"])
+            .arg(self.runtime().join("pipewire-0"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("xen-vsnd session");
+        Proc(child, "session")
+    }
+
     /// Stops the last backend started (SIGINT, bounded wait).
     pub fn stop_backend(&mut self) {
         if let Some(i) = self.procs.iter().rposition(|p| p.1 == "backend") {
