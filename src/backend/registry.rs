@@ -40,8 +40,8 @@ pub struct StreamRecord {
     policy: Mutex<(VmPolicy, &'static str)>,
 }
 
-/// A policy change as it reached one stream.
-#[derive(Debug, Clone, Serialize)]
+/// A policy change as it reached one stream (`ctl`'s answer).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Applied {
     pub node: String,
     pub allowed: bool,
@@ -115,9 +115,8 @@ impl Registry {
             r.controls.set_policy(allowed, cap);
             let position = r.open.lock().unwrap().as_ref().map(|(_, s)| s.position.load(Relaxed));
             let props = policy_props(r.ident.cfg.kind, &p);
-            let changed = policy_props(r.ident.cfg.kind, &r.policy.lock().unwrap().0) != props;
-            *r.policy.lock().unwrap() = (p, from);
-            if changed {
+            let (old, _) = std::mem::replace(&mut *r.policy.lock().unwrap(), (p, from));
+            if policy_props(r.ident.cfg.kind, &old) != props {
                 self.host.update_properties(&r.ident.node_name(), props);
             }
             out.push(Applied { node: r.ident.node_name(), allowed, position });
@@ -164,6 +163,14 @@ fn controls_for(kind: StreamKind, p: &VmPolicy) -> (bool, f32) {
     }
 }
 
+/// The `target.object` a policy gives a stream of `kind`.
+fn target_of(kind: StreamKind, p: &VmPolicy) -> Option<&String> {
+    match kind {
+        StreamKind::Playback => p.target.as_ref(),
+        StreamKind::Capture => p.capture_target.as_ref(),
+    }
+}
+
 /// The node properties a policy gives a stream of `kind`.
 pub fn policy_props(kind: StreamKind, p: &VmPolicy) -> Vec<(String, String)> {
     let word = |b: bool| if b { "allowed" } else { "denied" }.to_string();
@@ -171,11 +178,7 @@ pub fn policy_props(kind: StreamKind, p: &VmPolicy) -> Vec<(String, String)> {
         StreamKind::Playback => vec![(PROP_PLAYBACK.to_string(), word(p.playback))],
         StreamKind::Capture => vec![(PROP_CAPTURE.to_string(), word(p.capture))],
     };
-    let target = match kind {
-        StreamKind::Playback => &p.target,
-        StreamKind::Capture => &p.capture_target,
-    };
-    if let Some(t) = target {
+    if let Some(t) = target_of(kind, p) {
         v.push(("target.object".into(), t.clone()));
     }
     v.extend(p.node_properties.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -236,10 +239,7 @@ impl StreamRecord {
                 capture: p.capture,
                 capture_from: from,
                 volume_cap: p.volume_cap,
-                target: match id.cfg.kind {
-                    StreamKind::Playback => p.target,
-                    StreamKind::Capture => p.capture_target,
-                },
+                target: target_of(id.cfg.kind, &p).cloned(),
                 section: p.section,
             },
         }

@@ -35,23 +35,9 @@ pub enum Request {
 pub enum Reply {
     Status(serde_json::Value),
     /// The streams a policy change reached.
-    Applied(Vec<AppliedView>),
+    Applied(Vec<Applied>),
     Ok,
     Error(String),
-}
-
-/// `Applied`, as clients read it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppliedView {
-    pub node: String,
-    pub allowed: bool,
-    pub position: Option<u64>,
-}
-
-impl From<Applied> for AppliedView {
-    fn from(a: Applied) -> AppliedView {
-        AppliedView { node: a.node, allowed: a.allowed, position: a.position }
-    }
 }
 
 /// The service asks a registered session ...

@@ -1,7 +1,7 @@
 //! `serve`'s end of the control socket: a thread that answers `status`,
 //! applies `ctl` (and SIGHUP: a reload), and registers desktop sessions.
 
-use super::{AppliedView, Reply, Request};
+use super::{Reply, Request};
 use crate::backend::registry::Registry;
 use crate::host::pipewire::handoff::Handoff;
 use crate::ipc;
@@ -174,12 +174,10 @@ impl Server {
                 cred.uid()
             )),
             Request::Reload => match self.registry.reload() {
-                Ok(a) => Reply::Applied(a.into_iter().map(AppliedView::from).collect()),
+                Ok(a) => Reply::Applied(a),
                 Err(e) => Reply::Error(format!("policy not reloaded, the old one stays: {e:#}")),
             },
-            Request::Mic { domain, allow } => Reply::Applied(
-                self.registry.set_mic(&domain, allow).into_iter().map(AppliedView::from).collect(),
-            ),
+            Request::Mic { domain, allow } => Reply::Applied(self.registry.set_mic(&domain, allow)),
             Request::Session => match &self.handoff {
                 Some(h) => {
                     if ipc::send(sock.as_raw_fd(), &Reply::Ok, &[]).is_ok() {
