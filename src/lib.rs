@@ -18,4 +18,5 @@ pub mod logging;
 pub mod policy;
 pub mod sim;
 pub mod sndif;
+pub mod vouch;
 pub mod xen;

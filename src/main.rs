@@ -122,6 +122,18 @@ enum Cmd {
         #[arg(long)]
         pipewire_remote: Option<String>,
     },
+    /// dom0, for backends in driver domains: copy each guest's name into
+    /// its vsnd devices' backend directories (`domain-name`), which the
+    /// driver domain can read and the guest cannot write. Runs until
+    /// stopped.
+    Vouch,
+    /// Write the man pages (man/) and bash, zsh and fish completions
+    /// (completions/) under DIR, from this command line's own definition.
+    #[command(hide = true)]
+    Assets {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Run a simulated guest against a loopback backend.
     SimGuest(SimOptions),
     /// Write a test signal as a 16-bit WAV (to play in a real guest).
@@ -214,6 +226,9 @@ fn main() {
             &control::client_socket(control.as_deref()),
             &control::session::pipewire_socket(pipewire_remote.as_deref()),
         ),
+        Cmd::Vouch => xen_vsnd::xen::linux::open_store()
+            .and_then(|(store, events, own)| xen_vsnd::vouch::run(&*store, &events, own)),
+        Cmd::Assets { out } => assets(&out),
         Cmd::SimGuest(o) => sim_guest(&o),
         Cmd::Signal { kind, seconds, rate, channels, lead_in, lead_out, out } => {
             let silence = |secs: f64| vec![0i16; (secs.max(0.0) * rate as f64) as usize * channels as usize];
@@ -228,6 +243,25 @@ fn main() {
         eprintln!("xen-vsnd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Man pages (one per visible subcommand, as `xen-vsnd-serve(1)`) and
+/// shell completions, for packages: generated, so they never drift from
+/// the options the binary really has.
+fn assets(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man).context("writing man pages")?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "xen-vsnd", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
 }
 
 fn parse_prop(s: &str) -> Result<(String, String), String> {

@@ -58,6 +58,7 @@ pub struct Device {
     published: Vec<[u32; 4]>,
     /// The card's left-out formats were logged (once per device).
     told_left_out: bool,
+    told_no_name: bool,
 }
 
 struct StoreSource<'a> {
@@ -103,6 +104,7 @@ impl Device {
             streams: Vec::new(),
             published: Vec::new(),
             told_left_out: false,
+            told_no_name: false,
         }
     }
 
@@ -272,6 +274,28 @@ impl Device {
         }
     }
 
+    /// The guest's name as dom0 wrote it, never anything from the guest's
+    /// own directories: names, routing and policy key on it. In dom0 that
+    /// is the domain's `name` (the guest can read it, not change it); a
+    /// backend in a driver domain may not read that key, and takes what
+    /// dom0's `xen-vsnd vouch` copied into the device's backend directory
+    /// (the guest cannot write there either).
+    fn trusted_name(&mut self, s: &Services) -> Option<String> {
+        let own = self.read(s, &format!("/local/domain/{}/name", self.domid)).filter(|n| !n.is_empty());
+        let name = own.or_else(|| {
+            self.read(s, &format!("{}/{}", self.be, crate::vouch::DOMAIN_NAME_KEY)).filter(|n| !n.is_empty())
+        });
+        if name.is_none() && !self.told_no_name {
+            self.told_no_name = true;
+            tracing::warn!(
+                domid = self.domid,
+                "no name dom0 vouches for (in a driver domain: is `xen-vsnd vouch` running in dom0?): \
+                 the guest's nodes are named by its domain id and it gets the policy's defaults"
+            );
+        }
+        name
+    }
+
     fn read_u32(&self, s: &Services, path: &str) -> anyhow::Result<u32> {
         let v = self.read(s, path).ok_or_else(|| anyhow!("{path} missing"))?;
         v.trim().parse::<u32>().map_err(|_| anyhow!("{path}: not a number: {v:?}"))
@@ -291,10 +315,7 @@ impl Device {
         let report_delay = s.delay_reports
             && self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
                 == Some("1");
-        // Only dom0 writes a domain's name (the guest can read it, not
-        // change it): names, routing and policy key on it, never on
-        // anything in the guest's frontend directory.
-        let vm_name = self.read(s, &format!("/local/domain/{}/name", self.domid)).filter(|n| !n.is_empty());
+        let vm_name = self.trusted_name(s);
         let domain = vm_name.as_deref().map_or_else(|| format!("domain-{}", self.domid), node_safe_name);
         let published = self.published_refs(s, &card)?;
         let mut streams = Vec::new();

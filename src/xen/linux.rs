@@ -310,16 +310,23 @@ impl GrantMapper for Gntdev {
     }
 }
 
-/// Opens the real Xen transport.
-pub fn open() -> anyhow::Result<Transport> {
+/// xenstore alone (for dom0's `vouch`): the store, its watch events and
+/// this domain's id.
+pub fn open_store() -> anyhow::Result<(Arc<dyn XenStore>, mpsc::Receiver<WatchEvent>, DomId)> {
     let (tx, rx) = mpsc::channel();
     let bus = Arc::new(XenBus::start(tx)?);
     let own_domid = bus.read("domid")?.and_then(|d| d.trim().parse().ok()).unwrap_or(0);
+    Ok((bus, rx, own_domid))
+}
+
+/// Opens the real Xen transport.
+pub fn open() -> anyhow::Result<Transport> {
+    let (store, rx, own_domid) = open_store()?;
     let gnt = open_device("/dev/xen/gntdev", true)?;
     // Fail early, with a clear message, when event channels are unavailable.
     open_device("/dev/xen/evtchn", true)?;
     Ok(Transport {
-        store: bus,
+        store,
         grants: Arc::new(Gntdev { dev: Arc::new(gnt) }),
         evtchn: Arc::new(Evtchn),
         watch_events: rx,

@@ -184,9 +184,11 @@ check "xen-vsnd session hands dom0's PipeWire to the service" \
     wait_for 30 grep -q "connected through the session's PipeWire" /run/$backend_log
 
 xl_create() { xl create ${1:-$work/guest.cfg} >/run/xl.log 2>&1; local rc=$?; why=$(tail -3 /run/xl.log); return $rc; }
+# The domain that serves the guest's card: dom0, or the driver domain.
+bedom=0
 states() {
     fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
-    be=$(xenstore-read /local/domain/0/backend/vsnd/$domid/0/state 2>/dev/null)
+    be=$(xenstore-read /local/domain/$bedom/backend/vsnd/$domid/0/state 2>/dev/null)
     why="frontend=$fe backend=$be"
     [ "$fe" = 4 ] && [ "$be" = 4 ]
 }
@@ -307,7 +309,8 @@ destroy_guest() {
 }
 # E2E_PHASES (tests/xen-e2e/run passes it on): a comma-separated choice of
 # upstream (6.1 guest, snd_xen_front), upstream612 (6.12 guest,
-# snd_xen_front) and ours (6.1 guest, snd-xen-vsnd); all by default.
+# snd_xen_front), ours (6.1 guest, snd-xen-vsnd) and drvdom (xen-vsnd in a
+# driver domain); all by default.
 phases=$(cat $work/phases 2>/dev/null)
 phase() { case ",${phases:-all}," in *,all,*|*,$1,*) return 0 ;; esac; return 1; }
 if phase upstream; then
@@ -445,6 +448,87 @@ why=$(grep -a "connected:" $glog | tail -1)
 check "${L}backend without the delay extension: the driver says delay reports off" \
     sh -c "grep -a 'connected:' $glog | tail -1 | grep -q 'delay reports off'"
 destroy_guest "$L"
+fi
+
+# A driver domain: xen-vsnd and PipeWire in an unprivileged PV domain
+# (tests/xen-e2e/drvdom.sh), serving a guest whose card says
+# backend=drvdom. dom0 runs only `xen-vsnd vouch`, which copies the guest's
+# name where the driver domain can read it.
+if phase drvdom; then
+L="driver domain: "
+# As xen-vsnd-vouch.service runs it: user xen-vsnd (the udev rule gives
+# its group /dev/xen/xenbus), no capabilities, no new privileges.
+setpriv --reuid=xen-vsnd --regid=xen-vsnd --groups=xen-vsnd --no-new-privs --inh-caps=-all --bounding-set=-all \
+    env -i PATH=/usr/bin:/bin $bin vouch >>/run/vouch.log 2>&1 &
+voucher=$!
+drvlog=/var/log/xen/console/guest-drvdom.log
+# boot_drvdom: the driver domain up, its xen-vsnd serving ($drvid).
+boot_drvdom() {
+    xl create $work/drvdom.cfg >/run/xl.log 2>&1 || { why=$(tail -3 /run/xl.log); return 1; }
+    drvid=$(xl domid drvdom 2>/dev/null)
+    wait_for 180 grep -aq "GUEST: driver domain ready" $drvlog
+    why=$(grep -a "GUEST: " $drvlog | tail -4 | tr '\n' ' ')
+    grep -aq "GUEST: driver domain ready" $drvlog
+}
+# drv_step <step> <seconds>: a step in the driver domain (drvdom.sh).
+drv_step() {
+    local g=$glog d=$domid rc
+    glog=$drvlog domid=$drvid
+    run_guest_step "$@"; rc=$?
+    glog=$g domid=$d
+    return $rc
+}
+# drv_play_intact <n> <label>: the guest plays the pattern; the driver
+# domain records its null sink and compares.
+drv_play_intact() {
+    check "$2the driver domain records its sink" drv_step record$1 60
+    check "$2the guest plays through the driver domain" run_guest_step play48-$1 90
+    check "$2the guest's playback arrives intact at the driver domain's sink" drv_step check$1 60
+    grep -a "GUEST: check$1 " $drvlog | tail -1 | sed 's/^GUEST: /XE: drvdom: /'
+}
+check "${L}xl create of the driver domain: PipeWire and xen-vsnd up in it" boot_drvdom
+echo "XE: driver domain is domain $drvid"
+guest=drvguest
+glog=/var/log/xen/console/guest-$guest.log
+bedom=$drvid
+boot_guest $work/drvguest.cfg "$L"
+why=$(xenstore-ls -p /local/domain/$drvid/backend/vsnd/$domid/0 2>&1 | grep -a "domain-name\|frontend-id" | tr '\n' ' ')
+check "${L}dom0 vouched for the guest's name in the backend directory" \
+    sh -c "[ \"\$(xenstore-read /local/domain/$drvid/backend/vsnd/$domid/0/domain-name)\" = drvguest ]"
+drv_play_intact 1 "$L"
+drv_step nodes1 30
+why=$(grep -a "GUEST: nodes1 " $drvlog | tail -1)
+check "${L}the guest's nodes in the driver domain's PipeWire carry its name" \
+    sh -c "grep -a 'GUEST: nodes1 ok' $drvlog | grep 'node xen-vsnd.drvguest.0.0.playback;' | grep -q 'node xen-vsnd.drvguest.0.0.capture;'"
+# Capture: the policy in the driver domain allows drvguest (by the vouched
+# name) the microphone.
+go capture
+wait_for 60 sh -c "[ \"\$(xenstore-read /local/domain/$domid/data/capturing)\" = capture ]"
+check "${L}the driver domain plays into its sink" drv_step play1 60
+wait_for 90 guest_said "GUEST: capture (ok|failed)"
+check "${L}the guest records what the driver domain plays, intact" guest_step_ok capture
+# The driver domain restarted (destroyed, created again: a new domain id):
+# the guest's card goes; dom0 attaches it again (xl vsnd-detach, which
+# only cleans up the frontend when the backend domain is gone, and
+# vsnd-attach); the guest plays through the new driver domain.
+old_drvid=$drvid
+xl destroy drvdom
+mv $drvlog $drvlog.1
+check "${L}the driver domain created again" boot_drvdom
+echo "XE: driver domain is domain $drvid now (was $old_drvid)"
+bedom=$drvid
+why=$(xl vsnd-detach $guest 0 2>&1 | tr '\n' ' ')
+check "${L}xl vsnd-detach of the card the old driver domain served" sh -c "! xenstore-exists /local/domain/$domid/device/vsnd/0"
+why=$(xl vsnd-attach $guest 'CARD, backend=drvdom, short-name=XenSnd, long-name=Xen PV Sound, sample-rates=44100;48000, sample-formats=s16_le;s32_le, channels-min=1, channels-max=2, buffer-size=524288' \
+    'PCM, name=dev0' 'STREAM, unique-id=pw0-play, type=p' 'STREAM, unique-id=pw0-cap, type=c' 2>&1 | tr '\n' ' ')
+wait_for 120 states
+check "${L}after the restart: the card attached again, both ends Connected" states
+check "${L}after the restart: dom0 vouched for the name to the new driver domain" \
+    sh -c "[ \"\$(xenstore-read /local/domain/$drvid/backend/vsnd/$domid/0/domain-name)\" = drvguest ]"
+drv_play_intact 2 "${L}after the restart: "
+why=$(xl destroy $guest 2>&1; xl destroy drvdom 2>&1)
+check "${L}guest and driver domain destroyed" sh -c "! xl domid $guest && ! xl domid drvdom" 
+stop $voucher TERM
 fi
 
 save_logs

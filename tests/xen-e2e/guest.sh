@@ -8,6 +8,8 @@
 mkdir -p /sbin; ln -sf /bin/busybox /sbin/poweroff   # the kernel runs it on `xl shutdown`
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /tmp; mount -t tmpfs tmpfs /tmp
+# The same image boots the driver domain (tests/xen-e2e/drvdom.sh).
+grep -q "xen_role=drvdom" /proc/cmdline && exec /bin/sh /drvdom.sh
 # vsnd_module=ours on the kernel command line: our snd-xen-vsnd instead of
 # the upstream snd_xen_front.
 list=/modules.list
@@ -120,7 +122,7 @@ pw_link_stereo() { pw-link $1FL $2FL && pw-link $1FR $2FR; }
 
 run_step() {
     case $1 in
-    play48|replay2|replay3)
+    play48|play48-*|replay2|replay3)
         aplay -D hw:0,0 $BUF /pattern48.wav ;;
     play44)
         aplay -D hw:0,0 $BUF /pattern44.wav ;;
