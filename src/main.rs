@@ -112,8 +112,9 @@ enum Cmd {
         #[command(subcommand)]
         action: CtlAction,
     },
-    /// Hand this user's PipeWire to the system service when it asks (run
-    /// in the desktop session, e.g. as the xen-vsnd-session user unit).
+    /// Hand this user's PipeWire to the system service when it asks.
+    ///
+    /// Runs in the desktop session, e.g. as the xen-vsnd-session user unit.
     Session {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
@@ -122,14 +123,17 @@ enum Cmd {
         #[arg(long)]
         pipewire_remote: Option<String>,
     },
-    /// dom0, for backends in driver domains: copy each guest's name into
-    /// its vsnd devices' backend directories (`domain-name`), which the
-    /// driver domain can read and the guest cannot write. Runs until
-    /// stopped.
+    /// Vouch for guests' names to backends in driver domains (in dom0).
+    ///
+    /// Copies each guest's name into its vsnd devices' backend directories
+    /// (`domain-name`), which the driver domain can read and the guest
+    /// cannot write, when the toolstack creates a device and when a guest
+    /// is renamed. Runs until stopped.
     Vouch,
-    /// Write the man pages (man/) and bash, zsh and fish completions
-    /// (completions/) under DIR, from this command line's own definition.
-    #[command(hide = true)]
+    /// Write the man pages and shell completions (for packagers).
+    ///
+    /// Under DIR: man/ (one page per command) and completions/ (bash, zsh,
+    /// fish), generated from this command line's own definition.
     Assets {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -157,7 +161,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Check that a recording carries a `signal --kind pattern` WAV intact:
+    /// Check a recording of a test pattern, frame by frame.
+    ///
+    /// The recording must carry a `signal --kind pattern` WAV intact:
     /// from where the recording picks it up to its end, every frame present,
     /// in order and unchanged. Prints what differs (silent gaps, which keep
     /// the timeline; or shifted/altered frames) and exits non-zero then;

@@ -139,6 +139,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packaged_default_file_is_the_built_in_defaults() {
+        let p = Policy::parse(include_str!("../session-config/config.default.toml"), None).unwrap();
+        for vm in ["work-vm", "any"] {
+            assert_eq!(p.for_domain(vm), Policy::default().for_domain(vm));
+        }
+    }
+
+    #[test]
     fn built_in_defaults_deny_the_microphone() {
         let p = Policy::default().for_domain("any");
         assert!(p.playback && !p.capture);
