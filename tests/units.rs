@@ -48,7 +48,8 @@ fn analyze(root: &Path, args: &[&str]) -> (bool, String) {
 fn the_units_verify_clean() {
     let root = installed_root();
     for unit in ["xen-vsnd.service", "xen-vsnd-vouch.service"] {
-        let (ok, text) = analyze(root.path(), &["verify", "--man=no", &format!("/etc/systemd/system/{unit}")]);
+        let (ok, text) =
+            analyze(root.path(), &["verify", "--man=no", &format!("/etc/systemd/system/{unit}")]);
         assert!(ok && text.trim().is_empty(), "{unit}: {text}");
     }
     // The user manager takes no --root: the user unit is verified where
