@@ -16,6 +16,7 @@ pub mod host;
 pub mod ipc;
 pub mod logging;
 pub mod policy;
+pub mod reattach;
 pub mod sim;
 pub mod sndif;
 pub mod vouch;

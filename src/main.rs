@@ -130,6 +130,21 @@ enum Cmd {
     /// cannot write, when the toolstack creates a device and when a guest
     /// is renamed. Runs until stopped.
     Vouch,
+    /// Attach guests' cards again after their driver domain was restarted.
+    ///
+    /// In dom0, as root (it runs xl): every vsnd card whose backend
+    /// directory is gone is attached again (as a new device) and the old
+    /// one detached, with the configuration dom0 keeps for it (`xl list
+    /// -l`), once a domain of its backend's name runs again. Prints what
+    /// it did.
+    Reattach {
+        /// Only cards served by the driver domain of this name.
+        #[arg(long, value_name = "NAME")]
+        backend: Option<String>,
+        /// Print the xl commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Write the man pages and shell completions (for packagers).
     ///
     /// Under DIR: man/ (one page per command) and completions/ (bash, zsh,
@@ -234,6 +249,9 @@ fn main() {
         ),
         Cmd::Vouch => xen_vsnd::xen::linux::open_store()
             .and_then(|(store, events, own)| xen_vsnd::vouch::run(&*store, &events, own)),
+        Cmd::Reattach { backend, dry_run } => xen_vsnd::xen::linux::open_store()
+            .and_then(|(store, _, _)| xen_vsnd::reattach::run(&*store, backend.as_deref(), dry_run))
+            .map(|n| println!("reattach: {n} card(s)")),
         Cmd::Assets { out } => assets(&out),
         Cmd::SimGuest(o) => sim_guest(&o),
         Cmd::Signal { kind, seconds, rate, channels, lead_in, lead_out, out } => {

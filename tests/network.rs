@@ -37,7 +37,8 @@ fn a_guests_playback_reaches_another_pipewire_over_rtp() {
     let wav = remote.dir.path().join("remote.wav");
     let mut rec = remote.record_monitor(&wav);
 
-    let mut guest = dom0.spawn_sim(&sock, &["--domain", "net-vm", "--play", "tone", "--seconds", &SECONDS.to_string()]);
+    let mut guest =
+        dom0.spawn_sim(&sock, &["--domain", "net-vm", "--play", "tone", "--seconds", &SECONDS.to_string()]);
     let linked = || {
         let links = dom0.links();
         links.contains("xen-vsnd.net-vm.0.0.playback:output_FL") && links.contains("rtp-send:send_FL")
@@ -66,7 +67,8 @@ fn a_guests_playback_reaches_another_pipewire_over_rtp() {
     let samples = xen_vsnd::sim::signal::read_wav(&wav).expect("the remote's recording").samples;
     let left: Vec<f64> = samples.iter().step_by(2).map(|&s| s as f64).collect();
     let loud = |s: &f64| s.abs() > 4000.0;
-    let start = left.iter().position(loud).expect("nothing of the guest's tone arrived at the other PipeWire");
+    let start =
+        left.iter().position(loud).expect("nothing of the guest's tone arrived at the other PipeWire");
     let end = left.len() - left.iter().rev().position(loud).unwrap();
     let secs = (end - start) as f64 / RATE as f64;
     assert!((secs - SECONDS).abs() < 0.1, "the tone arrived for {secs:.3} s, the guest played {SECONDS} s");
@@ -85,6 +87,9 @@ fn a_guests_playback_reaches_another_pipewire_over_rtp() {
     // Its pitch: rising zero crossings per second.
     let rises = body.windows(2).filter(|p| p[0] < 0.0 && p[1] >= 0.0).count();
     let hz = rises as f64 / (body.len() as f64 / RATE as f64);
-    assert!((hz / TONE_HZ - 1.0).abs() < 0.01, "the tone arrived at {hz:.1} Hz, the guest played {TONE_HZ} Hz");
+    assert!(
+        (hz / TONE_HZ - 1.0).abs() < 0.01,
+        "the tone arrived at {hz:.1} Hz, the guest played {TONE_HZ} Hz"
+    );
     eprintln!("over RTP: {secs:.3} s of the tone, {hz:.2} Hz, no window off its level");
 }

@@ -184,11 +184,12 @@ check "xen-vsnd session hands dom0's PipeWire to the service" \
     wait_for 30 grep -q "connected through the session's PipeWire" /run/$backend_log
 
 xl_create() { xl create ${1:-$work/guest.cfg} >/run/xl.log 2>&1; local rc=$?; why=$(tail -3 /run/xl.log); return $rc; }
-# The domain that serves the guest's card: dom0, or the driver domain.
-bedom=0
+# The domain that serves the guest's card (dom0, or the driver domain)
+# and the card's device id (a card attached again is a new device).
+bedom=0 devid=0
 states() {
-    fe=$(xenstore-read /local/domain/$domid/device/vsnd/0/state 2>/dev/null)
-    be=$(xenstore-read /local/domain/$bedom/backend/vsnd/$domid/0/state 2>/dev/null)
+    fe=$(xenstore-read /local/domain/$domid/device/vsnd/$devid/state 2>/dev/null)
+    be=$(xenstore-read /local/domain/$bedom/backend/vsnd/$domid/$devid/state 2>/dev/null)
     why="frontend=$fe backend=$be"
     [ "$fe" = 4 ] && [ "$be" = 4 ]
 }
@@ -499,7 +500,7 @@ drv_play_intact 1 "$L"
 drv_step nodes1 30
 why=$(grep -a "GUEST: nodes1 " $drvlog | tail -1)
 check "${L}the guest's nodes in the driver domain's PipeWire carry its name" \
-    sh -c "grep -a 'GUEST: nodes1 ok' $drvlog | grep 'node xen-vsnd.drvguest.0.0.playback;' | grep -q 'node xen-vsnd.drvguest.0.0.capture;'"
+    sh -c "grep -a 'GUEST: nodes1 ok' $drvlog | grep 'xen-vsnd.drvguest.0.0.playback ' | grep -q 'xen-vsnd.drvguest.0.0.capture '"
 # Capture: the policy in the driver domain allows drvguest (by the vouched
 # name) the microphone.
 go capture
@@ -508,23 +509,27 @@ check "${L}the driver domain plays into its sink" drv_step play1 60
 wait_for 90 guest_said "GUEST: capture (ok|failed)"
 check "${L}the guest records what the driver domain plays, intact" guest_step_ok capture
 # The driver domain restarted (destroyed, created again: a new domain id):
-# the guest's card goes; dom0 attaches it again (xl vsnd-detach, which
-# only cleans up the frontend when the backend domain is gone, and
-# vsnd-attach); the guest plays through the new driver domain.
+# the guest's card goes; `xen-vsnd reattach` in dom0 (as root: it runs xl)
+# detaches it (libxl only cleans up the frontend when the backend domain is
+# gone) and attaches it again with the configuration dom0 keeps; the guest
+# plays through the new driver domain.
 old_drvid=$drvid
 xl destroy drvdom
 mv $drvlog $drvlog.1
 check "${L}the driver domain created again" boot_drvdom
 echo "XE: driver domain is domain $drvid now (was $old_drvid)"
 bedom=$drvid
-why=$(xl vsnd-detach $guest 0 2>&1 | tr '\n' ' ')
-check "${L}xl vsnd-detach of the card the old driver domain served" sh -c "! xenstore-exists /local/domain/$domid/device/vsnd/0"
-why=$(xl vsnd-attach $guest 'CARD, backend=drvdom, short-name=XenSnd, long-name=Xen PV Sound, sample-rates=44100;48000, sample-formats=s16_le;s32_le, channels-min=1, channels-max=2, buffer-size=524288' \
-    'PCM, name=dev0' 'STREAM, unique-id=pw0-play, type=p' 'STREAM, unique-id=pw0-cap, type=c' 2>&1 | tr '\n' ' ')
+$bin reattach --dry-run 2>&1 | sed 's/^/XE: reattach --dry-run: /'
+$bin reattach >/run/reattach.log 2>&1
+why=$(tr '\n' ' ' </run/reattach.log)
+check "${L}xen-vsnd reattach: the card the old driver domain served attached again, the old one detached" \
+    sh -c "grep -q 'card 0: attached again to drvdom' /run/reattach.log && ! xenstore-exists /libxl/$domid/device/vsnd/0"
+devid=$(xenstore-list /libxl/$domid/device/vsnd 2>/dev/null | tail -1)
+echo "XE: the card is device $devid now"
 wait_for 120 states
 check "${L}after the restart: the card attached again, both ends Connected" states
 check "${L}after the restart: dom0 vouched for the name to the new driver domain" \
-    sh -c "[ \"\$(xenstore-read /local/domain/$drvid/backend/vsnd/$domid/0/domain-name)\" = drvguest ]"
+    sh -c "[ \"\$(xenstore-read /local/domain/$drvid/backend/vsnd/$domid/$devid/domain-name)\" = drvguest ]"
 drv_play_intact 2 "${L}after the restart: "
 why=$(xl destroy $guest 2>&1; xl destroy drvdom 2>&1)
 check "${L}guest and driver domain destroyed" sh -c "! xl domid $guest && ! xl domid drvdom" 

@@ -42,8 +42,8 @@ RT="chrt -f 20"
 run_step() {
     case $1 in
     nodes*)
-        # The nodes of the guests it serves.
-        pw-cli ls Node | sed -n 's/.*node.name = "\(xen-vsnd[^"]*\)".*/node \1/p' ;;
+        # The nodes of the guests it serves, on one line.
+        echo "nodes: $(pw-cli ls Node | sed -n 's/.*node.name = "\(xen-vsnd[^"]*\)".*/\1/p' | tr '\n' ' ')" ;;
     record*)
         # Records the null sink's monitor until a check step.
         $RT pw-record --target null-sink -P '{ stream.capture.sink = true node.name = drv-recorder }' \
@@ -60,21 +60,11 @@ run_step() {
         # capture node.
         $RT pw-play --target null-sink /pattern48.wav ;;
     status*)
-        xen-vsnd status --control /tmp/xen-vsnd.control | sed 's/^/status: /' ;;
+        echo "status: $(xen-vsnd status --control /tmp/xen-vsnd.control | tr '\n' ' ')" ;;
     esac
 }
 
-last=
-while true; do
-    go=$(xenstore-read data/go 2>/dev/null)
-    if [ -n "$go" ] && [ "$go" != "$last" ]; then
-        last=$go
-        if out=$(run_step "$go" 2>&1); then
-            echo "GUEST: $go ok $(echo "$out" | grep '^compare:\|^node \|^status:' | tr '\n' ';')"
-        else
-            echo "GUEST: $go failed: $(echo "$out" | tail -3 | tr '\n' ' ')"
-            tail -20 /tmp/vsnd.log | sed 's/^/GUEST-VSND: /'
-        fi
-    fi
-    sleep 0.5
-done
+# On a failure, what xen-vsnd said last.
+step_failed() { tail -20 /tmp/vsnd.log | sed 's/^/GUEST-VSND: /'; }
+. /steps.sh
+serve_steps '^compare:\|^nodes:\|^status:'

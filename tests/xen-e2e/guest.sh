@@ -225,17 +225,5 @@ run_step() {
     esac
 }
 
-last=
-while true; do
-    go=$(xenstore-read data/go 2>/dev/null)
-    if [ -n "$go" ] && [ "$go" != "$last" ]; then
-        last=$go
-        [ "$go" = loop ] && run_step loop
-        if out=$(run_step "$go" 2>&1); then
-            echo "GUEST: $go ok $(echo "$out" | grep '^compare:\|^guest-latency:\|^pipewire:\|^zeros:')"
-        else
-            echo "GUEST: $go failed: $(echo "$out" | tail -3 | tr '\n' ' ')"
-        fi
-    fi
-    sleep 0.5
-done
+. /steps.sh
+serve_steps '^compare:\|^guest-latency:\|^pipewire:\|^zeros:'
