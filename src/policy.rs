@@ -25,6 +25,13 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The graph cycle no guest goes below unless its VM is allowed, in frames
+/// at 48 kHz: the low end desktops commonly run at (5.3 ms).
+pub const DEFAULT_MIN_QUANTUM: u32 = 256;
+/// What `min_quantum` may be set to (PipeWire's own quantum limits).
+pub const MIN_QUANTUM_LOWEST: u32 = 16;
+pub const MIN_QUANTUM_HIGHEST: u32 = 8192;
+
 /// Where `serve` looks for its policy when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/xen-vsnd/config.toml";
 
@@ -42,6 +49,11 @@ pub struct Section {
     pub capture_target: Option<String>,
     /// Linear gain, 0–1: the guest's playback volume never goes above it.
     pub volume_cap: Option<f32>,
+    /// The smallest graph cycle (quantum) the VM's streams may ask for, in
+    /// frames at 48 kHz (scaled to the stream's rate): a guest with a
+    /// small period must not pull every other stream of dom0's graph down
+    /// with it. Default 256 (5.3 ms).
+    pub min_quantum: Option<u32>,
     /// Extra properties of the VM's nodes (a VM's override a default's).
     #[serde(default)]
     pub node_properties: BTreeMap<String, String>,
@@ -64,6 +76,7 @@ pub struct VmPolicy {
     pub target: Option<String>,
     pub capture_target: Option<String>,
     pub volume_cap: f32,
+    pub min_quantum: u32,
     pub node_properties: BTreeMap<String, String>,
     /// The `[vm.<name>]` section that applied, if any.
     pub section: Option<String>,
@@ -87,6 +100,14 @@ impl Policy {
             if let Some(c) = s.volume_cap {
                 if !(0.0..=1.0).contains(&c) {
                     bail!("[{name}] volume_cap = {c}: it must be between 0 and 1 (a linear gain)");
+                }
+            }
+            if let Some(q) = s.min_quantum {
+                if !(MIN_QUANTUM_LOWEST..=MIN_QUANTUM_HIGHEST).contains(&q) {
+                    bail!(
+                        "[{name}] min_quantum = {q}: it must be between {MIN_QUANTUM_LOWEST} and \
+                         {MIN_QUANTUM_HIGHEST} frames (at 48 kHz)"
+                    );
                 }
             }
         }
@@ -128,6 +149,7 @@ impl Policy {
             target: vm.and_then(|s| s.target.clone()).or_else(|| d.target.clone()),
             capture_target: vm.and_then(|s| s.capture_target.clone()).or_else(|| d.capture_target.clone()),
             volume_cap: vm.and_then(|s| s.volume_cap).or(d.volume_cap).unwrap_or(1.0),
+            min_quantum: vm.and_then(|s| s.min_quantum).or(d.min_quantum).unwrap_or(DEFAULT_MIN_QUANTUM),
             node_properties,
             section: name.filter(|_| vm.is_some()).map(str::to_string),
         }
@@ -143,6 +165,16 @@ mod tests {
         let p = Policy::parse(include_str!("../session-config/config.default.toml"), None).unwrap();
         for vm in ["work-vm", "any"] {
             assert_eq!(p.for_domain(vm), Policy::default().for_domain(vm));
+        }
+    }
+
+    #[test]
+    fn min_quantum_defaults_to_256_and_stays_in_pipewires_range() {
+        assert_eq!(Policy::default().for_domain("any").min_quantum, 256);
+        let p = Policy::parse("[vm.lowlat]\nmin_quantum = 32\n", None).unwrap();
+        assert_eq!((p.for_domain("lowlat").min_quantum, p.for_domain("other").min_quantum), (32, 256));
+        for bad in ["0", "8", "16384"] {
+            assert!(Policy::parse(&format!("[defaults]\nmin_quantum = {bad}\n"), None).is_err(), "{bad}");
         }
     }
 

@@ -178,3 +178,28 @@ fn cycles_the_host_runs_late_are_counted() {
     // been up to one cycle earlier.
     assert!(late >= 7, "a 100 ms stop made only {late} cycles late");
 }
+
+/// One guest's small period does not pull dom0's graph quantum down: by
+/// default no stream asks for a cycle below 256 frames at 48 kHz, so a
+/// guest with 128-frame periods gets two periods a cycle (its interrupts
+/// on cycle boundaries, never early, never more than a cycle late), and
+/// only a VM the policy allows (`min_quantum`) goes lower.
+#[test]
+fn a_small_guest_period_does_not_pull_the_quantum_below_dom0s_floor() {
+    let _turn = ONE_GRAPH_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut env = PwEnv::start();
+    let policy = env.dir.path().join("floor.toml");
+    std::fs::write(&policy, "[vm.lowlat-vm]\nmin_quantum = 32\n").unwrap();
+    let (sock, _log) = env.start_backend_with(&["--config", policy.to_str().unwrap()]);
+    let play = |domain: &str| {
+        let args = ["--domain", domain, "--play", "tone", "--seconds", "1.5", "--period", "128"];
+        let (ok, report, err) = env.sim(&sock, &[&args[..], &["--period-rule", "exact"]].concat());
+        assert!(ok, "{domain}: {err}");
+        assert_period_timing(&report, domain);
+        report["playback"].clone()
+    };
+    let p = play("small-vm");
+    assert!(p["min_cycle_frames"].as_u64().unwrap() >= 256, "the graph ran below the floor: {p}");
+    let p = play("lowlat-vm");
+    assert!(p["max_cycle_frames"].as_u64().unwrap() <= 64, "the allowed VM did not get its cycle: {p}");
+}

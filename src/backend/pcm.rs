@@ -279,13 +279,16 @@ impl PcmStream {
         if ch < p.channels_min || ch > p.channels_max {
             return refuse(-errno::EINVAL, format!("OPEN: {ch} channels not offered"));
         }
-        let geom = Geometry {
+        let mut geom = Geometry {
             format,
             rate: o.rate,
             channels: ch,
             buffer_bytes: o.buffer_sz,
             period_bytes: o.period_sz,
+            cycle_frames: 0,
         };
+        let floor = crate::host::quantum_floor(o.rate, self.record.min_quantum());
+        geom.cycle_frames = crate::host::cycle_frames(geom.period_frames(), floor);
         let frame = geom.frame_bytes() as u32;
         let max = p.buffer_size.min(limits::MAX_BUFFER_SIZE);
         if o.buffer_sz == 0 || o.buffer_sz > max || o.buffer_sz % frame != 0 {

@@ -186,6 +186,11 @@ pub fn policy_props(kind: StreamKind, p: &VmPolicy) -> Vec<(String, String)> {
 }
 
 impl StreamRecord {
+    /// The VM's floor for its streams' graph cycle (policy `min_quantum`).
+    pub fn min_quantum(&self) -> u32 {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner()).0.min_quantum
+    }
+
     /// The node's name and properties, with the policy's.
     pub fn spec(&self) -> StreamSpec {
         let mut spec = self.ident.spec();

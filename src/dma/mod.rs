@@ -74,6 +74,9 @@ pub struct Geometry {
     pub channels: u32,
     pub buffer_bytes: u32,
     pub period_bytes: u32,
+    /// Frames per host cycle the stream asks for (`host::cycle_frames`,
+    /// chosen at OPEN with dom0's floor).
+    pub cycle_frames: u32,
 }
 
 impl Geometry {
@@ -269,6 +272,7 @@ pub(crate) mod testing {
             channels: 2,
             buffer_bytes: 4096,
             period_bytes: 1024,
+            cycle_frames: 128,
         }
     }
 

@@ -127,11 +127,8 @@ impl HostNode for AlsaNode {
             hw.set_format(alsa_format(g.format)).with_context(|| format!("format {}", g.format.name()))?;
             hw.set_channels(g.channels).with_context(|| format!("{} channels", g.channels))?;
             hw.set_rate(g.rate, ValueOr::Nearest).with_context(|| format!("rate {}", g.rate))?;
-            hw.set_period_size_near(
-                super::cycle_frames(g.period_frames()) as alsa::pcm::Frames,
-                ValueOr::Nearest,
-            )
-            .context("period size")?;
+            hw.set_period_size_near(g.cycle_frames as alsa::pcm::Frames, ValueOr::Nearest)
+                .context("period size")?;
             hw.set_periods_near(self.config.periods, ValueOr::Nearest).context("periods")?;
             pcm.hw_params(&hw).with_context(|| format!("configuring ALSA PCM {device}"))?;
             hw.get_period_size().context("period size")? as usize

@@ -182,7 +182,7 @@ fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
             _ => (now, 0, key),
         };
         let rate = u64::from(engine.geom.rate.max(1));
-        let cycle = u64::from(super::cycle_frames(engine.geom.period_frames()));
+        let cycle = u64::from(engine.geom.cycle_frames);
         let due = now.saturating_duration_since(start).as_nanos() as u64 * rate / 1_000_000_000;
         let stride = engine.frame_bytes().max(1);
         let bytes = (cycle as usize * stride).min(scratch.len() / stride * stride);
@@ -221,7 +221,7 @@ mod tests {
         let shared = Arc::new(DmaShared::default());
         let e = engine(shared.clone());
         let (rate, stride) = (e.geom.rate as u64, e.frame_bytes() as u64);
-        let cycle = u64::from(super::super::cycle_frames(e.geom.period_frames()));
+        let cycle = u64::from(e.geom.cycle_frames);
         shared.running.store(true, Relaxed);
         let slot = Arc::new(EngineSlot::default());
         slot.install(e);

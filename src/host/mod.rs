@@ -99,10 +99,20 @@ pub fn channel_names(n: u32) -> Vec<String> {
 /// Frames per host cycle for a guest period (PipeWire's `node.latency`,
 /// the ALSA host's period): the largest power of two that is at most half
 /// the period, so cycles divide the period and every period interrupt
-/// falls on a cycle boundary.
-pub fn cycle_frames(period_frames: u32) -> u32 {
+/// falls on a cycle boundary; but never below `floor` (dom0's limit, see
+/// `quantum_floor`), so one guest's small period (or a period_sz of 0)
+/// cannot pull the whole graph's quantum down. A period under twice the
+/// floor then gets its interrupts on cycle boundaries: up to one cycle
+/// late, never early.
+pub fn cycle_frames(period_frames: u32, floor: u32) -> u32 {
     let half = (period_frames / 2).clamp(16, 8192);
-    1 << (31 - half.leading_zeros())
+    (1u32 << (31 - half.leading_zeros())).max(floor.clamp(16, 8192).next_power_of_two())
+}
+
+/// The smallest cycle, in frames at `rate`, for a limit of `min_quantum`
+/// frames at 48 kHz (the same time at every rate).
+pub fn quantum_floor(rate: u32, min_quantum: u32) -> u32 {
+    (u64::from(min_quantum) * u64::from(rate)).div_ceil(48000).min(8192) as u32
 }
 
 #[cfg(test)]
@@ -111,11 +121,24 @@ mod tests {
 
     #[test]
     fn cycles_divide_the_period() {
-        assert_eq!(cycle_frames(1024), 512);
-        assert_eq!(cycle_frames(960), 256);
-        assert_eq!(cycle_frames(441), 128);
-        assert_eq!(cycle_frames(8), 16);
-        assert_eq!(cycle_frames(1 << 20), 8192);
+        assert_eq!(cycle_frames(1024, 16), 512);
+        assert_eq!(cycle_frames(960, 16), 256);
+        assert_eq!(cycle_frames(441, 16), 128);
+        assert_eq!(cycle_frames(8, 16), 16);
+        assert_eq!(cycle_frames(1 << 20, 16), 8192);
+    }
+
+    #[test]
+    fn no_cycle_below_the_floor() {
+        let floor = quantum_floor(48000, 256);
+        assert_eq!(floor, 256);
+        assert_eq!(cycle_frames(1024, floor), 512);
+        assert_eq!(cycle_frames(128, floor), 256);
+        // period_sz 0 (no period events) gets the floor, not 16 frames.
+        assert_eq!(cycle_frames(0, floor), 256);
+        // The same time at 44.1 kHz (235 frames): the next power of two.
+        assert_eq!(cycle_frames(441, quantum_floor(44100, 256)), 256);
+        assert_eq!(cycle_frames(128, quantum_floor(48000, 32)), 64);
     }
 
     #[test]

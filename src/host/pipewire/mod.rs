@@ -66,7 +66,7 @@ enum Cmd {
     Open {
         id: u64,
         shape: Shape,
-        period_frames: u32,
+        cycle_frames: u32,
         reply: mpsc::SyncSender<anyhow::Result<()>>,
     },
     /// CLOSE: deactivate after `IDLE_AFTER` unless the stream opens again.
@@ -208,8 +208,8 @@ struct PwNode {
 impl HostNode for PwNode {
     fn start(&mut self, engine: DmaEngine) -> anyhow::Result<()> {
         drop(self.slot.take());
-        let (id, shape, period_frames) = (self.id, Shape::of(&engine.geom), engine.geom.period_frames());
-        ask(&self.tx, |reply| Cmd::Open { id, shape, period_frames, reply })?;
+        let (id, shape, cycle_frames) = (self.id, Shape::of(&engine.geom), engine.geom.cycle_frames);
+        ask(&self.tx, |reply| Cmd::Open { id, shape, cycle_frames, reply })?;
         self.slot.install(engine);
         Ok(())
     }
@@ -321,14 +321,14 @@ impl State {
                 self.refresh_unreported();
                 let _ = reply.send(Ok(()));
             }
-            Cmd::Open { id, shape, period_frames, reply } => {
+            Cmd::Open { id, shape, cycle_frames, reply } => {
                 let r = match self.entries.borrow_mut().get_mut(&id) {
                     Some(e) => {
                         e.generation += 1;
-                        e.open = Some((shape, period_frames));
+                        e.open = Some((shape, cycle_frames));
                         match e.live.as_mut() {
                             Some(n) => {
-                                if let Err(err) = n.open(shape, period_frames) {
+                                if let Err(err) = n.open(shape, cycle_frames) {
                                     // The daemon went away a moment ago
                                     // (its news is still on its way), or
                                     // the node broke: make it again.

@@ -117,9 +117,10 @@ fn format_pod(shape: Shape) -> anyhow::Result<Vec<u8>> {
     .into_inner())
 }
 
-/// `node.latency` for a guest period: the quantum divides the period.
-fn latency(shape: Shape, period_frames: u32) -> String {
-    format!("{}/{}", crate::host::cycle_frames(period_frames), shape.rate)
+/// `node.latency` for the stream's cycle (`host::cycle_frames`: it divides
+/// the period, and is not below dom0's floor).
+fn latency(shape: Shape, cycle_frames: u32) -> String {
+    format!("{cycle_frames}/{}", shape.rate)
 }
 
 /// The shape of a negotiated Format param.
@@ -228,9 +229,9 @@ impl Node {
     /// when they changed) and activates the node. The node's volume is
     /// the dom0 user's: xen-vsnd applies the guest's own volume to its
     /// samples (`dma::controls`).
-    pub fn open(&mut self, shape: Shape, period_frames: u32) -> anyhow::Result<()> {
-        if self.offered != (shape, period_frames) {
-            let latency = latency(shape, period_frames);
+    pub fn open(&mut self, shape: Shape, cycle_frames: u32) -> anyhow::Result<()> {
+        if self.offered != (shape, cycle_frames) {
+            let latency = latency(shape, cycle_frames);
             self.update_properties(&[
                 (pw::keys::NODE_LATENCY.to_string(), latency),
                 ("node.rate".to_string(), format!("1/{}", shape.rate)),
@@ -245,7 +246,7 @@ impl Node {
                 let pod = Pod::from_bytes(&bytes).ok_or_else(|| anyhow!("format pod"))?;
                 self.stream.update_params(&mut [pod]).context("renegotiating the node's format")?;
             }
-            self.offered = (shape, period_frames);
+            self.offered = (shape, cycle_frames);
         }
         self.stream.set_active(true).context("activating the node")?;
         self.active = true;
