@@ -25,12 +25,9 @@ pub struct Dangling {
 
 /// Every vsnd card libxl attached whose backend directory no longer exists.
 pub fn dangling(store: &dyn XenStore) -> Vec<Dangling> {
-    let numbers = |p: &str| -> Vec<u32> {
-        store.directory(p).unwrap_or_default().iter().filter_map(|s| s.parse().ok()).collect()
-    };
     let mut out = Vec::new();
-    for domid in numbers("/libxl") {
-        for devid in numbers(&format!("/libxl/{domid}/device/vsnd")) {
+    for domid in store.child_ids("/libxl") {
+        for devid in store.child_ids(&format!("/libxl/{domid}/device/vsnd")) {
             let Ok(Some(be)) = store.read(&format!("/libxl/{domid}/device/vsnd/{devid}/backend")) else {
                 continue;
             };

@@ -77,9 +77,9 @@ impl<'a> Voucher<'a> {
     /// many names were written.
     pub fn all(&self) -> usize {
         let mut written = 0;
-        for b in self.numbers("/local/domain") {
-            for f in self.numbers(&format!("/local/domain/{b}/backend/vsnd")) {
-                for devid in self.numbers(&format!("/local/domain/{b}/backend/vsnd/{f}")) {
+        for b in self.store.child_ids("/local/domain") {
+            for f in self.store.child_ids(&format!("/local/domain/{b}/backend/vsnd")) {
+                for devid in self.store.child_ids(&format!("/local/domain/{b}/backend/vsnd/{f}")) {
                     written += usize::from(self.device(Device { backend: b, frontend: f, devid }));
                 }
             }
@@ -93,8 +93,8 @@ impl<'a> Voucher<'a> {
             Change::Device(d) => usize::from(self.device(d)),
             Change::Name(f) => {
                 let mut written = 0;
-                for b in self.numbers("/local/domain") {
-                    for devid in self.numbers(&format!("/local/domain/{b}/backend/vsnd/{f}")) {
+                for b in self.store.child_ids("/local/domain") {
+                    for devid in self.store.child_ids(&format!("/local/domain/{b}/backend/vsnd/{f}")) {
                         written += usize::from(self.device(Device { backend: b, frontend: f, devid }));
                     }
                 }
@@ -103,10 +103,6 @@ impl<'a> Voucher<'a> {
             Change::Other if path == "/local/domain" => self.all(),
             Change::Other => 0,
         }
-    }
-
-    fn numbers(&self, path: &str) -> Vec<u32> {
-        self.store.directory(path).unwrap_or_default().iter().filter_map(|s| s.parse().ok()).collect()
     }
 
     /// Writes the frontend's name into the device's backend directory when

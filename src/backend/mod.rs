@@ -137,17 +137,12 @@ impl Dispatcher {
     fn rescan(&mut self, domid: Option<u32>) {
         self.reap();
         let doms = match domid {
-            Some(d) => vec![d.to_string()],
-            None => self.s.store.directory(&self.root).unwrap_or_default(),
+            Some(d) => vec![d],
+            None => self.s.store.child_ids(&self.root),
         };
         for dom in doms {
-            let Ok(domid) = dom.parse::<u32>() else {
-                continue;
-            };
-            for dev in self.s.store.directory(&format!("{}/{dom}", self.root)).unwrap_or_default() {
-                if let Ok(devid) = dev.parse::<u32>() {
-                    self.add(domid, devid);
-                }
+            for devid in self.s.store.child_ids(&format!("{}/{dom}", self.root)) {
+                self.add(dom, devid);
             }
         }
         for (_, (w, _)) in self.devices.iter().filter(|((d, _), _)| domid.map_or(true, |x| x == *d)) {

@@ -27,6 +27,11 @@ pub trait XenStore: Send + Sync {
     fn write(&self, path: &str, value: &str) -> anyhow::Result<()>;
     /// Names of the children of `path`; empty when it does not exist.
     fn directory(&self, path: &str) -> anyhow::Result<Vec<String>>;
+    /// The numeric children of `path` (domain ids, device ids); others
+    /// are skipped, and a path that cannot be listed has none.
+    fn child_ids(&self, path: &str) -> Vec<u32> {
+        self.directory(path).unwrap_or_default().iter().filter_map(|s| s.parse().ok()).collect()
+    }
     fn rm(&self, path: &str) -> anyhow::Result<()>;
     /// Fires once right away and then on every change at or below `path`.
     fn watch(&self, path: &str, token: &str) -> anyhow::Result<()>;

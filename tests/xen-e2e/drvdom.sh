@@ -17,13 +17,8 @@ trap 'echo "GUEST: powering off"; poweroff -f' USR2 TERM
 echo "GUEST: kernel $(uname -r)"
 ls -l /dev/xen | sed 's/^/GUEST: dev /'
 
-wait_until() {
-    local end=$(($(date +%s) + $1)); shift
-    until "$@" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt $end ] || return 1
-        sleep 0.2
-    done
-}
+# wait_until and the step loop (serve_steps).
+. /steps.sh
 export XDG_RUNTIME_DIR=/tmp/pw PIPEWIRE_RUNTIME_DIR=/tmp/pw XDG_CONFIG_HOME=/drvdom HOME=/tmp
 mkdir -p /tmp/pw
 # PipeWire with the null sink (/drvdom/pipewire/pipewire.conf.d), then
@@ -66,5 +61,4 @@ run_step() {
 
 # On a failure, what xen-vsnd said last.
 step_failed() { tail -20 /tmp/vsnd.log | sed 's/^/GUEST-VSND: /'; }
-. /steps.sh
 serve_steps '^compare:\|^nodes:\|^status:'

@@ -39,14 +39,8 @@ BUF="-B 2500000 -F 200000"
 # and WirePlumber's link each start slowly): more than twice that.
 CAPTURE_SECONDS=22 CAPTURE_FRAMES=1056000
 
-# wait_until <seconds> <command...>: polls until the command succeeds.
-wait_until() {
-    local end=$(($(date +%s) + $1)); shift
-    until "$@" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt $end ] || return 1
-        sleep 0.1
-    done
-}
+# wait_until and the step loop (serve_steps).
+. /steps.sh
 pcm=/proc/asound/card0/pcm0p/sub0 pcmc=/proc/asound/card0/pcm0c/sub0
 # pcm_ptr <pcm> <hw_ptr|appl_ptr>: a PCM's pointer, in frames.
 pcm_ptr() { sed -n "s/^$2 *: *//p" $1/status; }
@@ -225,5 +219,4 @@ run_step() {
     esac
 }
 
-. /steps.sh
 serve_steps '^compare:\|^guest-latency:\|^pipewire:\|^zeros:'

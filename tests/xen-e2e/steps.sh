@@ -1,7 +1,17 @@
-# Sourced by guest.sh and drvdom.sh (each defines run_step): runs the
-# steps dom0 asks for, for ever. dom0 writes a step name to the domain's
-# own xenstore key data/go; the step runs and its outcome goes to the
-# console as `GUEST: <step> ok <its lines matching $1>` or
+# Sourced by guest.sh and drvdom.sh (each defines run_step).
+
+# wait_until <seconds> <command...>: polls until the command succeeds.
+wait_until() {
+    local end=$(($(date +%s) + $1)); shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -lt $end ] || return 1
+        sleep 0.1
+    done
+}
+
+# serve_steps <regex>: runs the steps dom0 asks for, for ever. dom0
+# writes a step name to the domain's own xenstore key data/go; the step
+# runs and its outcome goes to the console as `GUEST: <step> ok <its lines matching $1>` or
 # `GUEST: <step> failed: <its last lines>`, which dom0 reads.
 # step_failed, when defined, adds what a failure needs to be understood.
 serve_steps() {
