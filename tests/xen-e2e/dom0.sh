@@ -26,6 +26,7 @@ check() {
     if "$@"; then echo "XE: PASS $step [${SECONDS}s]"; else echo "XE: FAIL $step${why:+: $why} [${SECONDS}s]"; fi
     why=
     save_logs
+    touch /run/last-check
 }
 # stop <pid> <signal>: signals a process and waits for it, 5 s at most.
 stop() {
@@ -111,6 +112,20 @@ mkdir -p /run/xen /var/log/xen/console
 # Logs reach the host every few seconds too, so a run that hangs still
 # leaves them.
 ( while sleep 10; do cp /run/*.log /var/log/xen/console/*.log* $out/ 2>/dev/null; done ) &
+# A stall reporter: when no check has ended for 600 s (the longest gap
+# between two checks is under 120 s), what every process waits on, the
+# domains, and the kernel's last words go to out/stall.log, once per stall;
+# the run prints it. (One CI run hung after a guest's xl destroy with
+# nothing to say why.)
+touch /run/last-check
+( while sleep 30; do
+    [ -n "$(find /run/last-check -mmin -10)" ] && continue
+    [ -e /run/stall-reported ] && [ /run/stall-reported -nt /run/last-check ] && continue
+    { date; ps -eo pid,stat,wchan:32,etime,args; xl list; dmesg | tail -40
+      for p in $(pgrep -x xl); do echo "xl $p:"; cat /proc/$p/stack; done; } >$out/stall.log 2>&1
+    touch /run/stall-reported
+    echo "XE: stall: no check for 600 s (out/stall.log)"
+  done ) &
 xenstored --pid-file /run/xenstored.pid
 xen-init-dom0 >/dev/null
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
@@ -304,7 +319,7 @@ boot_guest() {
 }
 # destroy_guest <label>: xl destroy, and nothing of the guest is left.
 destroy_guest() {
-    why=$(xl destroy $guest 2>&1 | tr '\n' ' ')
+    why=$(timeout -k 5 120 xl destroy $guest 2>&1 | tr '\n' ' ')
     check "$1xl destroy: the toolstack removes the device" sh -c "! xl domid $guest >/dev/null 2>&1"
     check "$1after xl destroy: no backend state, grant maps or event channels left" wait_for 30 released $domid
 }
@@ -514,7 +529,7 @@ check "${L}the guest records what the driver domain plays, intact" guest_step_ok
 # gone) and attaches it again with the configuration dom0 keeps; the guest
 # plays through the new driver domain.
 old_drvid=$drvid
-xl destroy drvdom
+timeout -k 5 120 xl destroy drvdom
 mv $drvlog $drvlog.1
 check "${L}the driver domain created again" boot_drvdom
 echo "XE: driver domain is domain $drvid now (was $old_drvid)"
@@ -531,7 +546,7 @@ check "${L}after the restart: the card attached again, both ends Connected" stat
 check "${L}after the restart: dom0 vouched for the name to the new driver domain" \
     sh -c "[ \"\$(xenstore-read /local/domain/$drvid/backend/vsnd/$domid/$devid/domain-name)\" = drvguest ]"
 drv_play_intact 2 "${L}after the restart: "
-why=$(xl destroy $guest 2>&1; xl destroy drvdom 2>&1)
+why=$(timeout -k 5 120 xl destroy $guest 2>&1; timeout -k 5 120 xl destroy drvdom 2>&1)
 check "${L}guest and driver domain destroyed" sh -c "! xl domid $guest && ! xl domid drvdom" 
 stop $voucher TERM
 fi
