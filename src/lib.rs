@@ -18,6 +18,6 @@ pub mod logging;
 pub mod policy;
 pub mod reattach;
 pub mod sim;
-pub mod sndif;
+pub use xen_sndif as sndif;
 pub mod vouch;
 pub mod xen;

@@ -7,8 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use xen_vsnd::backend::registry::Registry;
 use xen_vsnd::control::{self, server::ControlServer, Reply, Request};
+#[cfg(feature = "alsa")]
 use xen_vsnd::host::alsa::{AlsaConfig, AlsaHost};
+#[cfg(feature = "jack")]
 use xen_vsnd::host::jack::{JackConfig, JackConnect, JackHost};
+use xen_vsnd::host::null::NullHost;
+#[cfg(feature = "pipewire")]
 use xen_vsnd::host::pipewire::{PipeWireConfig, PipeWireHost};
 use xen_vsnd::host::HostBackend;
 use xen_vsnd::sim::{self, SimOptions};
@@ -44,32 +48,18 @@ enum Cmd {
         /// Where guest streams go: `pipewire` nodes, `jack` clients (of the
         /// default server or $JACK_DEFAULT_SERVER; guests then run at the
         /// server's rate), or `alsa` PCMs of their own (--alsa-device).
-        #[arg(long, value_enum, default_value = "pipewire")]
+        /// `null`: play nowhere and record silence, on a clock of its own.
+        #[arg(long, value_enum, default_value = DEFAULT_HOST)]
         host: HostKind,
-        /// ALSA: the device guest streams play on and record from (e.g.
-        /// default, plughw:1,0, dmix); --alsa-capture-device sets capture's.
-        #[arg(long, value_name = "DEVICE", default_value = "default")]
-        alsa_device: String,
-        /// ALSA: the device guest capture streams record from (default:
-        /// --alsa-device).
-        #[arg(long, value_name = "DEVICE")]
-        alsa_capture_device: Option<String>,
-        /// ALSA: periods per device buffer (each period is half the guest's
-        /// period, rounded down to a power of two).
-        #[arg(long, default_value_t = 4)]
-        alsa_periods: u32,
-        /// JACK: where each new stream's ports are connected, channel by
-        /// channel: `physical` (the server's physical ports), `none`, or a
-        /// regular expression over full port names (e.g. '^mixer:').
-        #[arg(long, value_name = "PORTS", default_value = "physical")]
-        jack_connect: String,
-        /// PipeWire remote to connect to (default: $PIPEWIRE_REMOTE or pipewire-0).
-        #[arg(long)]
-        pipewire_remote: Option<String>,
-        /// Extra PipeWire property for every guest node, KEY=VALUE; may be
-        /// repeated (e.g. node.autoconnect=false to link nodes yourself).
-        #[arg(long = "node-property", value_name = "KEY=VALUE", value_parser = parse_prop)]
-        node_properties: Vec<(String, String)>,
+        #[cfg(feature = "alsa")]
+        #[command(flatten)]
+        alsa: AlsaArgs,
+        #[cfg(feature = "jack")]
+        #[command(flatten)]
+        jack: JackArgs,
+        #[cfg(feature = "pipewire")]
+        #[command(flatten)]
+        pipewire: PipeWireArgs,
         /// Log each open stream's figures (cycles, callback time, under- and
         /// overruns, late cycles, delay) every this many seconds.
         #[arg(long, value_name = "SECONDS")]
@@ -88,11 +78,6 @@ enum Cmd {
         /// beside a loopback transport's socket).
         #[arg(long, value_name = "PATH")]
         control_socket: Option<PathBuf>,
-        /// PipeWire host: do not connect by name; use the PipeWire of the
-        /// desktop sessions that register (`xen-vsnd session`). For the
-        /// system service, which cannot reach a user's runtime directory.
-        #[arg(long, conflicts_with = "pipewire_remote")]
-        pipewire_from_sessions: bool,
     },
     /// Show every guest stream of a running serve: state, format, period,
     /// quantum, delay, under- and overruns, late cycles, node, policy.
@@ -195,6 +180,53 @@ enum Cmd {
     },
 }
 
+/// The ALSA host's options.
+#[cfg(feature = "alsa")]
+#[derive(clap::Args)]
+struct AlsaArgs {
+    /// ALSA: the device guest streams play on and record from (e.g.
+    /// default, plughw:1,0, dmix); --alsa-capture-device sets capture's.
+    #[arg(long, value_name = "DEVICE", default_value = "default")]
+    alsa_device: String,
+    /// ALSA: the device guest capture streams record from (default:
+    /// --alsa-device).
+    #[arg(long, value_name = "DEVICE")]
+    alsa_capture_device: Option<String>,
+    /// ALSA: periods per device buffer (each period is half the guest's
+    /// period, rounded down to a power of two).
+    #[arg(long, default_value_t = 4)]
+    alsa_periods: u32,
+}
+
+/// The JACK host's options.
+#[cfg(feature = "jack")]
+#[derive(clap::Args)]
+struct JackArgs {
+    /// JACK: where each new stream's ports are connected, channel by
+    /// channel: `physical` (the server's physical ports), `none`, or a
+    /// regular expression over full port names (e.g. '^mixer:').
+    #[arg(long, value_name = "PORTS", default_value = "physical")]
+    jack_connect: String,
+}
+
+/// The PipeWire host's options.
+#[cfg(feature = "pipewire")]
+#[derive(clap::Args)]
+struct PipeWireArgs {
+    /// PipeWire remote to connect to (default: $PIPEWIRE_REMOTE or pipewire-0).
+    #[arg(long)]
+    pipewire_remote: Option<String>,
+    /// Extra PipeWire property for every guest node, KEY=VALUE; may be
+    /// repeated (e.g. node.autoconnect=false to link nodes yourself).
+    #[arg(long = "node-property", value_name = "KEY=VALUE", value_parser = parse_prop)]
+    node_properties: Vec<(String, String)>,
+    /// PipeWire host: do not connect by name; use the PipeWire of the
+    /// desktop sessions that register (`xen-vsnd session`). For the
+    /// system service, which cannot reach a user's runtime directory.
+    #[arg(long, conflicts_with = "pipewire_remote")]
+    pipewire_from_sessions: bool,
+}
+
 fn main() {
     xen_vsnd::logging::init();
     let cli = Cli::parse();
@@ -202,37 +234,40 @@ fn main() {
         Cmd::Serve {
             transport,
             host,
-            jack_connect,
-            alsa_device,
-            alsa_capture_device,
-            alsa_periods,
-            pipewire_remote,
-            node_properties,
+            #[cfg(feature = "alsa")]
+            alsa,
+            #[cfg(feature = "jack")]
+            jack,
+            #[cfg(feature = "pipewire")]
+            pipewire,
             stats_interval,
             no_delay_report,
             config,
             control_socket,
-            pipewire_from_sessions,
         } => serve(
             &transport,
             match host {
+                #[cfg(feature = "pipewire")]
                 HostKind::Pipewire => HostChoice::PipeWire(PipeWireConfig {
-                    remote: pipewire_remote,
-                    node_props: node_properties,
-                    handoff: pipewire_from_sessions.then(Default::default),
+                    remote: pipewire.pipewire_remote,
+                    node_props: pipewire.node_properties,
+                    handoff: pipewire.pipewire_from_sessions.then(Default::default),
                 }),
+                #[cfg(feature = "alsa")]
                 HostKind::Alsa => HostChoice::Alsa(AlsaConfig {
-                    capture_device: alsa_capture_device.unwrap_or_else(|| alsa_device.clone()),
-                    playback_device: alsa_device,
-                    periods: alsa_periods,
+                    capture_device: alsa.alsa_capture_device.unwrap_or_else(|| alsa.alsa_device.clone()),
+                    playback_device: alsa.alsa_device,
+                    periods: alsa.alsa_periods,
                 }),
+                #[cfg(feature = "jack")]
                 HostKind::Jack => HostChoice::Jack(JackConfig {
-                    connect: match jack_connect.as_str() {
+                    connect: match jack.jack_connect.as_str() {
                         "physical" => JackConnect::Physical,
                         "none" => JackConnect::Nowhere,
                         pattern => JackConnect::Matching(pattern.to_owned()),
                     },
                 }),
+                HostKind::Null => HostChoice::Null,
             },
             xen_vsnd::backend::Options {
                 stats_interval: stats_interval.map(std::time::Duration::from_secs_f64),
@@ -288,6 +323,7 @@ fn assets(out: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "pipewire")]
 fn parse_prop(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -315,17 +351,30 @@ enum MicWord {
     Deny,
 }
 
+/// The hosts this build has (one cargo feature each), and the null host.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum HostKind {
+    #[cfg(feature = "pipewire")]
     Pipewire,
+    #[cfg(feature = "jack")]
     Jack,
+    #[cfg(feature = "alsa")]
     Alsa,
+    /// Play nowhere, record silence, on a clock of its own.
+    Null,
 }
 
+/// The default host: PipeWire when built in.
+const DEFAULT_HOST: &str = if cfg!(feature = "pipewire") { "pipewire" } else { "null" };
+
 enum HostChoice {
+    #[cfg(feature = "pipewire")]
     PipeWire(PipeWireConfig),
+    #[cfg(feature = "jack")]
     Jack(JackConfig),
+    #[cfg(feature = "alsa")]
     Alsa(AlsaConfig),
+    Null,
 }
 
 fn serve(
@@ -342,14 +391,19 @@ fn serve(
     // Before anything touches the transport or the host.
     let _instance =
         xen_vsnd::backend::instance::claim(&xen_vsnd::backend::instance::transport_key(transport))?;
-    let mut handoff = None;
+    let handoff = match &host {
+        #[cfg(feature = "pipewire")]
+        HostChoice::PipeWire(c) => c.handoff.clone(),
+        _ => None,
+    };
     let host: Arc<dyn HostBackend> = match host {
-        HostChoice::PipeWire(c) => {
-            handoff = c.handoff.clone();
-            Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?)
-        }
+        #[cfg(feature = "pipewire")]
+        HostChoice::PipeWire(c) => Arc::new(PipeWireHost::start(c).context("starting the PipeWire host")?),
+        #[cfg(feature = "jack")]
         HostChoice::Jack(c) => Arc::new(JackHost::start(c).context("starting the JACK host")?),
+        #[cfg(feature = "alsa")]
         HostChoice::Alsa(c) => Arc::new(AlsaHost::new(c)),
+        HostChoice::Null => Arc::new(NullHost::clocked().context("starting the null host's clock")?),
     };
     let t = if transport == "xen" {
         linux::open().context("opening the Xen transport (/dev/xen)")?

@@ -10,10 +10,10 @@ use super::registry::StreamRecord;
 use crate::dma::{DmaEngine, DmaShared, EventIndex, EventRing, Geometry};
 use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::config::limits;
-use crate::sndif::wire::{pages_for, GREFS_PER_DIR_PAGE, MSG_SIZE};
+use crate::sndif::wire::{pages_for, walk_directory, MSG_SIZE};
+use crate::sndif::PAGE_SIZE;
 use crate::sndif::{errno, HwParam, OpenReq, PcmFormat, Request, Response, RwReq, StreamConfig, StreamKind};
 use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -308,41 +308,16 @@ impl PcmStream {
     }
 
     /// Follows the page directory chain from `first` and collects exactly
-    /// `count` buffer grefs. Refuses chains that are too short, too long,
-    /// loop, or whose pages cannot be mapped.
+    /// `count` buffer grefs (`wire::walk_directory`), mapping each
+    /// directory page in turn and copying it out once.
     fn read_directory(&self, first: u32, count: usize) -> Result<Vec<u32>, Refusal> {
-        let dirs = count.div_ceil(GREFS_PER_DIR_PAGE);
-        let mut grefs = Vec::with_capacity(count);
-        let mut seen = HashSet::new();
-        let mut dir = first;
-        for _ in 0..dirs {
-            if !seen.insert(dir) {
-                return refuse(-errno::EINVAL, "OPEN: page directory loops");
-            }
-            let page = self
-                .grants
-                .map(self.ident.domid, &[dir])
-                .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: directory page {dir}: {e:#}")))?;
-            // Copy the page out once; the guest may keep changing it.
-            let mut raw = vec![0u8; crate::sndif::PAGE_SIZE];
+        walk_directory(first, count, |gref| {
+            let page = self.grants.map(self.ident.domid, &[gref])?;
+            let mut raw = [0u8; PAGE_SIZE];
             page.copy_out(0, &mut raw);
-            let word =
-                |i: usize| u32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]);
-            let next = word(0);
-            let take = GREFS_PER_DIR_PAGE.min(count - grefs.len());
-            grefs.extend((1..=take).map(word));
-            if grefs.len() == count {
-                if next != 0 {
-                    return refuse(-errno::EINVAL, "OPEN: page directory longer than the buffer");
-                }
-                return Ok(grefs);
-            }
-            if next == 0 {
-                return refuse(-errno::EINVAL, "OPEN: page directory shorter than the buffer");
-            }
-            dir = next;
-        }
-        refuse(-errno::EINVAL, "OPEN: page directory shorter than the buffer")
+            Ok::<_, anyhow::Error>(raw)
+        })
+        .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: {e}")))
     }
 
     fn open(&mut self, o: &OpenReq) -> Result<(), Refusal> {
@@ -595,8 +570,8 @@ mod tests {
     use crate::dma::testing::NullChannel;
     use crate::host::HostNode;
     use crate::policy::Policy;
+    use crate::sndif::config::example::libxl_dump;
     use crate::sndif::config::parse_card;
-    use crate::sndif::config::tests::libxl_dump;
     use crate::sndif::trigger;
     use crate::sndif::wire::GREFS_PER_DIR_PAGE;
     use crate::sndif::PAGE_SIZE;

@@ -8,6 +8,7 @@
 //! status or hand over its PipeWire still cannot allow a guest the
 //! microphone.
 
+pub mod handoff;
 pub mod server;
 pub mod session;
 

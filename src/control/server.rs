@@ -1,9 +1,9 @@
 //! `serve`'s end of the control socket: a thread that answers `status`,
 //! applies `ctl` (and SIGHUP: a reload), and registers desktop sessions.
 
+use super::handoff::Handoff;
 use super::{Reply, Request};
 use crate::backend::registry::Registry;
-use crate::host::pipewire::handoff::Handoff;
 use crate::ipc;
 use anyhow::Context;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

@@ -1,7 +1,7 @@
 //! `xen-vsnd session`: the desktop user's small part of the system
 //! service. It registers with `serve` over the control socket and, each
 //! time the service asks, connects to this user's PipeWire and hands the
-//! connected socket over (`host::pipewire::handoff`). It has no access to
+//! connected socket over (`control::handoff`). It has no access to
 //! Xen and moves no audio.
 
 use super::{FromSession, Reply, Request, ToSession};

@@ -1,11 +1,15 @@
 //! Host audio backends: where a guest stream's frames go to / come from.
 //! One trait; PipeWire is the default implementation, JACK and plain ALSA
-//! the others.
+//! the others (each a cargo feature), and the null host, always there.
 
+#[cfg(feature = "alsa")]
 pub mod alsa;
 pub mod convert;
 pub mod fallback;
+#[cfg(feature = "jack")]
 pub mod jack;
+pub mod null;
+#[cfg(feature = "pipewire")]
 pub mod pipewire;
 pub mod punctuality;
 pub mod realtime;

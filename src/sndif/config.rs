@@ -243,10 +243,11 @@ pub fn parse_card(src: &dyn ConfigSource) -> Result<CardConfig, String> {
     })
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use std::collections::BTreeMap;
+/// A card configuration held in memory: for tests, fuzzing, and a
+/// frontend or toolstack that builds one before writing it to xenstore.
+pub mod example {
+    use super::ConfigSource;
+    use std::collections::{BTreeMap, BTreeSet};
 
     /// A flat key → value map standing in for a xenstore directory.
     pub struct MapSource(pub BTreeMap<String, String>);
@@ -257,19 +258,20 @@ pub(crate) mod tests {
         }
         fn list(&self, rel: &str) -> Vec<String> {
             let prefix = if rel.is_empty() { String::new() } else { format!("{rel}/") };
-            let mut out: Vec<String> = self
+            // Each child once, as xenstore lists them ("0" and "0/x" both
+            // name child "0"; "0-a" sorts between them).
+            let children: BTreeSet<&str> = self
                 .0
                 .keys()
                 .filter_map(|k| k.strip_prefix(&prefix))
                 .filter_map(|rest| rest.split('/').next())
-                .map(str::to_string)
                 .collect();
-            out.dedup();
-            out
+            children.into_iter().map(str::to_string).collect()
         }
     }
 
-    /// What libxl 4.17 wrote for the DESIGN.md example.
+    /// What libxl 4.17 writes for a card like the example in xl.cfg(5):
+    /// one PCM with a playback and a capture stream.
     pub fn libxl_dump() -> MapSource {
         let kv = [
             ("short-name", "XenSnd"),
@@ -290,6 +292,12 @@ pub(crate) mod tests {
         ];
         MapSource(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::example::libxl_dump;
+    use super::*;
 
     #[test]
     fn parses_the_libxl_dump() {

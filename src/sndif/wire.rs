@@ -47,6 +47,72 @@ pub fn pages_for(buffer_sz: u32) -> usize {
     (buffer_sz as usize).div_ceil(PAGE_SIZE)
 }
 
+/// Why a buffer's page directory cannot be followed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryError {
+    /// A directory page's gref was seen before in this chain.
+    Loops { gref: u32 },
+    /// The chain ends (next = 0) before it listed every buffer page.
+    TooShort { listed: usize, needed: usize },
+    /// The page that lists the last buffer page names a next one.
+    TooLong,
+    /// A directory page could not be read (not granted, not mappable).
+    Unreadable { gref: u32, why: String },
+}
+
+impl std::fmt::Display for DirectoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Loops { gref } => write!(f, "page directory loops (gref {gref} twice)"),
+            Self::TooShort { listed, needed } => {
+                write!(f, "page directory shorter than the buffer ({listed} of {needed} pages)")
+            }
+            Self::TooLong => write!(f, "page directory longer than the buffer"),
+            Self::Unreadable { gref, why } => write!(f, "directory page {gref}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for DirectoryError {}
+
+/// Follows a buffer's page directory (`struct xensnd_page_directory`: a
+/// `next` gref, then grefs) from the page `first` and collects exactly
+/// `count` buffer grefs. `read_page(gref)` copies one directory page out of
+/// the guest's memory, once: the walk only ever looks at that copy. Chains
+/// that loop, end early, or go on past the last buffer page are refused;
+/// at most `count.div_ceil(GREFS_PER_DIR_PAGE)` pages are read, whatever
+/// the guest wrote.
+pub fn walk_directory<E: std::fmt::Display>(
+    first: u32,
+    count: usize,
+    mut read_page: impl FnMut(u32) -> Result<[u8; PAGE_SIZE], E>,
+) -> Result<Vec<u32>, DirectoryError> {
+    let pages = count.div_ceil(GREFS_PER_DIR_PAGE);
+    let mut grefs = Vec::with_capacity(count);
+    let mut seen = Vec::with_capacity(pages);
+    let mut dir = first;
+    for _ in 0..pages {
+        if seen.contains(&dir) {
+            return Err(DirectoryError::Loops { gref: dir });
+        }
+        seen.push(dir);
+        let raw = read_page(dir).map_err(|e| DirectoryError::Unreadable { gref: dir, why: e.to_string() })?;
+        let word =
+            |i: usize| u32::from_le_bytes([raw[i * 4], raw[i * 4 + 1], raw[i * 4 + 2], raw[i * 4 + 3]]);
+        let next = word(0);
+        let take = GREFS_PER_DIR_PAGE.min(count - grefs.len());
+        grefs.extend((1..=take).map(word));
+        if grefs.len() == count {
+            return if next == 0 { Ok(grefs) } else { Err(DirectoryError::TooLong) };
+        }
+        if next == 0 {
+            break;
+        }
+        dir = next;
+    }
+    Err(DirectoryError::TooShort { listed: grefs.len(), needed: count })
+}
+
 fn u16_at(b: &[u8; MSG_SIZE], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
@@ -305,6 +371,54 @@ pub fn decode_event(b: &[u8; MSG_SIZE]) -> (u16, u8, u64, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    /// Directory pages by gref: (next, entries).
+    fn dir_pages(pages: &[(u32, u32, Vec<u32>)]) -> HashMap<u32, [u8; PAGE_SIZE]> {
+        let mut out = HashMap::new();
+        for (gref, next, entries) in pages {
+            let mut p = [0u8; PAGE_SIZE];
+            p[..4].copy_from_slice(&next.to_le_bytes());
+            for (i, e) in entries.iter().enumerate() {
+                p[4 + i * 4..8 + i * 4].copy_from_slice(&e.to_le_bytes());
+            }
+            out.insert(*gref, p);
+        }
+        out
+    }
+
+    fn walk(
+        pages: &HashMap<u32, [u8; PAGE_SIZE]>,
+        first: u32,
+        count: usize,
+    ) -> Result<Vec<u32>, DirectoryError> {
+        walk_directory(first, count, |g| pages.get(&g).copied().ok_or("not granted"))
+    }
+
+    #[test]
+    fn directory_walks() {
+        let full: Vec<u32> = (100..100 + GREFS_PER_DIR_PAGE as u32).collect();
+        let two = dir_pages(&[(1, 2, full.clone()), (2, 0, vec![7, 8])]);
+        let got = walk(&two, 1, GREFS_PER_DIR_PAGE + 2).unwrap();
+        assert_eq!((got.len(), got[0], got[GREFS_PER_DIR_PAGE + 1]), (GREFS_PER_DIR_PAGE + 2, 100, 8));
+        // The second page ends the chain but the buffer needs a third.
+        let (n, more) = (2 * GREFS_PER_DIR_PAGE, 2 * GREFS_PER_DIR_PAGE + 1);
+        assert_eq!(walk(&two, 1, more), Err(DirectoryError::TooShort { listed: n, needed: more }));
+        // The first page names a next one, but it already held every page.
+        assert_eq!(walk(&two, 1, 5), Err(DirectoryError::TooLong));
+        let looped = dir_pages(&[(1, 2, full.clone()), (2, 1, full.clone())]);
+        assert_eq!(walk(&looped, 1, 3 * GREFS_PER_DIR_PAGE), Err(DirectoryError::Loops { gref: 1 }));
+        let dangling = dir_pages(&[(1, 9, full)]);
+        assert!(matches!(
+            walk(&dangling, 1, 2 * GREFS_PER_DIR_PAGE),
+            Err(DirectoryError::Unreadable { gref: 9, .. })
+        ));
+        // No pages asked for: nothing is read.
+        assert_eq!(
+            walk_directory(1, 0, |_| Err::<[u8; PAGE_SIZE], _>("read")),
+            Err(DirectoryError::TooShort { listed: 0, needed: 0 })
+        );
+    }
 
     #[test]
     fn ring_geometry() {

@@ -5,6 +5,7 @@
 
 pub mod linux;
 pub mod loopback;
+pub mod memory;
 pub mod shared;
 
 use std::os::fd::RawFd;

@@ -22,10 +22,10 @@
 //! open streams continuing on it where the fallback clock left them.
 
 mod graph;
-pub mod handoff;
 mod node;
 mod rt;
 
+use crate::control::handoff::Handoff;
 use crate::dma::DmaEngine;
 use crate::host::fallback::FallbackClock;
 use crate::host::slot::EngineSlot;
@@ -33,7 +33,6 @@ use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::{PcmFormat, StreamKind};
 use anyhow::{anyhow, Context};
 use graph::{Graph, Kind};
-use handoff::Handoff;
 use node::Node;
 use pipewire as pw;
 use std::cell::{Cell, RefCell};

@@ -13,13 +13,10 @@ mod store;
 
 use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore};
 use anyhow::{anyhow, bail, Context};
-use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 use proto::{GuestMsg, HvMsg};
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::{mpsc, Arc, Mutex};
 use store::Tree;
 
@@ -311,46 +308,7 @@ impl GrantMapper for Hypervisor {
             let g = st.guests.get(&domid).ok_or_else(|| anyhow!("no domain {domid}"))?;
             (g.memfd.clone(), g.pages)
         };
-        if grefs.is_empty() {
-            bail!("no grant references");
-        }
-        // gref 0 is never handed to PV drivers on Xen either.
-        if let Some(bad) = grefs.iter().find(|g| **g == 0 || **g >= pages) {
-            bail!("grant reference {bad} of domain {domid} is not granted");
-        }
-        let len = grefs.len() * PAGE_SIZE;
-        let nz = NonZeroUsize::new(len).ok_or_else(|| anyhow!("empty mapping"))?;
-        // Reserve a contiguous range, then put each granted page in place.
-        // SAFETY: a fresh anonymous mapping; pages are replaced with MAP_FIXED
-        // inside the range we own, and the whole range is unmapped on drop.
-        unsafe {
-            let base = mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE)?;
-            for (i, g) in grefs.iter().enumerate() {
-                let at = NonZeroUsize::new(base.as_ptr() as usize + i * PAGE_SIZE);
-                let r = mmap(
-                    at,
-                    NonZeroUsize::new(PAGE_SIZE).expect("page size"),
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
-                    memfd.as_fd(),
-                    (*g as usize * PAGE_SIZE) as i64,
-                );
-                if let Err(e) = r {
-                    let _ = munmap(base, len);
-                    bail!("mapping gref {g}: {e}");
-                }
-            }
-            let ptr = NonNull::new(base.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null mapping"))?;
-            Ok(SharedPages::new(
-                ptr,
-                len,
-                Box::new(|p, l| {
-                    if let Some(p) = NonNull::new(p as *mut libc::c_void) {
-                        let _ = munmap(p, l);
-                    }
-                }),
-            ))
-        }
+        super::memory::map_grefs(&memfd, pages, grefs).with_context(|| format!("domain {domid}"))
     }
 }
 
