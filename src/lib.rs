@@ -12,6 +12,7 @@ pub mod backend;
 pub mod control;
 pub mod dma;
 pub mod fault;
+pub mod fuzzing;
 pub mod host;
 pub mod ipc;
 pub mod logging;

@@ -1,0 +1,4 @@
+//! See xen_vsnd::fuzzing::stream.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| xen_vsnd::fuzzing::stream(data));
