@@ -22,7 +22,36 @@ const CASES: &[(&str, &[&str])] = &[
     ("bad-rate", &[]),
     ("bad-channels", &[]),
     ("notify-flood", &[]),
+    // HW_PARAM_QUERY one after another for 4 s.
+    ("query-flood", &["--seconds", "4"]),
 ];
+
+/// A query flood is answered, every request within the frontend's time-out,
+/// at no more than the request budget (1,000 a second after a burst of
+/// 256: 4,256 in 4 s; without it the loopback answered 10,000 a second), and
+/// its request thread used a bounded share of a core (4 % here; 25 % is
+/// the limit).
+fn query_flood_is_bounded(m: &serde_json::Value, log: &str) {
+    let answered = m["count"].as_u64().unwrap();
+    assert_eq!(m["unanswered"], 0, "{m}");
+    let longest = m["longest_wait_ms"].as_f64().unwrap();
+    assert!(longest < 1000.0, "a query waited {longest} ms: {m}");
+    assert!(answered > 1000 && answered <= 4 * 1000 + 256 + 100, "{answered} answered in 4 s: {m}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("request thread done after a request flood") && l.contains("query-flood"))
+        .unwrap_or_else(|| panic!("no flood summary in the log:\n{log}"));
+    let field = |k: &str| -> f64 {
+        let v = line.split(&format!(" {k}=")).nth(1).and_then(|r| r.split(' ').next()).unwrap_or("nan");
+        v.parse().unwrap_or(f64::NAN)
+    };
+    let share = field("cpu_ms") / 1e3 / field("seconds");
+    eprintln!(
+        "query flood: {answered} answered, longest wait {longest} ms, request thread {:.1} % of a core",
+        share * 100.0
+    );
+    assert!(share < 0.25, "the flood's request thread took {:.0} % of a core: {line}", share * 100.0);
+}
 
 #[test]
 fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
@@ -62,13 +91,16 @@ fn hostile_guests_are_refused_and_do_not_disturb_a_good_one() {
         let m = &report["misbehave"];
         eprintln!("{kind}: {m}");
         let refused = m["status"].as_i64().is_some_and(|s| s < 0) || m["stream_closed"] == true;
-        if kind == "notify-flood" {
+        if kind.ends_with("-flood") {
             assert_eq!(m["still_served"], true, "{kind}: stream no longer served after a flood: {m}");
         } else {
             assert!(refused, "{kind}: backend accepted it: {m}");
         }
         if kind == "ring-overflow" {
             assert_eq!(m["stream_closed"], true, "{kind}: {m}");
+        }
+        if kind == "query-flood" {
+            query_flood_is_bounded(m, &text);
         }
         // Exactly one log line about this guest's misbehaviour.
         let domid = report["domid"].as_u64().unwrap();

@@ -3,7 +3,7 @@
 //! (the backend closed the stream).
 
 use super::{open_req, Guest, SimOptions};
-use crate::sndif::{trigger, PcmFormat, Request, RwReq, REQ_RING_SIZE};
+use crate::sndif::{trigger, HwParam, PcmFormat, Request, RwReq, REQ_RING_SIZE};
 use anyhow::Context;
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -39,6 +39,10 @@ pub enum Misbehave {
     /// The frontend rewrites its own state key (Connected) 10,000 times a
     /// second for --seconds: every write fires the backend's watch.
     StateFlood,
+    /// HW_PARAM_QUERY for --seconds, each as soon as the last was answered
+    /// (one in flight, as snd_xen_front sends them): an application
+    /// refining its hardware parameters in a loop.
+    QueryFlood,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,6 +56,10 @@ pub struct Outcome {
     pub still_served: bool,
     /// How many times a flood did its thing.
     pub count: u64,
+    /// Query flood: requests that got no answer within the frontend's
+    /// time-out, and the longest wait for one that did (ms).
+    pub unanswered: u64,
+    pub longest_wait_ms: f64,
 }
 
 pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Outcome> {
@@ -64,6 +72,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
     let mut status = None;
     let mut closed = false;
     let mut count = 0u64;
+    let (mut unanswered, mut longest) = (0u64, Duration::ZERO);
     match kind {
         Misbehave::RingOverflow => {
             s.alloc_buffer(&mut g.conn, buffer)?;
@@ -154,6 +163,32 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
             }
             tracing::info!("wrote the state key {count} times in {:?}", start.elapsed());
         }
+        Misbehave::QueryFlood => {
+            s.alloc_buffer(&mut g.conn, buffer)?;
+            let q = HwParam {
+                formats: u64::MAX,
+                rates: (8000, 192000),
+                channels: (1, 8),
+                buffer_frames: (1, u32::MAX),
+                period_frames: (1, u32::MAX),
+            };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs_f64(o.seconds) {
+                let asked = Instant::now();
+                match s.try_request(Request::HwParamQuery(q))? {
+                    Some(r) => {
+                        status = Some(r.status);
+                        count += 1;
+                        longest = longest.max(asked.elapsed());
+                    }
+                    None => unanswered += 1,
+                }
+            }
+            tracing::info!(
+                "{count} queries answered in {:?}, {unanswered} not, longest wait {longest:?}",
+                start.elapsed()
+            );
+        }
     }
     // Whatever happened, a well-formed OPEN/CLOSE must be answered unless the
     // backend closed the stream.
@@ -168,7 +203,15 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
             Some(r) => r.status == 0 && s.request(Request::Close).is_ok(),
         }
     };
-    Ok(Outcome { kind, status, stream_closed: closed, still_served, count })
+    Ok(Outcome {
+        kind,
+        status,
+        stream_closed: closed,
+        still_served,
+        count,
+        unanswered,
+        longest_wait_ms: longest.as_secs_f64() * 1e3,
+    })
 }
 
 fn reply(r: Option<crate::sndif::Response>, closed: &mut bool) -> Option<i32> {
