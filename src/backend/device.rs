@@ -11,8 +11,9 @@ use super::service::StreamService;
 use crate::host::HostBackend;
 use crate::sndif::config::{parse_card, CardConfig, ConfigSource};
 use crate::sndif::{keys, XenbusState};
-use crate::xen::{DomId, EventChannels, GrantMapper, XenStore};
+use crate::xen::{DomId, EventChannels, GrantMapper, StoreError, XenStore};
 use anyhow::{anyhow, Context};
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// The parts of the transport and host a device needs.
@@ -45,6 +46,16 @@ enum Phase {
     Removed,
 }
 
+/// What a device's step found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Continue,
+    /// A xenstore call failed: step again shortly.
+    Retry,
+    /// The device is gone: drop it.
+    Gone,
+}
+
 pub struct Device {
     pub domid: DomId,
     pub devid: u32,
@@ -59,20 +70,35 @@ pub struct Device {
     /// The card's left-out formats were logged (once per device).
     told_left_out: bool,
     told_no_name: bool,
+    /// A state we took but could not write yet (xenstore failed).
+    unwritten: Option<XenbusState>,
 }
 
+/// The frontend's directory as the card parser reads it. A key that could
+/// not be read is not "absent": the first failure is kept, and the card is
+/// not taken from a partial read (`read_card`).
 struct StoreSource<'a> {
     store: &'a dyn XenStore,
     base: &'a str,
+    failed: RefCell<Option<StoreError>>,
+}
+
+impl StoreSource<'_> {
+    fn note<T: Default>(&self, r: Result<T, StoreError>) -> T {
+        r.unwrap_or_else(|e| {
+            self.failed.borrow_mut().get_or_insert(e);
+            T::default()
+        })
+    }
 }
 
 impl ConfigSource for StoreSource<'_> {
     fn read(&self, rel: &str) -> Option<String> {
-        self.store.read(&format!("{}/{rel}", self.base)).ok().flatten()
+        self.note(self.store.read(&format!("{}/{rel}", self.base)))
     }
     fn list(&self, rel: &str) -> Vec<String> {
         let p = if rel.is_empty() { self.base.to_string() } else { format!("{}/{rel}", self.base) };
-        self.store.directory(&p).unwrap_or_default()
+        self.note(self.store.directory(&p))
     }
 }
 
@@ -105,38 +131,56 @@ impl Device {
             published: Vec::new(),
             told_left_out: false,
             told_no_name: false,
+            unwritten: None,
         }
     }
 
-    fn read(&self, s: &Services, path: &str) -> Option<String> {
-        s.store.read(path).ok().flatten()
+    /// Writes our state. A failed write (xenstored busy or restarting) is
+    /// an error: the step is tried again, for a frontend waits on it.
+    fn set_state(&self, s: &Services, st: XenbusState) -> anyhow::Result<()> {
+        s.store
+            .write(&format!("{}/{}", self.be, keys::STATE), st.as_str())
+            .context("writing the backend state")
     }
 
-    fn set_state(&self, s: &Services, st: XenbusState) {
-        if let Err(e) = s.store.write(&format!("{}/{}", self.be, keys::STATE), st.as_str()) {
-            tracing::warn!(domid = self.domid, "writing backend state: {e:#}");
+    /// Reacts to the current xenstore state: `Gone` when the device is gone
+    /// (its backend directory was removed) and should be dropped; `Retry`
+    /// when a xenstore call failed (not a key found absent: that is an
+    /// answer), so the worker steps again shortly instead of taking a
+    /// failed read for a removed device or leaving a frontend waiting on a
+    /// state we could not write.
+    pub fn step(&mut self, s: &Services) -> Step {
+        match self.try_step(s) {
+            Ok(true) => Step::Continue,
+            Ok(false) => Step::Gone,
+            Err(e) => {
+                tracing::warn!(domid = self.domid, devid = self.devid, "xenstore: {e:#} (trying again)");
+                Step::Retry
+            }
         }
     }
 
-    /// Reacts to the current xenstore state. Returns false when the device is
-    /// gone (its backend directory was removed) and should be dropped.
-    pub fn step(&mut self, s: &Services) -> bool {
-        if self.read(s, &format!("{}/{}", self.be, keys::FRONTEND)).is_none() {
+    fn try_step(&mut self, s: &Services) -> anyhow::Result<bool> {
+        let read = |path: String| s.store.read(&path).with_context(|| format!("reading {path}"));
+        if read(format!("{}/{}", self.be, keys::FRONTEND))?.is_none() {
             self.teardown("backend directory removed");
-            return false;
+            return Ok(false);
         }
         // The toolstack removes a device by writing online = 0 (and state
         // Closing) and waits for the backend to reach Closed.
-        if self.read(s, &format!("{}/{}", self.be, keys::ONLINE)).as_deref().map(str::trim) == Some("0") {
+        if read(format!("{}/{}", self.be, keys::ONLINE))?.as_deref().map(str::trim) == Some("0") {
             if self.phase != Phase::Removed {
                 self.teardown("the toolstack removes the device");
-                self.set_state(s, XenbusState::Closed);
+                self.set_state(s, XenbusState::Closed)?;
                 self.phase = Phase::Removed;
             }
-            return true;
+            return Ok(true);
         }
-        let fe_state = self
-            .read(s, &format!("{}/{}", self.fe, keys::STATE))
+        if let Some(st) = self.unwritten {
+            self.set_state(s, st)?;
+            self.unwritten = None;
+        }
+        let fe_state = read(format!("{}/{}", self.fe, keys::STATE))?
             .map(|v| XenbusState::parse(&v))
             .unwrap_or(XenbusState::Closed);
         if self.phase == Phase::Fresh {
@@ -157,21 +201,21 @@ impl Device {
                     devid = self.devid,
                     "frontend left over: asking it to reset"
                 );
-                self.set_state(s, XenbusState::Closed);
+                self.set_state(s, XenbusState::Closed)?;
                 self.phase = Phase::Restarting;
             }
             (Phase::Fresh, _)
             | (Phase::Restarting, XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown) => {
-                self.set_state(s, XenbusState::InitWait);
+                self.set_state(s, XenbusState::InitWait)?;
                 self.phase = Phase::InitWait;
                 tracing::info!(
                     domid = self.domid,
                     devid = self.devid,
                     "vsnd device found, waiting for the frontend"
                 );
-                return true;
+                return Ok(true);
             }
-            (Phase::InitWait, XenbusState::Initialised) => self.connect_or_fail(s),
+            (Phase::InitWait, XenbusState::Initialised) => self.connect_or_fail(s)?,
             // Still waiting for our Connected, or it started over: the
             // upstream frontend runs its InitWait handling once per write
             // it sees, so it may free the rings we just mapped and publish
@@ -182,29 +226,37 @@ impl Device {
                 if self.read_published(s).is_ok_and(|p| p != self.published) =>
             {
                 self.teardown("the frontend published new rings");
-                self.connect_or_fail(s);
+                self.connect_or_fail(s)?;
             }
             (Phase::Connected, XenbusState::Initialised) => {}
             (Phase::Connected, XenbusState::Connected) => {}
             (Phase::Connected, st) => {
                 self.teardown(&format!("frontend state {st:?}"));
-                self.set_state(s, XenbusState::InitWait);
+                self.set_state(s, XenbusState::InitWait)?;
                 self.phase = Phase::InitWait;
             }
             (Phase::Failed, XenbusState::Initialising | XenbusState::Closed | XenbusState::Unknown) => {
-                self.set_state(s, XenbusState::InitWait);
+                self.set_state(s, XenbusState::InitWait)?;
                 self.phase = Phase::InitWait;
             }
             _ => {}
         }
-        true
+        Ok(true)
     }
 
-    fn connect_or_fail(&mut self, s: &Services) {
+    /// Connects the frontend's rings and channels, or tells it we cannot:
+    /// the reason in `error` and state Closed (a frontend gives up on a
+    /// Closed backend instead of waiting). Err only when even that could
+    /// not be written.
+    fn connect_or_fail(&mut self, s: &Services) -> anyhow::Result<()> {
         match self.connect(s) {
             Ok(()) => {
-                self.set_state(s, XenbusState::Connected);
                 self.phase = Phase::Connected;
+                // Connected but not told: the streams stay, and the next
+                // step writes the state first.
+                self.unwritten = Some(XenbusState::Connected);
+                self.set_state(s, XenbusState::Connected)?;
+                self.unwritten = None;
                 tracing::info!(
                     domid = self.domid,
                     devid = self.devid,
@@ -212,18 +264,30 @@ impl Device {
                     "connected"
                 );
             }
+            // xenstore did not answer: not the guest's doing, nor final.
+            Err(e) if e.chain().any(|c| c.is::<StoreError>()) => {
+                self.teardown("xenstore failed while connecting");
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!(domid = self.domid, devid = self.devid, "cannot connect frontend: {e:#}");
                 let _ = s.store.write(&format!("{}/error", self.be), &format!("{e:#}"));
-                self.set_state(s, XenbusState::Closed);
+                self.teardown("the connection failed");
+                self.set_state(s, XenbusState::Closed)?;
                 self.phase = Phase::Failed;
             }
         }
+        Ok(())
     }
 
     /// The card configuration the toolstack wrote for the frontend.
     fn read_card(&self, s: &Services) -> anyhow::Result<CardConfig> {
-        parse_card(&StoreSource { store: s.store.as_ref(), base: &self.fe }).map_err(|e| anyhow!(e))
+        let src = StoreSource { store: s.store.as_ref(), base: &self.fe, failed: RefCell::new(None) };
+        let card = parse_card(&src);
+        if let Some(e) = src.failed.into_inner() {
+            return Err(e).context("reading the card configuration");
+        }
+        card.map_err(|e| anyhow!(e))
     }
 
     /// The ring refs and ports of every stream the card configures, as the
@@ -270,7 +334,7 @@ impl Device {
     pub fn shutdown(&mut self, s: &Services) {
         self.teardown("backend exiting");
         if !matches!(self.phase, Phase::Fresh | Phase::Removed | Phase::Restarting) {
-            self.set_state(s, XenbusState::Closed);
+            let _ = self.set_state(s, XenbusState::Closed);
         }
     }
 
@@ -280,11 +344,20 @@ impl Device {
     /// backend in a driver domain may not read that key, and takes what
     /// dom0's `xen-vsnd vouch` copied into the device's backend directory
     /// (the guest cannot write there either).
-    fn trusted_name(&mut self, s: &Services) -> Option<String> {
-        let own = self.read(s, &format!("/local/domain/{}/name", self.domid)).filter(|n| !n.is_empty());
-        let name = own.or_else(|| {
-            self.read(s, &format!("{}/{}", self.be, crate::vouch::DOMAIN_NAME_KEY)).filter(|n| !n.is_empty())
-        });
+    fn trusted_name(&mut self, s: &Services) -> Result<Option<String>, StoreError> {
+        // A driver domain may not read other domains' names (Refused):
+        // then the name dom0 vouched for. A store that does not answer is
+        // an error: a guest must not lose its name (and its policy) to a
+        // xenstore hiccup.
+        let read = |path: String| match s.store.read(&path) {
+            Ok(v) => Ok(v.filter(|n| !n.is_empty())),
+            Err(StoreError::Refused { .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let name = match read(format!("/local/domain/{}/name", self.domid))? {
+            Some(own) => Some(own),
+            None => read(format!("{}/{}", self.be, crate::vouch::DOMAIN_NAME_KEY))?,
+        };
         if name.is_none() && !self.told_no_name {
             self.told_no_name = true;
             tracing::warn!(
@@ -293,11 +366,11 @@ impl Device {
                  the guest's nodes are named by its domain id and it gets the policy's defaults"
             );
         }
-        name
+        Ok(name)
     }
 
     fn read_u32(&self, s: &Services, path: &str) -> anyhow::Result<u32> {
-        let v = self.read(s, path).ok_or_else(|| anyhow!("{path} missing"))?;
+        let v = s.store.read(path)?.ok_or_else(|| anyhow!("{path} missing"))?;
         v.trim().parse::<u32>().map_err(|_| anyhow!("{path}: not a number: {v:?}"))
     }
 
@@ -313,9 +386,12 @@ impl Device {
             );
         }
         let report_delay = s.delay_reports
-            && self.read(s, &format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT)).as_deref().map(str::trim)
+            && s.store
+                .read(&format!("{}/{}", self.fe, keys::FEATURE_DELAY_REPORT))?
+                .as_deref()
+                .map(str::trim)
                 == Some("1");
-        let vm_name = self.trusted_name(s);
+        let vm_name = self.trusted_name(s)?;
         let domain = vm_name.as_deref().map_or_else(|| format!("domain-{}", self.domid), node_safe_name);
         let published = self.published_refs(s, &card)?;
         let mut streams = Vec::new();

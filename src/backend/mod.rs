@@ -14,8 +14,9 @@ pub mod worker;
 use crate::host::HostBackend;
 use crate::sndif::keys;
 use crate::xen::{Transport, WatchEvent};
+use anyhow::Context;
 use device::{Device, Services};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
@@ -60,7 +61,14 @@ pub fn run(
     let root = format!("/local/domain/{}/backend/vsnd", transport.own_domid);
     s.store.watch(&root, ROOT_TOKEN)?;
     tracing::info!("serving vsnd devices under {root}");
-    let mut d = Dispatcher { s, root, devices: BTreeMap::new(), by_token: HashMap::new() };
+    let mut d = Dispatcher {
+        s,
+        root,
+        devices: BTreeMap::new(),
+        by_token: HashMap::new(),
+        failed: BTreeSet::new(),
+        rescan_due: false,
+    };
     while !shutdown.load(Ordering::Relaxed) {
         match transport.watch_events.recv_timeout(Duration::from_millis(200)) {
             Ok(ev) => {
@@ -73,6 +81,7 @@ pub fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         }
         d.reap();
+        d.retry();
     }
     d.shutdown();
     Ok(())
@@ -91,6 +100,12 @@ struct Dispatcher {
     devices: BTreeMap<(u32, u32), (DeviceWorker, String)>,
     /// A device's frontend-state watch token (its backend path) → device.
     by_token: HashMap<String, (u32, u32)>,
+    /// Devices whose start failed on a xenstore call (not on something
+    /// found absent): tried again at every turn of the loop (200 ms), as
+    /// no event may come for them again.
+    failed: BTreeSet<(u32, u32)>,
+    /// A directory listing failed: the whole tree is listed again.
+    rescan_due: bool,
 }
 
 impl Dispatcher {
@@ -138,10 +153,10 @@ impl Dispatcher {
         self.reap();
         let doms = match domid {
             Some(d) => vec![d],
-            None => self.s.store.child_ids(&self.root),
+            None => self.ids(&self.root.clone()),
         };
         for dom in doms {
-            for devid in self.s.store.child_ids(&format!("{}/{dom}", self.root)) {
+            for devid in self.ids(&format!("{}/{dom}", self.root)) {
                 self.add(dom, devid);
             }
         }
@@ -155,29 +170,69 @@ impl Dispatcher {
         if self.devices.contains_key(&(domid, devid)) {
             return;
         }
+        match self.start(domid, devid) {
+            Ok(()) => {
+                self.failed.remove(&(domid, devid));
+            }
+            Err(e) => {
+                // Once per failure spell, not at every retry.
+                if self.failed.insert((domid, devid)) {
+                    tracing::warn!(domid, devid, "cannot start serving the device (trying again): {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Ok when the device is served now, or has nothing to serve (no
+    /// frontend, a frontend path that is not the guest's own).
+    fn start(&mut self, domid: u32, devid: u32) -> anyhow::Result<()> {
         let be = format!("{}/{domid}/{devid}", self.root);
-        let Some(fe) = self.s.store.read(&format!("{be}/{}", keys::FRONTEND)).ok().flatten() else {
-            return;
+        let Some(fe) = self.s.store.read(&format!("{be}/{}", keys::FRONTEND))? else {
+            return Ok(());
         };
         // The frontend path is toolstack-written; still, insist it is the
         // guest's own device directory before watching it.
         if !fe.starts_with(&format!("/local/domain/{domid}/device/vsnd/")) {
             tracing::warn!(domid, "ignoring vsnd device with frontend path {fe:?}");
-            return;
+            return Ok(());
         }
         let watch = format!("{fe}/{}", keys::STATE);
-        if let Err(e) = self.s.store.watch(&watch, &be) {
-            tracing::warn!(domid, "cannot watch {watch}: {e:#}");
-            return;
-        }
+        self.s.store.watch(&watch, &be).with_context(|| format!("watching {watch}"))?;
         match DeviceWorker::spawn(Device::new(domid, devid, be.clone(), fe), self.s.clone()) {
             Ok(w) => {
                 self.by_token.insert(be, (domid, devid));
                 self.devices.insert((domid, devid), (w, watch));
+                Ok(())
             }
             Err(e) => {
-                tracing::warn!(domid, devid, "cannot start the device's thread: {e:#}");
                 let _ = self.s.store.unwatch(&watch, &be);
+                Err(e).context("starting the device's thread")
+            }
+        }
+    }
+
+    /// Tries again what failed before.
+    fn retry(&mut self) {
+        if std::mem::take(&mut self.rescan_due) {
+            self.rescan(None);
+        }
+        // Each stays in the set (no new log line) until it starts.
+        for (domid, devid) in self.failed.clone() {
+            self.add(domid, devid);
+        }
+    }
+
+    /// The numeric children of `path`; a listing that fails (not one of a
+    /// path that is gone) has the whole tree listed again at the next turn.
+    fn ids(&mut self, path: &str) -> Vec<u32> {
+        match self.s.store.directory(path) {
+            Ok(names) => names.iter().filter_map(|n| n.parse().ok()).collect(),
+            Err(e) => {
+                if !self.rescan_due {
+                    tracing::warn!("listing {path} (trying again): {e:#}");
+                }
+                self.rescan_due = true;
+                Vec::new()
             }
         }
     }

@@ -8,7 +8,7 @@
 //! `MIN_STEP_INTERVAL`. A guest that rewrites its state key as fast as it
 //! can therefore costs dom0 a bounded number of steps a second.
 
-use super::device::{Device, Services};
+use super::device::{Device, Services, Step};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 /// At most this many steps a second per device (each reads a handful of
 /// xenstore keys).
 const MIN_STEP_INTERVAL: Duration = Duration::from_millis(5);
+/// After a failed xenstore call, the step is tried again this much later
+/// (doubling up to `RETRY_MAX`), with or without a new event.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 struct Signal {
     /// (a step is due, the backend is exiting)
@@ -40,11 +44,21 @@ impl DeviceWorker {
         let name = format!("vsnd-dev{}.{}", device.domid, device.devid);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let mut last = Instant::now() - MIN_STEP_INTERVAL;
+            let mut retry: Option<Duration> = None;
             loop {
                 {
                     let mut st = sig.state.lock().unwrap_or_else(|e| e.into_inner());
-                    while !st.0 && !st.1 {
-                        st = sig.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                    if let Some(after) = retry {
+                        // Due again after the delay, or on an event.
+                        st = sig
+                            .cv
+                            .wait_timeout_while(st, after, |st| !st.0 && !st.1)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    } else {
+                        while !st.0 && !st.1 {
+                            st = sig.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                        }
                     }
                     if st.1 {
                         break;
@@ -59,9 +73,13 @@ impl DeviceWorker {
                     sig.state.lock().unwrap_or_else(|e| e.into_inner()).0 = false;
                 }
                 last = Instant::now();
-                if !device.step(&services) {
-                    done.store(true, Ordering::Release);
-                    return;
+                match device.step(&services) {
+                    Step::Continue => retry = None,
+                    Step::Retry => retry = Some(retry.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))),
+                    Step::Gone => {
+                        done.store(true, Ordering::Release);
+                        return;
+                    }
                 }
             }
             device.shutdown(&services);

@@ -213,7 +213,16 @@ fn handshake(
 ) -> anyhow::Result<(FrontStream, FrontStream)> {
     wait_backend(conn, be, XenbusState::InitWait)?;
     let streams = publish(o, conn, fe)?;
-    wait_backend(conn, be, XenbusState::Connected)?;
+    // A backend that cannot connect says why and goes Closed: a frontend
+    // gives up then, instead of waiting.
+    let (connected, closed) = (XenbusState::Connected.as_str(), XenbusState::Closed.as_str());
+    let st = conn
+        .wait_for_any(&state_key(be), &[connected, closed], HANDSHAKE_TIMEOUT)
+        .context("backend never reached Connected")?;
+    if st == closed {
+        let why = conn.read(&format!("{be}/error"))?.unwrap_or_default();
+        bail!("the backend refused the connection: {why}");
+    }
     conn.write(&state_key(fe), XenbusState::Connected.as_str())?;
     Ok(streams)
 }

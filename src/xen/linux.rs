@@ -3,9 +3,11 @@
 //! `/dev/xen/evtchn` (one open file per bound channel) and `/dev/xen/gntdev`.
 //! Selected with `serve --transport xen`; exercised by the real-Xen harness.
 
-use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore};
+use super::{
+    DomId, EventChannel, EventChannels, GrantMapper, SharedPages, StoreError, Transport, WatchEvent, XenStore,
+};
 use crate::sndif::PAGE_SIZE;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -122,10 +124,10 @@ impl XenBus {
         Ok(XenBus { dev: Mutex::new(dev), pending, next_id: AtomicU32::new(1) })
     }
 
-    fn call(&self, ty: u32, parts: &[&[u8]]) -> anyhow::Result<Vec<u8>> {
+    fn call(&self, ty: u32, parts: &[&[u8]]) -> Result<Vec<u8>, CallError> {
         let body: Vec<u8> = parts.concat();
         if body.len() > xs::PAYLOAD_MAX {
-            bail!("xenstore request too large");
+            return Err(CallError::Unavailable("request too large".into()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
@@ -136,13 +138,17 @@ impl XenBus {
         }
         msg.extend_from_slice(&body);
         // The device wants each message in a single write.
-        self.dev.lock().unwrap_or_else(|e| e.into_inner()).write_all(&msg).context("xenbus write")?;
+        self.dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(&msg)
+            .map_err(|e| CallError::Unavailable(format!("xenbus write: {e}")))?;
         match rx.recv_timeout(REPLY_TIMEOUT) {
             Ok(Ok(b)) => Ok(b),
-            Ok(Err(e)) => Err(anyhow!("xenstore: {e}")),
+            Ok(Err(errno)) => Err(CallError::Errno(errno)),
             Err(_) => {
                 self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                Err(anyhow!("xenstore did not answer"))
+                Err(CallError::Unavailable("xenstored did not answer".into()))
             }
         }
     }
@@ -154,37 +160,61 @@ fn z(s: &str) -> Vec<u8> {
     v
 }
 
+/// Why a xenbus call got no value.
+enum CallError {
+    /// xenstored's answer: an errno name (ENOENT, EACCES, ...).
+    Errno(String),
+    /// No answer: the device, the reply thread, the time-out.
+    Unavailable(String),
+}
+
+impl XenBus {
+    /// `call`, with its failure typed for the trait: ENOENT is `Ok(None)`.
+    fn ask(
+        &self,
+        op: &'static str,
+        ty: u32,
+        path: &str,
+        parts: &[&[u8]],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.call(ty, parts) {
+            Ok(b) => Ok(Some(b)),
+            Err(CallError::Errno(e)) if e == "ENOENT" => Ok(None),
+            Err(CallError::Errno(errno)) => Err(StoreError::Refused { op, path: path.to_string(), errno }),
+            Err(CallError::Unavailable(why)) => {
+                Err(StoreError::Unavailable { op, path: path.to_string(), why })
+            }
+        }
+    }
+}
+
 impl XenStore for XenBus {
-    fn read(&self, path: &str) -> anyhow::Result<Option<String>> {
-        match self.call(xs::READ, &[&z(path)]) {
-            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim_end_matches('\0').to_string())),
-            Err(e) if e.to_string().contains("ENOENT") => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("read {path}")),
+    fn read(&self, path: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .ask("read", xs::READ, path, &[&z(path)])?
+            .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\0').to_string()))
+    }
+    fn write(&self, path: &str, value: &str) -> Result<(), StoreError> {
+        match self.ask("write", xs::WRITE, path, &[&z(path), value.as_bytes()])? {
+            Some(_) => Ok(()),
+            // ENOENT from a write: a parent that cannot be made.
+            None => Err(StoreError::Refused { op: "write", path: path.to_string(), errno: "ENOENT".into() }),
         }
     }
-    fn write(&self, path: &str, value: &str) -> anyhow::Result<()> {
-        self.call(xs::WRITE, &[&z(path), value.as_bytes()])
-            .map(|_| ())
-            .with_context(|| format!("write {path}"))
+    fn directory(&self, path: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .ask("directory", xs::DIRECTORY, path, &[&z(path)])?
+            .map(|b| split_nul(&b))
+            .unwrap_or_default())
     }
-    fn directory(&self, path: &str) -> anyhow::Result<Vec<String>> {
-        match self.call(xs::DIRECTORY, &[&z(path)]) {
-            Ok(b) => Ok(split_nul(&b)),
-            Err(e) if e.to_string().contains("ENOENT") => Ok(Vec::new()),
-            Err(e) => Err(e).with_context(|| format!("directory {path}")),
-        }
+    fn rm(&self, path: &str) -> Result<(), StoreError> {
+        self.ask("rm", xs::RM, path, &[&z(path)]).map(drop)
     }
-    fn rm(&self, path: &str) -> anyhow::Result<()> {
-        match self.call(xs::RM, &[&z(path)]) {
-            Err(e) if !e.to_string().contains("ENOENT") => Err(e).with_context(|| format!("rm {path}")),
-            _ => Ok(()),
-        }
+    fn watch(&self, path: &str, token: &str) -> Result<(), StoreError> {
+        self.ask("watch", xs::WATCH, path, &[&z(path), &z(token)]).map(drop)
     }
-    fn watch(&self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.call(xs::WATCH, &[&z(path), &z(token)]).map(|_| ()).with_context(|| format!("watch {path}"))
-    }
-    fn unwatch(&self, path: &str, token: &str) -> anyhow::Result<()> {
-        self.call(xs::UNWATCH, &[&z(path), &z(token)]).map(|_| ()).with_context(|| format!("unwatch {path}"))
+    fn unwatch(&self, path: &str, token: &str) -> Result<(), StoreError> {
+        self.ask("unwatch", xs::UNWATCH, path, &[&z(path), &z(token)]).map(drop)
     }
 }
 

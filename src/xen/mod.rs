@@ -3,6 +3,7 @@
 //! through /dev/xen/*; `loopback` provides the same primitives between two
 //! processes on one host for tests and demos. The backend only sees the traits.
 
+pub mod faults;
 pub mod linux;
 pub mod loopback;
 pub mod memory;
@@ -22,21 +23,35 @@ pub struct WatchEvent {
     pub token: String,
 }
 
+/// A xenstore call that failed. A node that does not exist is no failure
+/// (`Ok(None)`, an empty listing): callers tell "absent" from "could not
+/// ask" by type, never by the text of an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// xenstored refused the call (its errno name: EACCES, EINVAL, E2BIG...).
+    #[error("xenstore {op} {path}: {errno}")]
+    Refused { op: &'static str, path: String, errno: String },
+    /// No answer in time, or the way to xenstored is broken.
+    #[error("xenstore {op} {path}: {why}")]
+    Unavailable { op: &'static str, path: String, why: String },
+}
+
 pub trait XenStore: Send + Sync {
     /// `Ok(None)` when the node does not exist.
-    fn read(&self, path: &str) -> anyhow::Result<Option<String>>;
-    fn write(&self, path: &str, value: &str) -> anyhow::Result<()>;
+    fn read(&self, path: &str) -> Result<Option<String>, StoreError>;
+    fn write(&self, path: &str, value: &str) -> Result<(), StoreError>;
     /// Names of the children of `path`; empty when it does not exist.
-    fn directory(&self, path: &str) -> anyhow::Result<Vec<String>>;
+    fn directory(&self, path: &str) -> Result<Vec<String>, StoreError>;
     /// The numeric children of `path` (domain ids, device ids); others
     /// are skipped, and a path that cannot be listed has none.
     fn child_ids(&self, path: &str) -> Vec<u32> {
         self.directory(path).unwrap_or_default().iter().filter_map(|s| s.parse().ok()).collect()
     }
-    fn rm(&self, path: &str) -> anyhow::Result<()>;
+    /// Removes `path` and everything below; one that does not exist is gone.
+    fn rm(&self, path: &str) -> Result<(), StoreError>;
     /// Fires once right away and then on every change at or below `path`.
-    fn watch(&self, path: &str, token: &str) -> anyhow::Result<()>;
-    fn unwatch(&self, path: &str, token: &str) -> anyhow::Result<()>;
+    fn watch(&self, path: &str, token: &str) -> Result<(), StoreError>;
+    fn unwatch(&self, path: &str, token: &str) -> Result<(), StoreError>;
 }
 
 pub trait GrantMapper: Send + Sync {

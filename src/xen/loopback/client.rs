@@ -150,13 +150,19 @@ impl GuestConn {
 
     /// Waits until `path` reads `want` (via a watch on it), bounded.
     pub fn wait_for_value(&mut self, path: &str, want: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_any(path, &[want], timeout).map(drop)
+    }
+
+    /// Waits until `path` holds one of `wants`; returns which.
+    pub fn wait_for_any(&mut self, path: &str, wants: &[&str], timeout: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         self.watch(path, "wait")?;
         loop {
-            if self.read(path)?.as_deref() == Some(want) {
-                return Ok(());
+            if let Some(v) = self.read(path)?.filter(|v| wants.contains(&v.as_str())) {
+                return Ok(v);
             }
-            self.next_watch(deadline).with_context(|| format!("waiting for {path} = {want}"))?;
+            self.next_watch(deadline)
+                .with_context(|| format!("waiting for {path} to be one of {wants:?}"))?;
         }
     }
 

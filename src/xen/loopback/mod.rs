@@ -11,7 +11,9 @@ pub mod client;
 pub mod proto;
 mod store;
 
-use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, Transport, WatchEvent, XenStore};
+use super::{
+    DomId, EventChannel, EventChannels, GrantMapper, SharedPages, StoreError, Transport, WatchEvent, XenStore,
+};
 use anyhow::{anyhow, bail, Context};
 use proto::{GuestMsg, HvMsg};
 use std::collections::HashMap;
@@ -277,25 +279,25 @@ struct LocalStore {
 }
 
 impl XenStore for LocalStore {
-    fn read(&self, path: &str) -> anyhow::Result<Option<String>> {
+    fn read(&self, path: &str) -> Result<Option<String>, StoreError> {
         Ok(self.hv.lock().tree.read(path))
     }
-    fn write(&self, path: &str, value: &str) -> anyhow::Result<()> {
+    fn write(&self, path: &str, value: &str) -> Result<(), StoreError> {
         self.hv.lock().tree.write(path, value);
         Ok(())
     }
-    fn directory(&self, path: &str) -> anyhow::Result<Vec<String>> {
+    fn directory(&self, path: &str) -> Result<Vec<String>, StoreError> {
         Ok(self.hv.lock().tree.directory(path))
     }
-    fn rm(&self, path: &str) -> anyhow::Result<()> {
+    fn rm(&self, path: &str) -> Result<(), StoreError> {
         self.hv.lock().tree.rm(path);
         Ok(())
     }
-    fn watch(&self, path: &str, token: &str) -> anyhow::Result<()> {
+    fn watch(&self, path: &str, token: &str) -> Result<(), StoreError> {
         self.hv.lock().tree.watch(BACKEND_DOMID, path, token, self.events.clone());
         Ok(())
     }
-    fn unwatch(&self, path: &str, token: &str) -> anyhow::Result<()> {
+    fn unwatch(&self, path: &str, token: &str) -> Result<(), StoreError> {
         self.hv.lock().tree.unwatch(BACKEND_DOMID, path, token);
         Ok(())
     }
