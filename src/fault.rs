@@ -8,6 +8,8 @@
 //!   a host takes long to let go of its streams (a stopped JACK server, an
 //!   ALSA device playing out a long buffer).
 
+#![forbid(unsafe_code)]
+
 use std::sync::OnceLock;
 use std::time::Duration;
 

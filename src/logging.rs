@@ -4,6 +4,8 @@
 //! debug and trace) so `journalctl -p warning` finds the warnings, and
 //! without a timestamp (the journal keeps its own).
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;

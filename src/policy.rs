@@ -20,6 +20,8 @@
 //! Pure: parsing and resolving only. Applying it to streams is the
 //! backend's (`backend::registry`).
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::collections::BTreeMap;

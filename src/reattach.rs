@@ -11,6 +11,8 @@
 //! the domain configuration dom0 keeps (`xl list -l`), never from the
 //! guest's directories. It runs `xl`, so as root.
 
+#![forbid(unsafe_code)]
+
 use crate::xen::XenStore;
 use anyhow::{bail, Context};
 use serde_json::Value;

@@ -11,6 +11,8 @@
 //! there as soon as the toolstack creates the device, and again if the
 //! guest is renamed.
 
+#![forbid(unsafe_code)]
+
 use crate::xen::{DomId, WatchEvent, XenStore};
 use anyhow::Context;
 use std::sync::mpsc::Receiver;

@@ -5,6 +5,8 @@
 //! When the frontend closes or goes back to Initialising, the streams are torn
 //! down and the backend returns to InitWait so the guest can connect again.
 
+#![forbid(unsafe_code)]
+
 use super::pcm::{PcmStream, StreamIdentity};
 use super::ring::BackRing;
 use super::service::StreamService;

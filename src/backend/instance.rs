@@ -7,6 +7,8 @@
 //! taken, asks the socket who holds it (`SO_PEERCRED`) and names that
 //! process in its error.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context};
 use std::io::ErrorKind;
 use std::os::linux::net::SocketAddrExt;

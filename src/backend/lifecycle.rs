@@ -3,6 +3,8 @@
 //! OPEN, TRIGGER and CLOSE, and the host's node follows: an engine runs in
 //! the node from OPEN to CLOSE, and its position moves only while Running.
 
+#![forbid(unsafe_code)]
+
 use crate::sndif::trigger;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

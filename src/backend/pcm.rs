@@ -4,6 +4,8 @@
 //! stream is connected and runs the stream's engine from OPEN to CLOSE.
 //! Every request field comes from the guest and is validated here.
 
+#![forbid(unsafe_code)]
+
 use super::lifecycle::{Event, Phase};
 use super::ratelimit::LogLimiter;
 use super::registry::StreamRecord;

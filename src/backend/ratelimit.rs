@@ -3,6 +3,8 @@
 //! counted and summarised with the next one), and the requests of one
 //! stream served per second (`RequestBudget`).
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 pub struct LogLimiter {

@@ -5,6 +5,8 @@
 //! `StreamControls` (the engine reads them at every cycle) and through its
 //! node's properties (the host updates them in place).
 
+#![forbid(unsafe_code)]
+
 use super::pcm::StreamIdentity;
 use crate::dma::{DmaShared, Geometry, StreamControls};
 use crate::host::{HostBackend, StreamSpec};

@@ -4,6 +4,8 @@
 //! a producer claiming more outstanding requests than the ring holds is a
 //! broken or hostile frontend, and the ring is no longer served.
 
+#![forbid(unsafe_code)]
+
 use crate::sndif::wire::{ring_slot_offset, sring, MSG_SIZE};
 use crate::sndif::REQ_RING_SIZE;
 use crate::xen::SharedPages;

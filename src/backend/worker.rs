@@ -8,6 +8,8 @@
 //! `MIN_STEP_INTERVAL`. A guest that rewrites its state key as fast as it
 //! can therefore costs dom0 a bounded number of steps a second.
 
+#![forbid(unsafe_code)]
+
 use super::device::{Device, Services, Step};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -9,6 +9,8 @@
 //! ordinary client of that daemon, which sees the session's credentials:
 //! no proxy, no copy, no added buffering on the real-time path.
 
+#![forbid(unsafe_code)]
+
 use crate::control::{FromSession, ToSession};
 use crate::ipc;
 use std::os::fd::{AsRawFd, OwnedFd};

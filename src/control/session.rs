@@ -4,6 +4,8 @@
 //! connected socket over (`control::handoff`). It has no access to
 //! Xen and moves no audio.
 
+#![forbid(unsafe_code)]
+
 use super::{FromSession, Reply, Request, ToSession};
 use crate::ipc;
 use std::os::fd::AsRawFd;

@@ -9,6 +9,8 @@
 //! Written by the request thread (guest volume) and the control thread
 //! (policy); read by the real-time cycle; atomics only.
 
+#![forbid(unsafe_code)]
+
 use crate::host::convert::{from_f32, to_f32};
 use crate::sndif::PcmFormat;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};

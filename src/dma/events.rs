@@ -20,6 +20,8 @@
 //! neither needs to know which kernel it faces; a frontend that ignores ids
 //! sees the same position twice, which moves nothing.
 
+#![forbid(unsafe_code)]
+
 use crate::sndif::wire::{encode_cur_pos, evt_page, evt_slot_offset};
 use crate::sndif::EVT_RING_LEN;
 use crate::xen::SharedPages;

@@ -4,6 +4,8 @@
 //! (tests/fuzz_corpus.rs). Each takes any bytes; a panic is a finding.
 //! Not for the daemon: nothing in it runs outside a fuzzer or a test.
 
+#![forbid(unsafe_code)]
+
 mod stream;
 
 pub use stream::stream;

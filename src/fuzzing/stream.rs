@@ -15,6 +15,8 @@
 //! Every request served gets one response, with the request's id, and a
 //! status of 0 or a negative errno.
 
+#![forbid(unsafe_code)]
+
 use crate::backend::pcm::{PcmStream, StreamIdentity};
 use crate::backend::registry::Registry;
 use crate::backend::ring::BackRing;

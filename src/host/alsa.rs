@@ -7,6 +7,8 @@
 //! guest. The delay sent is `snd_pcm_delay()`: the frames between the
 //! guest's position and the DAC, or from the ADC to it.
 
+#![forbid(unsafe_code)]
+
 use super::slot::EngineSlot;
 use super::{HostBackend, HostNode, StreamSpec};
 use crate::dma::histogram::now_ns;

@@ -3,6 +3,8 @@
 //! (unsigned ones biased by half their range), so 8-, 16- and 24-bit
 //! samples go there and back exactly. Real-time safe: no allocation.
 
+#![forbid(unsafe_code)]
+
 use crate::sndif::PcmFormat;
 
 /// How one sample is stored.

@@ -12,6 +12,8 @@
 //! in cycles the size the host would use (`cycle_frames` of the period), at
 //! absolute deadlines so rounding never drifts the rate.
 
+#![forbid(unsafe_code)]
+
 use super::slot::EngineSlot;
 use crate::dma::histogram::now_ns;
 use crate::sndif::StreamKind;

@@ -7,6 +7,8 @@
 //!   until the caller runs a cycle (`cycle`), so a run is the same every
 //!   time, with no thread of its own.
 
+#![forbid(unsafe_code)]
+
 use super::fallback::FallbackClock;
 use super::slot::EngineSlot;
 use super::{HostBackend, HostNode, StreamSpec};

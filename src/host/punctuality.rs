@@ -4,6 +4,8 @@
 //! thread late (no real-time priority, an overloaded CPU, a stopped
 //! process) would glitch where no guest-visible counter shows it.
 
+#![forbid(unsafe_code)]
+
 use crate::dma::DmaShared;
 use std::sync::atomic::Ordering;
 

@@ -5,6 +5,8 @@
 //! Its event handling is that of one of the two generations of the Linux
 //! frontend (`FrontendKernel`), which expect different event ids.
 
+#![forbid(unsafe_code)]
+
 use crate::sndif::wire::{
     decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE,
 };

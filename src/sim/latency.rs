@@ -9,6 +9,8 @@
 //! Then the measured round trip is `Cr - Pw - (hc - hp)` and the reported
 //! one `dp + dc`: for a guest with exact delays they are equal.
 
+#![forbid(unsafe_code)]
+
 use super::front::PosEvent;
 use serde::Serialize;
 use std::time::Duration;

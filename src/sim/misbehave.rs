@@ -2,6 +2,8 @@
 //! and records how the backend answered: an error status, or no answer at all
 //! (the backend closed the stream).
 
+#![forbid(unsafe_code)]
+
 use super::{open_req, Guest, SimOptions};
 use crate::sndif::{trigger, HwParam, PcmFormat, Request, RwReq, REQ_RING_SIZE};
 use anyhow::Context;

@@ -3,6 +3,8 @@
 //! `snd_xen_front` plus a simple ALSA application on top, and reports what it
 //! saw. `--misbehave` turns it into a hostile guest for robustness tests.
 
+#![forbid(unsafe_code)]
+
 pub mod front;
 pub mod latency;
 pub mod misbehave;

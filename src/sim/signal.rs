@@ -1,5 +1,7 @@
 //! Test signals and a minimal WAV reader/writer (16-bit PCM, 32-bit float).
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context};
 use std::io::{Read, Write};
 use std::path::Path;

@@ -4,6 +4,8 @@
 //! teardown code through every failure a real Xen can give it (a guest
 //! that revoked a grant, a port already closed, xenstored gone away).
 
+#![forbid(unsafe_code)]
+
 use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, StoreError, Transport, XenStore};
 use anyhow::bail;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,6 +5,8 @@
 //! advertise no latency. A capture node fed from them is one cycle later
 //! than PipeWire's time report says.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 
 #[derive(Debug, Default)]

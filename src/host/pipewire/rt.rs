@@ -3,6 +3,8 @@
 //! the DMA engine the node holds while the guest stream is open: no
 //! allocation, no lock, no logging.
 
+#![forbid(unsafe_code)]
+
 use super::node::shape_key;
 use crate::dma::histogram::now_ns;
 use crate::dma::DmaEngine;

@@ -2,6 +2,8 @@
 //! SOCK_SEQPACKET Unix socket (one message per packet), with file descriptors
 //! (the guest's memfd, event-channel eventfds) passed as SCM_RIGHTS.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::ipc::{connect, recv, send, seqpacket_socket, MAX_MSG};

@@ -1,6 +1,8 @@
 //! A small xenstore: a tree of string values with watches. Nodes are implicit:
 //! a path exists when it has a value or a descendant.
 
+#![forbid(unsafe_code)]
+
 use super::super::WatchEvent;
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
