@@ -55,34 +55,43 @@ struct XenBus {
 
 fn open_xenbus() -> anyhow::Result<File> {
     let mut errors = Vec::new();
+    let mut hint = "";
     for p in ["/dev/xen/xenbus", "/proc/xen/xenbus"] {
         match OpenOptions::new().read(true).write(true).open(p) {
             Ok(f) => return Ok(f),
-            Err(e) => errors.push(format!("{p}: {e}")),
+            Err(e) => {
+                // The first device's reason is the telling one.
+                if hint.is_empty() {
+                    hint = device_hint(e.kind());
+                }
+                errors.push(format!("{p}: {e}"));
+            }
         }
     }
-    bail!("cannot reach xenstore ({}){}", errors.join("; "), device_hint(&errors.join(" ")))
+    bail!("cannot reach xenstore ({}){hint}", errors.join("; "))
 }
 
 /// What an open error of a /dev/xen device most likely means.
-fn device_hint(err: &str) -> &'static str {
-    if err.contains("ermission denied") {
-        " — this user may not use the Xen devices: install the udev rule \
-         (60-xen-vsnd.rules, group xen-vsnd) and run as a member of that group"
-    } else if err.contains("No such file") {
-        " — is this a Xen domain with the xen-evtchn, xen-gntdev and xenfs drivers loaded?"
-    } else {
-        ""
+fn device_hint(kind: std::io::ErrorKind) -> &'static str {
+    match kind {
+        std::io::ErrorKind::PermissionDenied => {
+            " — this user may not use the Xen devices: install the udev rule \
+             (60-xen-vsnd.rules, group xen-vsnd) and run as a member of that group"
+        }
+        std::io::ErrorKind::NotFound => {
+            " — is this a Xen domain with the xen-evtchn, xen-gntdev and xenfs drivers loaded?"
+        }
+        _ => "",
     }
 }
 
 /// Opens a /dev/xen device, saying why not (the OS error, and a hint).
 fn open_device(path: &str, write: bool) -> anyhow::Result<File> {
-    OpenOptions::new().read(true).write(write).open(path).map_err(|e| {
-        let msg = format!("open {path}: {e}");
-        let hint = device_hint(&msg);
-        anyhow::anyhow!("{msg}{hint}")
-    })
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("open {path}: {e}{}", device_hint(e.kind())))
 }
 
 fn split_nul(b: &[u8]) -> Vec<String> {
@@ -268,7 +277,7 @@ impl EventChannels for Evtchn {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/xen/evtchn")
-            .map_err(|e| anyhow::anyhow!("open /dev/xen/evtchn: {e}{}", device_hint(&e.to_string())))?;
+            .map_err(|e| anyhow::anyhow!("open /dev/xen/evtchn: {e}{}", device_hint(e.kind())))?;
         let arg: [u32; 2] = [domid, remote_port];
         // SAFETY: IOCTL_EVTCHN_BIND_INTERDOMAIN reads {remote_domain, remote_port}.
         let port = unsafe { libc::ioctl(dev.as_raw_fd(), ioctl::EVTCHN_BIND_INTERDOMAIN as _, &arg) };
@@ -370,6 +379,6 @@ mod tests {
     fn a_device_error_keeps_the_os_error_and_says_what_it_means() {
         let e = format!("{:#}", super::open_device("/nonexistent/xen/evtchn", true).unwrap_err());
         assert!(e.contains("No such file or directory (os error 2)") && e.contains("xen-evtchn"), "{e}");
-        assert!(super::device_hint("Permission denied (os error 13)").contains("udev rule"));
+        assert!(super::device_hint(std::io::ErrorKind::PermissionDenied).contains("udev rule"));
     }
 }
