@@ -74,6 +74,8 @@ pub struct Device {
     told_no_name: bool,
     /// A state we took but could not write yet (xenstore failed).
     unwritten: Option<XenbusState>,
+    /// The last step failed on xenstore and is being tried again.
+    retrying: bool,
 }
 
 /// The frontend's directory as the card parser reads it. A key that could
@@ -134,6 +136,7 @@ impl Device {
             told_left_out: false,
             told_no_name: false,
             unwritten: None,
+            retrying: false,
         }
     }
 
@@ -152,13 +155,20 @@ impl Device {
     /// failed read for a removed device or leaving a frontend waiting on a
     /// state we could not write.
     pub fn step(&mut self, s: &Services) -> Step {
-        match self.try_step(s) {
+        let r = self.try_step(s);
+        // One line when a spell of failures starts, one when it ends.
+        match (&r, self.retrying) {
+            (Err(e), false) => {
+                tracing::warn!(domid = self.domid, devid = self.devid, "xenstore: {e:#} (trying again)")
+            }
+            (Ok(_), true) => tracing::info!(domid = self.domid, devid = self.devid, "xenstore answers again"),
+            _ => {}
+        }
+        self.retrying = r.is_err();
+        match r {
             Ok(true) => Step::Continue,
             Ok(false) => Step::Gone,
-            Err(e) => {
-                tracing::warn!(domid = self.domid, devid = self.devid, "xenstore: {e:#} (trying again)");
-                Step::Retry
-            }
+            Err(_) => Step::Retry,
         }
     }
 
@@ -267,7 +277,8 @@ impl Device {
                 );
             }
             // xenstore did not answer: not the guest's doing, nor final.
-            Err(e) if e.chain().any(|c| c.is::<StoreError>()) => {
+            // (One that refused, e.g. a key we may not read, is final.)
+            Err(e) if e.chain().any(|c| matches!(c.downcast_ref(), Some(StoreError::Unavailable { .. }))) => {
                 self.teardown("xenstore failed while connecting");
                 return Err(e);
             }
