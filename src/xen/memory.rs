@@ -1,8 +1,9 @@
 //! A guest's grantable memory held in this process: one memfd, gref N =
 //! page N, mapped the way Xen maps grants (every mapping of a page sees the
 //! same bytes, at once). The loopback transport maps a guest process's
-//! memfd with it; in-process tests and the fuzz targets (tests/fuzz) use
-//! `GuestMemory` as the guest's side, changing any byte between requests.
+//! memfd with it, and a simulated guest holds its memory as a
+//! `GuestMemory`; in-process tests and the fuzz targets (tests/fuzz) use one
+//! as the guest's side, changing any byte between requests.
 
 use super::{DomId, EventChannel, GrantMapper, SharedPages};
 use crate::sndif::PAGE_SIZE;
@@ -12,6 +13,7 @@ use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Maps the pages `grefs` of `memfd` (which holds `pages` pages) into one
 /// contiguous, writable range. gref 0 and grefs past the end are refused,
@@ -23,11 +25,6 @@ pub fn map_grefs(memfd: &OwnedFd, pages: u32, grefs: &[u32]) -> anyhow::Result<S
     if let Some(bad) = grefs.iter().find(|g| **g == 0 || **g >= pages) {
         bail!("grant reference {bad} is not granted");
     }
-    map_pages(memfd, grefs)
-}
-
-/// Maps the pages `grefs` of `memfd`, unchecked, contiguously.
-fn map_pages(memfd: &OwnedFd, grefs: &[u32]) -> anyhow::Result<SharedPages> {
     let len = grefs.len() * PAGE_SIZE;
     let nz = NonZeroUsize::new(len).ok_or_else(|| anyhow!("empty mapping"))?;
     let page = NonZeroUsize::new(PAGE_SIZE).ok_or_else(|| anyhow!("page size"))?;
@@ -69,26 +66,56 @@ fn map_pages(memfd: &OwnedFd, grefs: &[u32]) -> anyhow::Result<SharedPages> {
 pub struct GuestMemory {
     memfd: OwnedFd,
     pages: u32,
-    all: SharedPages,
+    all: Arc<SharedPages>,
 }
 
 impl GuestMemory {
     pub fn new(pages: u32) -> anyhow::Result<GuestMemory> {
-        anyhow::ensure!(pages > 0, "a guest with no memory");
+        let len =
+            NonZeroUsize::new(pages as usize * PAGE_SIZE).ok_or_else(|| anyhow!("a guest with no memory"))?;
         let memfd =
             nix::sys::memfd::memfd_create(c"xen-vsnd-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
                 .context("memfd_create")?;
-        nix::unistd::ftruncate(&memfd, i64::from(pages) * PAGE_SIZE as i64).context("sizing guest memory")?;
-        // The guest's view: every page, gref 0 included.
-        let all = map_pages(&memfd, &(0..pages).collect::<Vec<_>>())?;
-        Ok(GuestMemory { memfd, pages, all })
+        nix::unistd::ftruncate(&memfd, len.get() as i64).context("sizing guest memory")?;
+        // The guest's view: every page, gref 0 included, in one mapping.
+        // SAFETY: a fresh shared mapping of the whole memfd, unmapped on drop.
+        let all = unsafe {
+            let p = mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                memfd.as_fd(),
+                0,
+            )?;
+            SharedPages::new(
+                NonNull::new(p.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null mapping"))?,
+                len.get(),
+                Box::new(|p, l| {
+                    if let Some(p) = NonNull::new(p as *mut libc::c_void) {
+                        let _ = munmap(p, l);
+                    }
+                }),
+            )
+        };
+        Ok(GuestMemory { memfd, pages, all: Arc::new(all) })
     }
 
     /// All of the guest's pages, page N at N * PAGE_SIZE.
-    pub fn pages(&self) -> &SharedPages {
+    pub fn pages(&self) -> &Arc<SharedPages> {
         &self.all
     }
 
+    /// How many pages it has.
+    pub fn len(&self) -> u32 {
+        self.pages
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// The memfd, to hand to the loopback hypervisor.
     pub fn fd(&self) -> RawFd {
         self.memfd.as_raw_fd()
     }

@@ -4,14 +4,13 @@
 use super::proto::{self, GuestMsg, HvMsg};
 use super::{new_eventfd, EventFdChannel};
 use crate::sndif::PAGE_SIZE;
+use crate::xen::memory::GuestMemory;
 use crate::xen::{EventChannel, SharedPages, WatchEvent};
 use anyhow::{anyhow, bail, Context};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::VecDeque;
-use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ pub struct GuestConn {
     sock: OwnedFd,
     pub domid: u32,
     watch_queue: VecDeque<WatchEvent>,
-    memory: Arc<SharedPages>,
+    memory: GuestMemory,
     next_page: u32,
     pages: u32,
 }
@@ -34,32 +33,9 @@ impl GuestConn {
         vsnd: Vec<(String, String)>,
     ) -> anyhow::Result<GuestConn> {
         let sock = proto::connect(path)?;
-        let memfd =
-            nix::sys::memfd::memfd_create(c"xen-vsnd-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
-        let len = pages as usize * PAGE_SIZE;
-        nix::unistd::ftruncate(&memfd, len as i64)?;
-        // SAFETY: a fresh shared mapping of the whole memfd, unmapped on drop.
-        let memory = unsafe {
-            let p = nix::sys::mman::mmap(
-                None,
-                NonZeroUsize::new(len).ok_or_else(|| anyhow!("zero pages"))?,
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                memfd.as_fd(),
-                0,
-            )?;
-            Arc::new(SharedPages::new(
-                NonNull::new(p.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null"))?,
-                len,
-                Box::new(|p, l| {
-                    if let Some(p) = NonNull::new(p as *mut libc::c_void) {
-                        let _ = nix::sys::mman::munmap(p, l);
-                    }
-                }),
-            ))
-        };
+        let memory = GuestMemory::new(pages)?;
         let hello = GuestMsg::Hello { name: name.to_string(), pages, vsnd };
-        proto::send(sock.as_raw_fd(), &hello, &[memfd.as_raw_fd()])?;
+        proto::send(sock.as_raw_fd(), &hello, &[memory.fd()])?;
         let mut c = GuestConn { sock, domid: 0, watch_queue: VecDeque::new(), memory, next_page: 1, pages };
         match c.reply(Duration::from_secs(5))? {
             HvMsg::Welcome { domid } => c.domid = domid,
@@ -173,13 +149,13 @@ impl GuestConn {
         }
         let g = self.next_page;
         self.next_page += 1;
-        self.memory.copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
+        self.memory.pages().copy_in(g as usize * PAGE_SIZE, &[0u8; PAGE_SIZE]);
         Ok(g)
     }
 
     /// The guest's own view of its memory (gref N at N * PAGE_SIZE).
     pub fn memory(&self) -> Arc<SharedPages> {
-        self.memory.clone()
+        self.memory.pages().clone()
     }
 
     /// Allocates an unbound event channel; returns (port, the guest's end).
