@@ -16,6 +16,7 @@
 
 use super::slot::EngineSlot;
 use crate::dma::histogram::now_ns;
+use crate::dma::DmaEngine;
 use crate::sndif::StreamKind;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -37,7 +38,23 @@ const WATCH: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(5);
 /// Scratch space for one cycle: the largest cycle (8192 frames) of the
 /// widest frame the protocol carries (8 channels of 64-bit samples).
-const SCRATCH_BYTES: usize = 8192 * 8 * 8;
+pub(super) const SCRATCH_BYTES: usize = 8192 * 8 * 8;
+
+/// One cycle of `engine` (its `cycle_frames`) with no audio behind it:
+/// playback frames are read and dropped, capture is given silence.
+/// `scratch` holds a cycle (`SCRATCH_BYTES`).
+pub(super) fn silent_cycle(engine: &mut DmaEngine, kind: StreamKind, scratch: &mut [u8]) {
+    let stride = engine.frame_bytes().max(1);
+    let bytes = (engine.geom.cycle_frames as usize * stride).min(scratch.len() / stride * stride);
+    let buf = &mut scratch[..bytes];
+    match kind {
+        StreamKind::Playback => engine.playback_cycle(buf, 0),
+        StreamKind::Capture => {
+            engine.geom.format.fill_silence(buf);
+            engine.capture_cycle(buf, 0);
+        }
+    }
+}
 
 enum Ctl {
     Add {
@@ -186,17 +203,8 @@ fn look_after(s: &mut Watched, now: Instant, scratch: &mut [u8]) -> bool {
         let rate = u64::from(engine.geom.rate.max(1));
         let cycle = u64::from(engine.geom.cycle_frames);
         let due = now.saturating_duration_since(start).as_nanos() as u64 * rate / 1_000_000_000;
-        let stride = engine.frame_bytes().max(1);
-        let bytes = (cycle as usize * stride).min(scratch.len() / stride * stride);
-        let buf = &mut scratch[..bytes];
         while done + cycle <= due {
-            match *kind {
-                StreamKind::Playback => engine.playback_cycle(buf, 0),
-                StreamKind::Capture => {
-                    engine.geom.format.fill_silence(buf);
-                    engine.capture_cycle(buf, 0);
-                }
-            }
+            silent_cycle(engine, *kind, scratch);
             done += cycle;
             shared.fallback_cycles.fetch_add(1, Ordering::Relaxed);
         }

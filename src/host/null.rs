@@ -9,17 +9,13 @@
 
 #![forbid(unsafe_code)]
 
-use super::fallback::FallbackClock;
+use super::fallback::{silent_cycle, FallbackClock, SCRATCH_BYTES};
 use super::slot::EngineSlot;
 use super::{HostBackend, HostNode, StreamSpec};
 use crate::dma::DmaEngine;
 use crate::sndif::{PcmFormat, StreamKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-
-/// Scratch space for one manual cycle: the largest cycle (8192 frames) of
-/// the widest frame the protocol carries (8 channels of 64-bit samples).
-const SCRATCH_BYTES: usize = 8192 * 8 * 8;
 
 #[derive(Default)]
 struct Nodes {
@@ -60,18 +56,7 @@ impl NullHost {
         };
         for (slot, kind) in slots {
             slot.host_cycle();
-            slot.with(|engine| {
-                let stride = engine.frame_bytes().max(1);
-                let bytes = (engine.geom.cycle_frames as usize * stride).min(scratch.len() / stride * stride);
-                let buf = &mut scratch[..bytes];
-                match kind {
-                    StreamKind::Playback => engine.playback_cycle(buf, 0),
-                    StreamKind::Capture => {
-                        engine.geom.format.fill_silence(buf);
-                        engine.capture_cycle(buf, 0);
-                    }
-                }
-            });
+            slot.with(|engine| silent_cycle(engine, kind, &mut scratch));
         }
     }
 }
