@@ -20,7 +20,7 @@ use xen_vsnd::host::null::NullHost;
 use xen_vsnd::policy::Policy;
 use xen_vsnd::sim::front::PeriodRule;
 use xen_vsnd::sim::{self, Guest, SimOptions};
-use xen_vsnd::sndif::{op, trigger, PcmFormat, Request, RwReq};
+use xen_vsnd::sndif::{op, trigger, OpenReq, PcmFormat, Request, RwReq};
 use xen_vsnd::xen::faults::{self, Call, Fault, FaultPlan};
 use xen_vsnd::xen::loopback::Hypervisor;
 
@@ -145,12 +145,21 @@ fn back_to(base: Resources, what: &str) {
     }
 }
 
+/// A buffer for the guest's playback stream, granted, and the OPEN
+/// request for it, as sim-guest makes them.
+fn prepare_open(g: &mut Guest, o: &SimOptions) -> OpenReq {
+    g.playback.alloc_buffer(&mut g.conn, o.period * o.periods * frame_bytes(o)).unwrap();
+    sim::open_req(o, &g.playback, PcmFormat::S16Le)
+}
+
+fn frame_bytes(o: &SimOptions) -> u32 {
+    2 * u32::from(o.channels)
+}
+
 /// OPEN of the guest's playback stream, as sim-guest does it.
 fn open(g: &mut Guest, o: &SimOptions) -> anyhow::Result<()> {
-    let frame = 2 * u32::from(o.channels);
-    g.playback.alloc_buffer(&mut g.conn, o.period * o.periods * frame)?;
-    let req = sim::open_req(o, &g.playback, PcmFormat::S16Le);
-    g.playback.open(req, frame, PeriodRule::Upstream)
+    let req = prepare_open(g, o);
+    g.playback.open(req, frame_bytes(o), PeriodRule::Upstream)
 }
 
 /// A guest that connects, plays a few cycles and closes: the backend
@@ -236,10 +245,8 @@ fn every_call_of_the_handshake_and_of_open_failing(b: &Backend, base: Resources)
         let name = format!("open-map-{nth}");
         let o = b.options(&name);
         let mut g = sim::connect(&o).unwrap();
+        let req = prepare_open(&mut g, &o);
         b.plan.arm(Call::GrantMap, nth, Fault::Fail);
-        let frame = 2 * u32::from(o.channels);
-        g.playback.alloc_buffer(&mut g.conn, o.period * o.periods * frame).unwrap();
-        let req = sim::open_req(&o, &g.playback, PcmFormat::S16Le);
         let r = g.playback.try_request(Request::Open(req)).unwrap().expect("OPEN answered");
         assert!(r.status < 0, "{name}: OPEN with a failed map answered {}", r.status);
         // The stream is fine for the next OPEN.
@@ -286,11 +293,9 @@ fn a_guest_killed_during_each_request_type(b: &Backend, base: Resources) {
             let name = format!("killed-during-{op}-{}", if opened { "open" } else { "closed" });
             let o = b.options(&name);
             let mut g = sim::connect(&o).unwrap();
-            let frame = 2 * u32::from(o.channels);
-            g.playback.alloc_buffer(&mut g.conn, o.period * o.periods * frame).unwrap();
-            let open_req = sim::open_req(&o, &g.playback, PcmFormat::S16Le);
+            let open_req = prepare_open(&mut g, &o);
             if opened {
-                g.playback.open(open_req, frame, PeriodRule::Upstream).unwrap();
+                g.playback.open(open_req, frame_bytes(&o), PeriodRule::Upstream).unwrap();
                 g.playback.request(Request::Trigger(trigger::START)).unwrap();
                 b.host.cycle();
             }
