@@ -6,7 +6,9 @@
 //! - `backend`: one state machine per guest device, one request thread per stream
 //! - `dma`: the guest's DMA engine, run from the host's real-time cycle
 //! - `host`: host audio backends (PipeWire)
-//! - `sim`: a simulated guest frontend for tests, demos and measurements
+//!
+//! The simulated guest that tests and demos run is its own crate
+//! (`xen-vsnd-sim`, src/sim): the daemon never needs it.
 
 pub mod backend;
 pub mod control;
@@ -18,7 +20,6 @@ pub mod ipc;
 pub mod logging;
 pub mod policy;
 pub mod reattach;
-pub mod sim;
 pub use xen_sndif as sndif;
 pub mod vouch;
 pub mod xen;

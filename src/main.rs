@@ -1,4 +1,4 @@
-//! `xen-vsnd`: the Xen PV sound backend daemon, and a simulated guest.
+//! `xen-vsnd`: the Xen PV sound backend daemon (the simulated guest is `xen-vsnd-sim`, src/sim).
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -15,7 +15,6 @@ use xen_vsnd::host::null::NullHost;
 #[cfg(feature = "pipewire")]
 use xen_vsnd::host::pipewire::{PipeWireConfig, PipeWireHost};
 use xen_vsnd::host::HostBackend;
-use xen_vsnd::sim::{self, SimOptions};
 use xen_vsnd::xen::{linux, loopback::Hypervisor};
 
 #[derive(Parser)]
@@ -138,46 +137,6 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
-    /// Run a simulated guest against a loopback backend.
-    SimGuest(SimOptions),
-    /// Write a test signal as a 16-bit WAV (to play in a real guest).
-    Signal {
-        #[arg(long, value_enum, default_value = "pattern")]
-        kind: xen_vsnd::sim::signal::Signal,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 48000)]
-        rate: u32,
-        #[arg(long, default_value_t = 2)]
-        channels: u32,
-        /// Seconds of silence before the signal (a player whose ports are
-        /// linked one by one starts with some of its channels unlinked).
-        #[arg(long, default_value_t = 0.0)]
-        lead_in: f64,
-        /// Seconds of silence after it (a sink that pauses when its last
-        /// stream leaves drops what its device still holds).
-        #[arg(long, default_value_t = 0.0)]
-        lead_out: f64,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Check a recording of a test pattern, frame by frame.
-    ///
-    /// The recording must carry a `signal --kind pattern` WAV intact:
-    /// from where the recording picks it up to its end, every frame present,
-    /// in order and unchanged. Prints what differs (silent gaps, which keep
-    /// the timeline; or shifted/altered frames) and exits non-zero then;
-    /// when the only fault is silence inserted into the signal (every frame
-    /// still there, in order), says so on a line of its own.
-    Compare {
-        #[arg(long)]
-        sent: PathBuf,
-        #[arg(long)]
-        got: PathBuf,
-        /// Smallest share of the signal that must have been recorded.
-        #[arg(long, default_value_t = 0.8)]
-        min_fraction: f64,
-    },
 }
 
 /// The ALSA host's options.
@@ -288,15 +247,6 @@ fn main() {
             .and_then(|(store, _, _)| xen_vsnd::reattach::run(&*store, backend.as_deref(), dry_run))
             .map(|n| println!("reattach: {n} card(s)")),
         Cmd::Assets { out } => assets(&out),
-        Cmd::SimGuest(o) => sim_guest(&o),
-        Cmd::Signal { kind, seconds, rate, channels, lead_in, lead_out, out } => {
-            let silence = |secs: f64| vec![0i16; (secs.max(0.0) * rate as f64) as usize * channels as usize];
-            let mut s = silence(lead_in);
-            s.extend(xen_vsnd::sim::signal::generate(kind, rate, channels, (seconds * rate as f64) as usize));
-            s.extend(silence(lead_out));
-            xen_vsnd::sim::signal::write_wav_s16(&out, rate, channels, &s)
-        }
-        Cmd::Compare { sent, got, min_fraction } => compare(&sent, &got, min_fraction),
     };
     if let Err(e) = r {
         eprintln!("xen-vsnd: {e:#}");
@@ -502,73 +452,6 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<()> {
         }
         _ => bail!("unexpected answer"),
     }
-}
-
-fn compare(sent: &std::path::Path, got: &std::path::Path, min_fraction: f64) -> anyhow::Result<()> {
-    use xen_vsnd::sim::signal::{align, compare_allowing_inserted_silence, read_wav};
-    let (s, g) = (read_wav(sent)?, read_wav(got)?);
-    if (s.rate, s.channels) != (g.rate, g.channels) {
-        bail!("{} Hz x{} against {} Hz x{}", s.rate, s.channels, g.rate, g.channels);
-    }
-    let ch = s.channels as usize;
-    let total = s.samples.len() / ch;
-    let Some(a) = align(&s.samples, &g.samples, ch) else {
-        bail!("the signal never appears in {}", got.display());
-    };
-    println!(
-        "compare: signal of {total} frames recorded from its frame {}: {} exact, {} silent in {} gaps, {} wrong",
-        a.from, a.exact, a.silent, a.gaps, a.wrong
-    );
-    if a.wrong > 0 || a.silent > 0 {
-        // Say whether silence was only inserted (a cycle some host node ran
-        // late, after which the signal comes whole and in order): the
-        // caller decides whether something it counted explains it.
-        if let Some(d) = compare_allowing_inserted_silence(&s.samples, &g.samples, ch, 64) {
-            if d.delivered == total && d.inserted_silences > 0 {
-                println!(
-                    "compare: every frame in order but for inserted silence: {} runs, {} frames",
-                    d.inserted_silences, d.inserted_frames
-                );
-            }
-        }
-    }
-    if a.wrong > 0 {
-        bail!("not intact: shifted or altered frames");
-    }
-    if a.silent > 0 {
-        bail!("not intact: silent gaps");
-    }
-    if (a.exact as f64) < min_fraction * total as f64 || a.from + a.exact != total {
-        bail!("only {} of {total} frames recorded", a.exact);
-    }
-    Ok(())
-}
-
-fn sim_guest(o: &SimOptions) -> anyhow::Result<()> {
-    let report = sim::run(o)?;
-    println!("sim-guest: {}", serde_json::to_string(&report)?);
-    if let Some(l) = &report.latency {
-        println!("latency: measured {} reported {} error {}", l.measured, l.reported, l.error);
-        if l.error.unsigned_abs() > o.latency_tolerance as u64 {
-            bail!(
-                "latency error {} frames exceeds {} (per impulse: see the report)",
-                l.error,
-                o.latency_tolerance
-            );
-        }
-    }
-    if let Some(m) = &report.misbehave {
-        // The backend must have refused the bad request or closed the stream.
-        let refused = m.status.is_some_and(|s| s < 0) || m.stream_closed;
-        use sim::misbehave::Misbehave::{NotifyFlood, QueryFlood, StateFlood};
-        // A flood is served (more slowly): every request answered in time.
-        let flood_ok =
-            matches!(m.kind, NotifyFlood | StateFlood | QueryFlood) && m.still_served && m.unanswered == 0;
-        if !(refused || flood_ok) {
-            bail!("backend accepted {:?}", m.kind);
-        }
-    }
-    Ok(())
 }
 
 /// Minimal signal handling: SIGINT/SIGTERM set a flag the backend polls.

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use xen_vsnd::backend::{self, registry::Registry};
 use xen_vsnd::host::null::NullHost;
 use xen_vsnd::policy::Policy;
-use xen_vsnd::sim::front::PeriodRule;
-use xen_vsnd::sim::{self, Guest, SimOptions};
+use xen_vsnd_sim::front::PeriodRule;
+use xen_vsnd_sim::{self as sim, Guest, SimOptions};
 use xen_vsnd::sndif::{op, trigger, OpenReq, PcmFormat, Request, RwReq};
 use xen_vsnd::xen::faults::{self, Call, Fault, FaultPlan};
 use xen_vsnd::xen::loopback::Hypervisor;
@@ -146,7 +146,7 @@ fn back_to(base: Resources, what: &str) {
 }
 
 /// A buffer for the guest's playback stream, granted, and the OPEN
-/// request for it, as sim-guest makes them.
+/// request for it, as `xen-vsnd-sim guest` makes them.
 fn prepare_open(g: &mut Guest, o: &SimOptions) -> OpenReq {
     g.playback.alloc_buffer(&mut g.conn, o.period * o.periods * frame_bytes(o)).unwrap();
     sim::open_req(o, &g.playback, PcmFormat::S16Le)
@@ -156,7 +156,7 @@ fn frame_bytes(o: &SimOptions) -> u32 {
     2 * u32::from(o.channels)
 }
 
-/// OPEN of the guest's playback stream, as sim-guest does it.
+/// OPEN of the guest's playback stream, as `xen-vsnd-sim guest` does it.
 fn open(g: &mut Guest, o: &SimOptions) -> anyhow::Result<()> {
     let req = prepare_open(g, o);
     g.playback.open(req, frame_bytes(o), PeriodRule::Upstream)

@@ -147,8 +147,8 @@ fn a_guest_plays_and_records_on_through_pipewire_restarts() {
     finish_recording(&mut rec, &sent[sent.len() - tail * 2..], &wav);
     assert_tail_intact(&env, &sent, &wav, tail);
     // ... and back into the guest's capture, through the sink's monitor.
-    let got = xen_vsnd::sim::signal::read_wav(&cap).expect("the guest's recording").samples;
-    let (_, n) = xen_vsnd::sim::signal::find_and_compare(&sent[sent.len() - tail * 2..], &got, 2, 64, 0)
+    let got = xen_vsnd_sim::signal::read_wav(&cap).expect("the guest's recording").samples;
+    let (_, n) = xen_vsnd_sim::signal::find_and_compare(&sent[sent.len() - tail * 2..], &got, 2, 64, 0)
         .expect("the tail of the pattern in the guest's recording");
     assert_eq!(n, tail, "the guest recorded only {n} of the last {tail} frames intact");
 }

@@ -193,7 +193,7 @@ fn guests_play_and_record_through_jack() {
     assert_eq!(report["playback"]["max_cycle_frames"], PERIOD, "the JACK period drives the guest");
     let got = rec.samples();
     let (start, n) =
-        xen_vsnd::sim::signal::find_and_compare(&sent, &got, 2, 64, 0).expect("the pattern reached JACK");
+        xen_vsnd_sim::signal::find_and_compare(&sent, &got, 2, 64, 0).expect("the pattern reached JACK");
     assert_eq!(n, sent.len() / 2, "only {n} frames intact from recorded frame {start}");
     assert_eq!(counter(&log, "xen-vsnd.jplay-vm.0.0.playback", "late_cycles"), 0);
 
@@ -216,9 +216,9 @@ fn guests_play_and_record_through_jack() {
     let (ok, report, err) = finish_sim(sim);
     assert!(ok, "{err}");
     assert_eq!(report["capture"]["xruns"], 0, "{report}");
-    let got = xen_vsnd::sim::signal::read_wav(&cap).unwrap().samples;
+    let got = xen_vsnd_sim::signal::read_wav(&cap).unwrap().samples;
     let (start, n) =
-        xen_vsnd::sim::signal::find_and_compare(&sent, &got, 2, 64, 0).expect("the guest heard the pattern");
+        xen_vsnd_sim::signal::find_and_compare(&sent, &got, 2, 64, 0).expect("the guest heard the pattern");
     assert_eq!(n, sent.len() / 2, "only {n} frames intact from captured frame {start}");
 
     // The delay a guest is told is what JACK reports for its ports: here
@@ -319,7 +319,7 @@ fn server_restarts(env: &mut JackEnv) {
     assert!(ok, "the guest's stream stalled or failed across the restart: {err}\n{report}");
     let got = rec.samples();
     let tail = 2 * 48000;
-    let (_, n) = xen_vsnd::sim::signal::find_and_compare(&sent[sent.len() - tail * 2..], &got, 2, 64, 0)
+    let (_, n) = xen_vsnd_sim::signal::find_and_compare(&sent[sent.len() - tail * 2..], &got, 2, 64, 0)
         .expect("the pattern's tail reached JACK after the restart");
     assert_eq!(n, tail, "only {n} of the last {tail} frames intact after the restart");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -347,7 +347,7 @@ fn server_restarts(env: &mut JackEnv) {
     ));
     assert!(!ok && err.contains("-22"), "48 kHz accepted by a 44.1 kHz server: {err}");
     let rec = Recorder::start("xv-rec3");
-    let sent44 = xen_vsnd::sim::signal::generate(xen_vsnd::sim::signal::Signal::Pattern, 44100, 2, 88200);
+    let sent44 = xen_vsnd_sim::signal::generate(xen_vsnd_sim::signal::Signal::Pattern, 44100, 2, 88200);
     let guest = env.spawn_sim(
         &sock,
         &[
@@ -378,7 +378,7 @@ fn server_restarts(env: &mut JackEnv) {
     let (ok, report, err) = finish_sim(guest);
     assert!(ok, "{err}\n{report}");
     let got = rec.samples();
-    let (_, n) = xen_vsnd::sim::signal::find_and_compare(&sent44, &got, 2, 64, 0)
+    let (_, n) = xen_vsnd_sim::signal::find_and_compare(&sent44, &got, 2, 64, 0)
         .expect("the 44.1 kHz pattern reached JACK");
     assert_eq!(n, sent44.len() / 2, "only {n} frames of the 44.1 kHz pattern intact");
 }

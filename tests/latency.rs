@@ -1,4 +1,4 @@
-//! The latency self-test (`sim-guest --measure-latency`): the guest plays
+//! The latency self-test (`xen-vsnd-sim guest --measure-latency`): the guest plays
 //! impulses and captures them back through the host graph, and the round
 //! trip it measures must equal the sum of the delays the backend reported.
 

@@ -86,7 +86,7 @@ fn guests_are_independent() {
             // From the moment the test linked it, everything this guest
             // played came back to it unchanged and without a gap, up to the
             // end of its capture.
-            use xen_vsnd::sim::signal::{find_and_compare, first_appearance, read_wav};
+            use xen_vsnd_sim::signal::{find_and_compare, first_appearance, read_wav};
             let got = read_wav(std::path::Path::new(&wav(n))).unwrap();
             let (at, from) = first_appearance(&sent, &got.samples, 2)
                 .unwrap_or_else(|| panic!("{n}: its signal never came back"));

@@ -64,7 +64,7 @@ fn a_guests_playback_reaches_another_pipewire_over_rtp() {
     rec.interrupt_and_wait(Duration::from_secs(5));
     eprintln!("recorded {:.1} s more after the guest ended", t.elapsed().as_secs_f64());
 
-    let samples = xen_vsnd::sim::signal::read_wav(&wav).expect("the remote's recording").samples;
+    let samples = xen_vsnd_sim::signal::read_wav(&wav).expect("the remote's recording").samples;
     let left: Vec<f64> = samples.iter().step_by(2).map(|&s| s as f64).collect();
     let loud = |s: &f64| s.abs() > 4000.0;
     let start =

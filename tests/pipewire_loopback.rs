@@ -48,9 +48,9 @@ fn the_last_frames_before_close_reach_the_sink() {
     let mut env = PwEnv::start_with_conf("context.properties = { default.clock.max-quantum = 8192 }");
     env.run("pw-metadata", &["-n", "settings", "0", "clock.force-rate", "44100"]);
     let (sock, _log) = env.start_backend();
-    let sent = xen_vsnd::sim::signal::generate(xen_vsnd::sim::signal::Signal::Pattern, 44100, 2, 132300);
+    let sent = xen_vsnd_sim::signal::generate(xen_vsnd_sim::signal::Signal::Pattern, 44100, 2, 132300);
     let src = env.dir.path().join("src.wav");
-    xen_vsnd::sim::signal::write_wav_s16(&src, 44100, 2, &sent).unwrap();
+    xen_vsnd_sim::signal::write_wav_s16(&src, 44100, 2, &sent).unwrap();
     let wav = env.dir.path().join("monitor.wav");
     let mut rec = env.record_monitor_at(&wav, 44100);
     let args = ["--domain", "tail-vm", "--rate", "44100", "--period", "8820", "--periods", "12"];

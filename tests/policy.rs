@@ -45,7 +45,7 @@ fn node_prop(env: &PwEnv, node: &str, key: &str) -> Option<String> {
 }
 
 fn samples(wav: &Path) -> Vec<i16> {
-    xen_vsnd::sim::signal::read_wav(wav).expect("the guest's recording").samples
+    xen_vsnd_sim::signal::read_wav(wav).expect("the guest's recording").samples
 }
 
 fn policy_file(env: &PwEnv, name: &str, text: &str) -> PathBuf {
@@ -106,7 +106,7 @@ fn the_microphone_is_off_until_dom0_allows_it() {
         env.links().contains(&format!("{node}:input_FL"))
     });
     let src = env.dir.path().join("long-src.wav");
-    xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &pattern(5.0)).unwrap();
+    xen_vsnd_sim::signal::write_wav_s16(&src, 48000, 2, &pattern(5.0)).unwrap();
     let mut play = Proc(
         env.realtime_cmd("pw-play")
             .args(["--target", SINK, src.to_str().unwrap()])
@@ -240,7 +240,7 @@ fn a_guest_cannot_take_another_vms_policy_or_names() {
     assert_eq!(evil_status["policy"]["section"], serde_json::Value::Null, "{evil_status}");
     let src = env.dir.path().join("src.wav");
     let sent = pattern(2.0);
-    xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
+    xen_vsnd_sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
     assert!(env
         .realtime_cmd("pw-play")
         .args(["--target", SINK, src.to_str().unwrap()])

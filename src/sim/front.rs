@@ -7,17 +7,15 @@
 
 #![forbid(unsafe_code)]
 
-use crate::sndif::wire::{
-    decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE,
-};
-use crate::sndif::{evt, OpenReq, Request, Response, PAGE_SIZE};
-use crate::xen::loopback::client::{wait_channel, GuestConn};
-use crate::xen::loopback::EventFdChannel;
-use crate::xen::{EventChannel, SharedPages};
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use xen_sndif::wire::{decode_event, evt_page, evt_slot_offset, ring_slot_offset, sring, GREFS_PER_DIR_PAGE};
+use xen_sndif::{evt, OpenReq, Request, Response, PAGE_SIZE};
+use xen_vsnd::xen::loopback::client::{wait_channel, GuestConn};
+use xen_vsnd::xen::loopback::EventFdChannel;
+use xen_vsnd::xen::{EventChannel, SharedPages};
 
 /// How long a request waits for its response (the Linux frontend's 3 s).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -364,7 +362,7 @@ impl FrontStream {
     pub fn set_volume(&mut self, mdb: i32, channels: usize) -> anyhow::Result<()> {
         let raw: Vec<u8> = (0..channels).flat_map(|_| mdb.to_le_bytes()).collect();
         self.buffer_write(0, &raw);
-        let rw = crate::sndif::RwReq { offset: 0, length: raw.len() as u32 };
+        let rw = xen_sndif::RwReq { offset: 0, length: raw.len() as u32 };
         self.request(Request::SetVolume(rw))?;
         self.buffer_write(0, &vec![0u8; raw.len()]);
         self.request(Request::GetVolume(rw))?;

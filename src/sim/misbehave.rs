@@ -5,10 +5,10 @@
 #![forbid(unsafe_code)]
 
 use super::{open_req, Guest, SimOptions};
-use crate::sndif::{trigger, HwParam, PcmFormat, Request, RwReq, REQ_RING_SIZE};
 use anyhow::Context;
 use serde::Serialize;
 use std::time::{Duration, Instant};
+use xen_sndif::{trigger, HwParam, PcmFormat, Request, RwReq, REQ_RING_SIZE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Misbehave {
@@ -149,13 +149,13 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
         }
         Misbehave::StateFlood => {
             s.alloc_buffer(&mut g.conn, buffer)?;
-            let state = format!("{}/{}", g.fe, crate::sndif::keys::STATE);
+            let state = format!("{}/{}", g.fe, xen_sndif::keys::STATE);
             let start = Instant::now();
             let until = Duration::from_secs_f64(o.seconds);
             while start.elapsed() < until {
                 // 10,000 a second, in bursts of 100.
                 for _ in 0..100 {
-                    g.conn.write(&state, crate::sndif::XenbusState::Connected.as_str())?;
+                    g.conn.write(&state, xen_sndif::XenbusState::Connected.as_str())?;
                     count += 1;
                 }
                 let due = Duration::from_micros(count * 100);
@@ -216,7 +216,7 @@ pub fn run(kind: Misbehave, o: &SimOptions, g: &mut Guest) -> anyhow::Result<Out
     })
 }
 
-fn reply(r: Option<crate::sndif::Response>, closed: &mut bool) -> Option<i32> {
+fn reply(r: Option<xen_sndif::Response>, closed: &mut bool) -> Option<i32> {
     if r.is_none() {
         *closed = true;
     }

@@ -10,10 +10,19 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_xen-vsnd");
+
+/// The simulated guest's binary (`xen-vsnd-sim`, its own package): cargo
+/// puts it beside the daemon's, and `cargo test --workspace` builds it (the
+/// package has an integration test of its own).
+pub fn sim_bin() -> PathBuf {
+    let p = Path::new(BIN).with_file_name("xen-vsnd-sim");
+    assert!(p.exists(), "{} missing: run the tests with `cargo test --workspace`", p.display());
+    p
+}
 /// The graph driver: `pw-modules/null-sink.conf`.
 pub const SINK: &str = "null-sink";
 /// The generations of Linux's frontend a simulated guest behaves as
-/// (`sim-guest --frontend-kernel`): 4.18 to 7.1, and 7.2 on, which expect
+/// (`xen-vsnd-sim guest --frontend-kernel`): 4.18 to 7.1, and 7.2 on, which expect
 /// different event ids. Tests of event ids, period interrupts, reopen and
 /// reconnect run against both.
 pub const FRONTEND_KERNELS: [&str; 2] = ["4.18", "7.2"];
@@ -443,7 +452,7 @@ pub fn capture_what_the_sink_plays(
 ) -> (serde_json::Value, Vec<i16>, PathBuf) {
     let src = env.dir.path().join(format!("{domain}-src.wav"));
     let sent = pattern(2.0);
-    xen_vsnd::sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
+    xen_vsnd_sim::signal::write_wav_s16(&src, 48000, 2, &sent).unwrap();
     let cap = env.dir.path().join(format!("{domain}-captured.wav"));
     let args = ["--domain", domain, "--capture-seconds", "5", "--capture-wav", cap.to_str().unwrap()];
     let sim = env.spawn_sim(sock, &[&args[..], extra].concat());
@@ -473,7 +482,9 @@ pub fn spawn_playing_guest(env: &PwEnv, sock: &Path, domain: &str, seconds: f64,
 /// Starts a simulated guest from `nice` (a `nice` command in the
 /// environment it needs), stdout and stderr piped; see `PwEnv::spawn_sim`.
 pub fn spawn_sim_with(mut nice: Command, sock: &Path, args: &[&str]) -> Child {
-    nice.args(["-n", "10", BIN, "sim-guest", "--connect"])
+    nice.args(["-n", "10"])
+        .arg(sim_bin())
+        .args(["guest", "--connect"])
         .arg(sock)
         .args(args)
         .stdin(Stdio::null())
@@ -527,8 +538,8 @@ pub fn finish_sim(child: Child) -> (bool, serde_json::Value, String) {
 
 /// The S16 pattern a simulated guest sends for `--play pattern`.
 pub fn pattern(seconds: f64) -> Vec<i16> {
-    xen_vsnd::sim::signal::generate(
-        xen_vsnd::sim::signal::Signal::Pattern,
+    xen_vsnd_sim::signal::generate(
+        xen_vsnd_sim::signal::Signal::Pattern,
         48000,
         2,
         (seconds * 48000.0) as usize,
@@ -537,8 +548,8 @@ pub fn pattern(seconds: f64) -> Vec<i16> {
 
 /// Where `sent` starts in `wav` and how many of its frames arrived intact.
 pub fn arrived(sent: &[i16], wav: &Path) -> Option<(usize, usize)> {
-    let got = xen_vsnd::sim::signal::read_wav(wav).ok()?;
-    xen_vsnd::sim::signal::find_and_compare(sent, &got.samples, 2, 64, 0)
+    let got = xen_vsnd_sim::signal::read_wav(wav).ok()?;
+    xen_vsnd_sim::signal::find_and_compare(sent, &got.samples, 2, 64, 0)
 }
 
 /// Waits (bounded) until the recorder in `rec` has written all of `sent`
@@ -548,7 +559,7 @@ pub fn finish_recording(rec: &mut Proc, sent: &[i16], wav: &Path) {
     let frames = sent.len() / 2;
     let end = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < end {
-        let recorded = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples.len() / 2).unwrap_or(0);
+        let recorded = xen_vsnd_sim::signal::read_wav(wav).map(|w| w.samples.len() / 2).unwrap_or(0);
         if arrived(sent, wav).is_some_and(|(start, _)| recorded >= start + frames) {
             break;
         }
@@ -571,12 +582,12 @@ pub fn assert_arrived_intact(env: &PwEnv, sent: &[i16], wav: &Path) {
     if n == frames || delivered_despite_a_late_host(env, sent, wav) {
         return;
     }
-    let got = xen_vsnd::sim::signal::read_wav(wav).map(|w| w.samples).unwrap_or_default();
+    let got = xen_vsnd_sim::signal::read_wav(wav).map(|w| w.samples).unwrap_or_default();
     let from_start = &got[(start * 2).min(got.len())..];
     panic!(
         "only {n} of {frames} frames arrived intact (signal starts at recorded frame {start}); \
          laid over the recording: {:?}; {}",
-        xen_vsnd::sim::signal::align(sent, from_start, 2),
+        xen_vsnd_sim::signal::align(sent, from_start, 2),
         env.host_report()
     );
 }
@@ -584,9 +595,9 @@ pub fn assert_arrived_intact(env: &PwEnv, sent: &[i16], wav: &Path) {
 /// Asserts the last `frames` frames of `sent` arrived contiguous and
 /// unchanged (a failure tells as `assert_arrived_intact`'s does).
 pub fn assert_tail_intact(env: &PwEnv, sent: &[i16], wav: &Path, frames: usize) {
-    let got = xen_vsnd::sim::signal::read_wav(wav).expect("recorded WAV");
+    let got = xen_vsnd_sim::signal::read_wav(wav).expect("recorded WAV");
     let tail = &sent[sent.len() - frames * 2..];
-    let (_, n) = xen_vsnd::sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
+    let (_, n) = xen_vsnd_sim::signal::find_and_compare(tail, &got.samples, 2, 64, 0)
         .unwrap_or_else(|| panic!("the signal's tail never appears in {}", wav.display()));
     if n == frames || delivered_despite_a_late_host(env, tail, wav) {
         return;
@@ -611,10 +622,10 @@ fn delivered_despite_a_late_host(env: &PwEnv, sent: &[i16], wav: &Path) -> bool 
     if late == 0 {
         return false;
     }
-    let Ok(got) = xen_vsnd::sim::signal::read_wav(wav) else { return false };
+    let Ok(got) = xen_vsnd_sim::signal::read_wav(wav) else { return false };
     // A late cycle's frames may also be dropped by the graph instead of
     // coming a cycle later: at most one cycle (8192 frames) per glitch.
-    let Some(d) = xen_vsnd::sim::signal::compare_allowing_glitches(sent, &got.samples, 2, 64, 8192) else {
+    let Some(d) = xen_vsnd_sim::signal::compare_allowing_glitches(sent, &got.samples, 2, 64, 8192) else {
         return false;
     };
     let ok = d.complete(sent.len() / 2) && (d.inserted_silences + d.dropped_runs) as u64 <= late;

@@ -7,6 +7,7 @@
 root=$1 work=$2
 out=$work/out
 bin=$root/target/release/xen-vsnd
+sim=$root/target/release/xen-vsnd-sim
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 # wait_for <seconds> <command...>: polls until the command succeeds, bounded
@@ -74,7 +75,7 @@ record() {
 # signal frame by frame (one compare: under emulation it takes seconds).
 intact() {
     local rc
-    why=$($bin compare --sent "$1" --got "$2" "${@:3}" 2>&1)
+    why=$($sim compare --sent "$1" --got "$2" "${@:3}" 2>&1)
     rc=$?
     why=$(echo "$why" | tr '\n' ' ')
     echo "XE: $why"

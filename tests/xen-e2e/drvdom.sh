@@ -49,7 +49,7 @@ run_step() {
         # What the guest played reached the sink intact.
         sleep 1
         kill -INT "$(cat /tmp/rec.pid)"; wait_until 10 sh -c '! kill -0 $(cat /tmp/rec.pid)'
-        xen-vsnd compare --sent /pattern48.wav --got /tmp/rec.wav ;;
+        xen-vsnd-sim compare --sent /pattern48.wav --got /tmp/rec.wav ;;
     play*)
         # The pattern into the null sink: its monitor feeds the guest's
         # capture node.

@@ -60,7 +60,7 @@ record_pattern() {
     wait_until 60 pcm_past $pcmc hw_ptr $CAPTURE_FRAMES ||
         { echo "the card did not capture $CAPTURE_SECONDS s: $(cat $pcmc/status)"; return 1; }
     kill -INT $rec; wait $rec
-    xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav
+    xen-vsnd-sim compare --sent /pattern48.wav --got /tmp/cap.wav
 }
 
 # PipeWire in the guest (guest-pipewire.conf: no session manager, an ALSA
@@ -194,7 +194,7 @@ run_step() {
         rec=$!
         wait_until 10 grep -q RUNNING $pcmc/status
         xenstore-write data/capturing $1
-        wait $rec && xen-vsnd compare --sent /pattern48.wav --got /tmp/cap.wav ;;
+        wait $rec && xen-vsnd-sim compare --sent /pattern48.wav --got /tmp/cap.wav ;;
     capturedenied)
         # dom0's policy denies this guest the microphone: while dom0 plays,
         # every sample recorded must be zero (and a whole recording made).

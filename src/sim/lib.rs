@@ -10,8 +10,6 @@ pub mod latency;
 pub mod misbehave;
 pub mod signal;
 
-use crate::sndif::{keys, trigger, OpenReq, PcmFormat, Request, XenbusState};
-use crate::xen::loopback::client::GuestConn;
 use anyhow::{bail, Context};
 use front::{FrontStream, FrontendKernel, PeriodRule, StreamReport};
 use serde::Serialize;
@@ -19,6 +17,8 @@ use signal::Signal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use xen_sndif::{keys, trigger, OpenReq, PcmFormat, Request, XenbusState};
+use xen_vsnd::xen::loopback::client::GuestConn;
 
 /// Pages of grantable memory a simulated guest brings (16 MiB).
 const GUEST_PAGES: u32 = 4096;
@@ -482,9 +482,9 @@ fn play(o: &SimOptions, s: &mut FrontStream, src: &[i16], stop: &AtomicBool) -> 
             // One WRITE per contiguous region, as the frontend copies per
             // period; a region that wraps is sent as two.
             let first = (s.buffer_bytes - off).min(n as u32);
-            s.request(Request::Write(crate::sndif::RwReq { offset: off, length: first }))?;
+            s.request(Request::Write(xen_sndif::RwReq { offset: off, length: first }))?;
             if (first as u64) < n {
-                s.request(Request::Write(crate::sndif::RwReq { offset: 0, length: n as u32 - first }))?;
+                s.request(Request::Write(xen_sndif::RwReq { offset: 0, length: n as u32 - first }))?;
             }
             appl += n;
         }
@@ -546,7 +546,7 @@ fn record(o: &SimOptions, s: &mut FrontStream, frames: u64) -> anyhow::Result<Ve
         }
         while hw - appl >= period && appl < want {
             let off = (appl % s.buffer_bytes as u64) as u32;
-            s.request(Request::Read(crate::sndif::RwReq { offset: off, length: period as u32 }))?;
+            s.request(Request::Read(xen_sndif::RwReq { offset: off, length: period as u32 }))?;
             s.buffer_read(appl, &mut chunk);
             out.extend_from_slice(&chunk);
             appl += period;

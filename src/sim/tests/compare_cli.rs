@@ -1,19 +1,19 @@
-//! `xen-vsnd compare`, the check the real-Xen harness runs on every
+//! `xen-vsnd-sim compare`, the check the real-Xen harness runs on every
 //! recording: what it accepts, and how it tells inserted silence (a host
 //! node that ran late for a cycle) from lost or altered frames.
 
 use std::path::Path;
 use std::process::Command;
-use xen_vsnd::sim::signal::{generate, write_wav_s16, Signal};
+use xen_vsnd_sim::signal::{generate, write_wav_s16, Signal};
 
 fn compare(sent: &Path, got: &Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xen-vsnd"))
+    let out = Command::new(env!("CARGO_BIN_EXE_xen-vsnd-sim"))
         .args(["compare", "--sent"])
         .arg(sent)
         .arg("--got")
         .arg(got)
         .output()
-        .expect("run xen-vsnd compare");
+        .expect("run xen-vsnd-sim compare");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
