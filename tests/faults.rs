@@ -3,10 +3,12 @@
 //! at the hypervisor seam (`xen::faults`), the null host cycled by the
 //! test, and simulated guests in threads of this process. Every grant map,
 //! event-channel bind and xenstore call of a guest's handshake and OPEN
-//! fails in turn (or hangs, then fails); guests die in the middle of every
-//! request type; 1,000 guests of one name are made and killed. Each time
-//! the guest is answered (an error status, a Closed backend with its
-//! reason) instead of left waiting, the next guest is served, and the
+//! fails in turn, by this side's failure and by the hypervisor's refusal
+//! (or hangs, then fails); guests die in the middle of every request type;
+//! 1,000 guests of one name are made and killed. Each time the guest is
+//! answered (connected after the call is tried again, an error status, a
+//! Closed backend with its reason) instead of left waiting, the next
+//! guest is served, and the
 //! backend's threads, file descriptors and mappings (this process's) come
 //! back to what they were.
 
@@ -18,11 +20,11 @@ use std::time::{Duration, Instant};
 use xen_vsnd::backend::{self, registry::Registry};
 use xen_vsnd::host::null::NullHost;
 use xen_vsnd::policy::Policy;
-use xen_vsnd_sim::front::PeriodRule;
-use xen_vsnd_sim::{self as sim, Guest, SimOptions};
 use xen_vsnd::sndif::{op, trigger, OpenReq, PcmFormat, Request, RwReq};
 use xen_vsnd::xen::faults::{self, Call, Fault, FaultPlan};
 use xen_vsnd::xen::loopback::Hypervisor;
+use xen_vsnd_sim::front::PeriodRule;
+use xen_vsnd_sim::{self as sim, Guest, SimOptions};
 
 #[derive(Parser)]
 struct Args {
@@ -214,55 +216,68 @@ fn every_call_of_the_handshake_and_of_open_failing(b: &Backend, base: Resources)
     let mut cases = 0;
     for (call, n) in calls {
         for nth in 1..=n {
-            b.wait_quiet("before the fault");
-            let name = format!("fault-{call:?}-{nth}");
-            b.plan.arm(call, nth, Fault::Fail);
-            let fired = b.plan.fired();
-            let t = Instant::now();
-            let r = sim::connect(&b.options(&name));
-            // Answered, not left waiting: connected (a xenstore call tried
-            // again) or refused with the reason.
-            let took = t.elapsed();
-            assert!(took < Duration::from_secs(5), "{name}: handshake took {took:?}");
-            match &r {
-                Ok(_) => {}
-                Err(e) => assert!(format!("{e:#}").contains("injected fault"), "{name}: {e:#}"),
+            for fault in [Fault::Fail, Fault::Refuse] {
+                b.wait_quiet("before the fault");
+                let name = format!("fault-{call:?}-{nth}-{fault:?}");
+                b.plan.arm(call, nth, fault);
+                let fired = b.plan.fired();
+                let t = Instant::now();
+                let r = sim::connect(&b.options(&name));
+                // Answered, not left waiting: connected (a call tried
+                // again) or refused with the reason.
+                let took = t.elapsed();
+                assert!(took < Duration::from_secs(5), "{name}: handshake took {took:?}");
+                if let Err(e) = &r {
+                    assert!(format!("{e:#}").contains("injected fault"), "{name}: {e:#}");
+                }
+                if matches!(call, Call::GrantMap | Call::EvtchnBind) {
+                    match fault {
+                        // A grant or port the hypervisor refuses is the
+                        // guest's doing: its device is closed with why.
+                        Fault::Refuse => assert!(r.is_err(), "{name}: connected with a refused {call:?}"),
+                        // This side failing is not: the connection is
+                        // tried again, and the guest connects.
+                        _ => assert!(r.is_ok(), "{name}: not tried again: {:#}", r.err().unwrap()),
+                    }
+                }
+                drop(r);
+                b.wait_quiet(&name);
+                assert_eq!(b.plan.fired(), fired + 1, "{name}: the fault did not fire");
+                b.plan.arm(call, u64::MAX, Fault::Fail);
+                healthy_guest(b, &format!("after-{name}"));
+                back_to(base, &name);
+                cases += 1;
             }
-            if matches!(call, Call::GrantMap | Call::EvtchnBind) {
-                assert!(r.is_err(), "{name}: connected with a failed {call:?}");
-            }
-            drop(r);
-            b.wait_quiet(&name);
-            assert_eq!(b.plan.fired(), fired + 1, "{name}: the fault did not fire");
-            b.plan.arm(call, u64::MAX, Fault::Fail);
-            healthy_guest(b, &format!("after-{name}"));
+        }
+    }
+    // OPEN: its directory page (the first map) or its buffer (the second),
+    // refused (the guest's grant: -EINVAL) or failing on this side (-EIO).
+    for nth in 1..=2 {
+        for (fault, status) in [(Fault::Refuse, -22), (Fault::Fail, -5)] {
+            let name = format!("open-map-{nth}-{fault:?}");
+            let o = b.options(&name);
+            let mut g = sim::connect(&o).unwrap();
+            let req = prepare_open(&mut g, &o);
+            b.plan.arm(Call::GrantMap, nth, fault);
+            let r = g.playback.try_request(Request::Open(req)).unwrap().expect("OPEN answered");
+            assert_eq!(r.status, status, "{name}: OPEN with a failed map");
+            // The stream is fine for the next OPEN.
+            let r = g.playback.try_request(Request::Open(req)).unwrap().expect("OPEN answered");
+            assert_eq!(r.status, 0, "{name}: the next OPEN");
+            g.playback.request(Request::Close).unwrap();
+            drop(g);
+            b.wait_idle(&name);
             back_to(base, &name);
             cases += 1;
         }
-    }
-    // OPEN: its directory page (the first map) or its buffer (the second).
-    for nth in 1..=2 {
-        let name = format!("open-map-{nth}");
-        let o = b.options(&name);
-        let mut g = sim::connect(&o).unwrap();
-        let req = prepare_open(&mut g, &o);
-        b.plan.arm(Call::GrantMap, nth, Fault::Fail);
-        let r = g.playback.try_request(Request::Open(req)).unwrap().expect("OPEN answered");
-        assert!(r.status < 0, "{name}: OPEN with a failed map answered {}", r.status);
-        // The stream is fine for the next OPEN.
-        let r = g.playback.try_request(Request::Open(req)).unwrap().expect("OPEN answered");
-        assert_eq!(r.status, 0, "{name}: the next OPEN");
-        g.playback.request(Request::Close).unwrap();
-        drop(g);
-        b.wait_idle(&name);
-        back_to(base, &name);
-        cases += 1;
     }
     eprintln!("{cases} fault cases, each answered; resources back to {base:?}");
 }
 
 fn a_hung_call_holding_up_only_its_own_guest(b: &Backend, base: Resources) {
-    // The first grant map of the next handshake hangs 2 s, then fails.
+    // The first grant map of the next handshake hangs 2 s, then fails (no
+    // answer in time: this side's failure, so the connection is tried
+    // again).
     let fired = b.plan.fired();
     b.plan.arm(Call::GrantMap, 1, Fault::TimeOut(Duration::from_secs(2)));
     let slow = {
@@ -280,8 +295,7 @@ fn a_hung_call_holding_up_only_its_own_guest(b: &Backend, base: Resources) {
     let beside = t.elapsed();
     assert!(beside < Duration::from_secs(1), "a guest beside the hung one took {beside:?}");
     let (r, took) = slow.join().unwrap();
-    let e = r.expect_err("the hung guest connected");
-    assert!(format!("{e:#}").contains("timed out"), "{e:#}");
+    r.expect("the hung guest connects when the map is tried again");
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "{took:?}");
     b.wait_idle("hung");
     back_to(base, "hung");

@@ -13,7 +13,7 @@ use super::service::StreamService;
 use crate::host::HostBackend;
 use crate::sndif::config::{parse_card, CardConfig, ConfigSource};
 use crate::sndif::{keys, XenbusState};
-use crate::xen::{DomId, EventChannels, GrantMapper, StoreError, XenStore};
+use crate::xen::{worth_retrying, DomId, EventChannels, GrantMapper, StoreError, XenStore};
 use anyhow::{anyhow, Context};
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -276,10 +276,11 @@ impl Device {
                     "connected"
                 );
             }
-            // xenstore did not answer: not the guest's doing, nor final.
-            // (One that refused, e.g. a key we may not read, is final.)
-            Err(e) if e.chain().any(|c| matches!(c.downcast_ref(), Some(StoreError::Unavailable { .. }))) => {
-                self.teardown("xenstore failed while connecting");
+            // xenstore did not answer, or this side could not map or bind
+            // now: not the guest's doing, nor final. (A refusal — a key we
+            // may not read, a grant or port the hypervisor refuses — is.)
+            Err(e) if worth_retrying(&e) => {
+                self.teardown("xenstore or this side failed while connecting");
                 return Err(e);
             }
             Err(e) => {

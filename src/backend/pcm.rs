@@ -15,7 +15,7 @@ use crate::sndif::config::limits;
 use crate::sndif::wire::{pages_for, walk_directory, MSG_SIZE};
 use crate::sndif::PAGE_SIZE;
 use crate::sndif::{errno, HwParam, OpenReq, PcmFormat, Request, Response, RwReq, StreamConfig, StreamKind};
-use crate::xen::{DomId, EventChannel, GrantMapper, SharedPages};
+use crate::xen::{DomId, EventChannel, GrantMapper, HypervisorError, SharedPages};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +90,13 @@ impl StreamIdentity {
 
 /// Why a request was refused: the status for the guest and a line for the log.
 struct Refusal(i32, String);
+
+/// A grant map that failed at OPEN: a grant the hypervisor refuses is the
+/// guest's (-EINVAL), one this side could not map now a host fault (-EIO).
+fn map_refusal(what: &str, e: &HypervisorError) -> Refusal {
+    let status = if e.is_refused() { -errno::EINVAL } else { -errno::EIO };
+    Refusal(status, format!("OPEN: {what}: {e}"))
+}
 
 fn refuse<T>(status: i32, why: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal(status, why.into()))
@@ -313,13 +320,18 @@ impl PcmStream {
     /// `count` buffer grefs (`wire::walk_directory`), mapping each
     /// directory page in turn and copying it out once.
     fn read_directory(&self, first: u32, count: usize) -> Result<Vec<u32>, Refusal> {
+        let mut map_failed = None;
         walk_directory(first, count, |gref| {
-            let page = self.grants.map(self.ident.domid, &[gref])?;
+            let page =
+                self.grants.map(self.ident.domid, &[gref]).inspect_err(|e| map_failed = Some(e.clone()))?;
             let mut raw = [0u8; PAGE_SIZE];
             page.copy_out(0, &mut raw);
-            Ok::<_, anyhow::Error>(raw)
+            Ok::<_, HypervisorError>(raw)
         })
-        .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: {e}")))
+        .map_err(|e| match map_failed {
+            Some(m) => map_refusal("directory", &m),
+            None => Refusal(-errno::EINVAL, format!("OPEN: {e}")),
+        })
     }
 
     fn open(&mut self, o: &OpenReq) -> Result<(), Refusal> {
@@ -330,11 +342,8 @@ impl PcmStream {
         }
         let geom = self.validate_open(o)?;
         let grefs = self.read_directory(o.gref_directory, pages_for(o.buffer_sz))?;
-        let buffer = Arc::new(
-            self.grants
-                .map(self.ident.domid, &grefs)
-                .map_err(|e| Refusal(-errno::EINVAL, format!("OPEN: buffer: {e:#}")))?,
-        );
+        let buffer =
+            Arc::new(self.grants.map(self.ident.domid, &grefs).map_err(|e| map_refusal("buffer", &e))?);
         self.start(geom, buffer)
     }
 
@@ -569,7 +578,7 @@ impl Drop for PcmStream {
 mod tests {
     use super::*;
     use crate::backend::registry::Registry;
-    use crate::dma::testing::NullChannel;
+    use crate::dma::testing::CountingChannel;
     use crate::host::HostNode;
     use crate::policy::Policy;
     use crate::sndif::config::example::libxl_dump;
@@ -585,8 +594,11 @@ mod tests {
     /// memory.
     struct FakeGrants(u32);
     impl GrantMapper for FakeGrants {
-        fn map(&self, _domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
-            anyhow::ensure!(grefs.iter().all(|g| *g != 0 && *g < self.0), "bad gref");
+        fn map(&self, _domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
+            if !grefs.iter().all(|g| *g != 0 && *g < self.0) {
+                let (call, target) = (HypervisorError::GRANT_MAP, format!("{grefs:?}"));
+                return Err(HypervisorError::Refused { call, target, why: "bad gref".into() });
+            }
             let pages = test_pages(grefs.len() * PAGE_SIZE);
             if grefs == [1] {
                 for (i, g) in (2..self.0).take(GREFS_PER_DIR_PAGE).enumerate() {
@@ -657,7 +669,7 @@ mod tests {
             grants.clone(),
             Arc::new(host.clone()),
             Arc::new(test_pages(PAGE_SIZE)),
-            Arc::new(NullChannel),
+            Arc::new(CountingChannel::default()),
             false,
         );
         (s, grants, host)

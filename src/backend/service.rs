@@ -112,7 +112,7 @@ fn serve(
         }
         let notified = fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
         if notified {
-            let _ = channel.consume();
+            channel.consume();
         }
         if broken {
             continue; // the ring is not served any more; notifications are drained

@@ -247,21 +247,8 @@ impl DmaEngine {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
+    pub use crate::xen::memory::CountingChannel;
     use crate::xen::shared::test_pages;
-
-    /// An event channel that raises nothing.
-    pub struct NullChannel;
-    impl EventChannel for NullChannel {
-        fn notify(&self) -> bool {
-            true
-        }
-        fn fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-        fn consume(&self) -> anyhow::Result<bool> {
-            Ok(false)
-        }
-    }
 
     /// The geometry of the test engines: S16 stereo at 48 kHz, a 4096-byte
     /// buffer of 1024-byte periods.
@@ -283,7 +270,7 @@ pub(crate) mod testing {
             geometry(),
             Arc::new(test_pages(4096)),
             evt,
-            Arc::new(NullChannel),
+            Arc::new(CountingChannel::default()),
             shared,
             Arc::default(),
             false,
@@ -297,25 +284,13 @@ mod tests {
     use crate::sndif::wire::{decode_event, evt_page, evt_slot_offset};
     use crate::xen::shared::test_pages;
 
-    struct CountingChannel(AtomicU64);
-    impl EventChannel for CountingChannel {
-        fn notify(&self) -> bool {
-            self.0.fetch_add(1, Relaxed);
-            true
-        }
-        fn fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-        fn consume(&self) -> anyhow::Result<bool> {
-            Ok(false)
-        }
-    }
-
-    fn engine(report_delay: bool) -> (DmaEngine, Arc<SharedPages>, Arc<SharedPages>, Arc<CountingChannel>) {
+    fn engine(
+        report_delay: bool,
+    ) -> (DmaEngine, Arc<SharedPages>, Arc<SharedPages>, Arc<testing::CountingChannel>) {
         let geom = testing::geometry();
         let buf = Arc::new(test_pages(4096));
         let evt = Arc::new(test_pages(4096));
-        let ch = Arc::new(CountingChannel(AtomicU64::new(0)));
+        let ch = Arc::new(testing::CountingChannel::default());
         let e = DmaEngine::new(
             geom,
             buf.clone(),
@@ -337,7 +312,7 @@ mod tests {
         e.playback_cycle(&mut out, 0);
         assert_eq!(out, [0u8; 256]);
         assert_eq!(e.shared.position.load(Relaxed), 0);
-        assert_eq!(ch.0.load(Relaxed), 0);
+        assert_eq!(ch.notified.load(Relaxed), 0);
     }
 
     #[test]
@@ -354,7 +329,7 @@ mod tests {
         assert_eq!(&out[128..], &pattern[..128]);
         assert_eq!(e.shared.position.load(Relaxed), 4096 + 128);
         assert_eq!(e.shared.underruns.load(Relaxed), 0);
-        assert_eq!(ch.0.load(Relaxed), 1);
+        assert_eq!(ch.notified.load(Relaxed), 1);
         assert_eq!(evt.load_u32(evt_page::IN_PROD), 1);
         let (id, ty, pos, delay) = decode_event(&evt.read_msg(evt_slot_offset(0)));
         assert_eq!((id, ty, pos, delay), (0, 0, 4096 + 128, 77));

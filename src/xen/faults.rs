@@ -6,8 +6,10 @@
 
 #![forbid(unsafe_code)]
 
-use super::{DomId, EventChannel, EventChannels, GrantMapper, SharedPages, StoreError, Transport, XenStore};
-use anyhow::bail;
+use super::{
+    DomId, EventChannel, EventChannels, GrantMapper, HypervisorError, SharedPages, StoreError, Transport,
+    XenStore,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,11 +30,22 @@ const CALLS: usize = 6;
 /// What the chosen call does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// Returns an error at once.
+    /// Fails at once, not by the guest's doing: xenstored or this side
+    /// could not do it now (`StoreError::Unavailable`,
+    /// `HypervisorError::Unavailable`).
     Fail,
-    /// Blocks this long, then returns an error (a hypervisor or xenstored
-    /// that does not answer).
+    /// Refused at once: a revoked grant, a closed port, a key we may not
+    /// read (`StoreError::Refused`, `HypervisorError::Refused`).
+    Refuse,
+    /// Blocks this long, then fails as `Fail` does (a hypervisor or
+    /// xenstored that does not answer).
     TimeOut(Duration),
+}
+
+/// An injected fault, before it takes the type of the call it is on.
+struct Injected {
+    refused: bool,
+    why: String,
 }
 
 /// Which call fails next; calls are counted per kind from `arm`.
@@ -62,7 +75,7 @@ impl FaultPlan {
         self.fired.load(Ordering::SeqCst)
     }
 
-    fn check(&self, call: Call, what: &str) -> anyhow::Result<()> {
+    fn check(&self, call: Call, what: &str) -> Result<(), Injected> {
         let n = self.counts[call as usize].fetch_add(1, Ordering::SeqCst) + 1;
         let fault = {
             let mut a = self.armed.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,13 +88,15 @@ impl FaultPlan {
             }
         };
         self.fired.fetch_add(1, Ordering::SeqCst);
-        match fault {
-            Fault::Fail => bail!("injected fault: {call:?} #{n} ({what}) fails"),
+        let why = |how: String| format!("injected fault: {call:?} #{n} ({what}) {how}");
+        Err(match fault {
+            Fault::Fail => Injected { refused: false, why: why("fails".into()) },
+            Fault::Refuse => Injected { refused: true, why: why("is refused".into()) },
             Fault::TimeOut(d) => {
                 std::thread::sleep(d);
-                bail!("injected fault: {call:?} #{n} ({what}) timed out after {d:?}")
+                Injected { refused: false, why: why(format!("timed out after {d:?}")) }
             }
-        }
+        })
     }
 }
 
@@ -101,8 +116,20 @@ struct Grants(Arc<dyn GrantMapper>, Arc<FaultPlan>);
 struct Channels(Arc<dyn EventChannels>, Arc<FaultPlan>);
 
 /// An injected fault on a xenstore call, as the store reports one.
-fn store_fault(op: &'static str, path: &str, e: anyhow::Error) -> StoreError {
-    StoreError::Unavailable { op, path: path.to_string(), why: e.to_string() }
+fn store_fault(op: &'static str, path: &str, f: Injected) -> StoreError {
+    let path = path.to_string();
+    match f.refused {
+        true => StoreError::Refused { op, path, errno: format!("EACCES ({})", f.why) },
+        false => StoreError::Unavailable { op, path, why: f.why },
+    }
+}
+
+/// An injected fault on a grant map or bind, as the hypervisor reports one.
+fn hypervisor_fault(call: &'static str, target: String, f: Injected) -> HypervisorError {
+    match f.refused {
+        true => HypervisorError::Refused { call, target, why: f.why },
+        false => HypervisorError::Unavailable { call, target, why: f.why },
+    }
 }
 
 impl XenStore for Store {
@@ -131,15 +158,21 @@ impl XenStore for Store {
 }
 
 impl GrantMapper for Grants {
-    fn map(&self, domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
-        self.1.check(Call::GrantMap, &format!("domain {domid}, {} pages", grefs.len()))?;
+    fn map(&self, domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
+        let target = format!("domain {domid}, {} pages", grefs.len());
+        self.1
+            .check(Call::GrantMap, &target)
+            .map_err(|f| hypervisor_fault(HypervisorError::GRANT_MAP, target, f))?;
         self.0.map(domid, grefs)
     }
 }
 
 impl EventChannels for Channels {
-    fn bind(&self, domid: DomId, remote_port: u32) -> anyhow::Result<Arc<dyn EventChannel>> {
-        self.1.check(Call::EvtchnBind, &format!("domain {domid}, port {remote_port}"))?;
+    fn bind(&self, domid: DomId, remote_port: u32) -> Result<Arc<dyn EventChannel>, HypervisorError> {
+        let target = format!("domain {domid}, port {remote_port}");
+        self.1
+            .check(Call::EvtchnBind, &target)
+            .map_err(|f| hypervisor_fault(HypervisorError::EVTCHN_BIND, target, f))?;
         self.0.bind(domid, remote_port)
     }
 }

@@ -4,10 +4,11 @@
 //! Selected with `serve --transport xen`; exercised by the real-Xen harness.
 
 use super::{
-    DomId, EventChannel, EventChannels, GrantMapper, SharedPages, StoreError, Transport, WatchEvent, XenStore,
+    DomId, EventChannel, EventChannels, GrantMapper, HypervisorError, SharedPages, StoreError, Transport,
+    WatchEvent, XenStore,
 };
 use crate::sndif::PAGE_SIZE;
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -243,20 +244,20 @@ impl EventChannel for EvtchnPort {
     fn fd(&self) -> RawFd {
         self.dev.as_raw_fd()
     }
-    fn consume(&self) -> anyhow::Result<bool> {
+    fn consume(&self) -> bool {
         let mut ports = [0u32; 8];
         // SAFETY: reading into a u32 array; the fd is non-blocking.
         let n = unsafe {
             libc::read(self.dev.as_raw_fd(), ports.as_mut_ptr().cast(), std::mem::size_of_val(&ports))
         };
         if n <= 0 {
-            return Ok(false);
+            return false;
         }
         // Writing the port back unmasks it.
         let p = self.local_port.to_ne_bytes();
         // SAFETY: 4-byte write from a valid buffer.
         unsafe { libc::write(self.dev.as_raw_fd(), p.as_ptr().cast(), 4) };
-        Ok(true)
+        true
     }
 }
 
@@ -271,18 +272,24 @@ impl Drop for EvtchnPort {
 struct Evtchn;
 
 impl EventChannels for Evtchn {
-    fn bind(&self, domid: DomId, remote_port: u32) -> anyhow::Result<Arc<dyn EventChannel>> {
+    fn bind(&self, domid: DomId, remote_port: u32) -> Result<Arc<dyn EventChannel>, HypervisorError> {
+        let target = || format!("port {remote_port} of domain {domid}");
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/xen/evtchn")
-            .map_err(|e| anyhow::anyhow!("open /dev/xen/evtchn: {e}{}", device_hint(e.kind())))?;
+            .map_err(|e| HypervisorError::Unavailable {
+                call: HypervisorError::EVTCHN_BIND,
+                target: target(),
+                why: format!("open /dev/xen/evtchn: {e}{}", device_hint(e.kind())),
+            })?;
         let arg: [u32; 2] = [domid, remote_port];
         // SAFETY: IOCTL_EVTCHN_BIND_INTERDOMAIN reads {remote_domain, remote_port}.
         let port = unsafe { libc::ioctl(dev.as_raw_fd(), ioctl::EVTCHN_BIND_INTERDOMAIN as _, &arg) };
         if port < 0 {
-            bail!("binding port {remote_port} of domain {domid}: {}", std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            return Err(HypervisorError::from_os(HypervisorError::EVTCHN_BIND, target(), &e));
         }
         Ok(Arc::new(EvtchnPort { dev, local_port: port as u32 }))
     }
@@ -293,9 +300,15 @@ struct Gntdev {
 }
 
 impl GrantMapper for Gntdev {
-    fn map(&self, domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
+    fn map(&self, domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
+        let target = || format!("{} page(s) of domain {domid}", grefs.len());
+        let failed = |e: std::io::Error| HypervisorError::from_os(HypervisorError::GRANT_MAP, target(), &e);
         if grefs.is_empty() {
-            bail!("no grant references");
+            return Err(HypervisorError::Refused {
+                call: HypervisorError::GRANT_MAP,
+                target: target(),
+                why: "no grant references".into(),
+            });
         }
         // struct ioctl_gntdev_map_grant_ref { u32 count; u32 pad; u64 index; {u32 domid; u32 ref;}[count] }
         let mut arg = vec![0u32; 4 + 2 * grefs.len()];
@@ -307,7 +320,7 @@ impl GrantMapper for Gntdev {
         let fd = self.dev.as_raw_fd();
         // SAFETY: `arg` is laid out as the kernel struct and large enough.
         if unsafe { libc::ioctl(fd, ioctl::GNTDEV_MAP_GRANT_REF as _, arg.as_mut_ptr()) } != 0 {
-            bail!("mapping {} grants of domain {domid}: {}", grefs.len(), std::io::Error::last_os_error());
+            return Err(failed(std::io::Error::last_os_error()));
         }
         let index = arg[2] as u64 | (arg[3] as u64) << 32;
         let len = grefs.len() * PAGE_SIZE;
@@ -327,14 +340,18 @@ impl GrantMapper for Gntdev {
                 index as i64,
             )
         };
-        if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            unmap_ioctl(fd, index, grefs.len() as u32);
-            bail!("mmap of domain {domid}'s grants failed: {e}");
-        }
+        // gntdev maps the grants here: a grant the guest did not make is
+        // EINVAL (refused), a shortage of ours ENOMEM.
+        let ptr = match std::ptr::NonNull::new(p as *mut u8) {
+            Some(ptr) if p != libc::MAP_FAILED => ptr,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                unmap_ioctl(fd, index, grefs.len() as u32);
+                return Err(failed(e));
+            }
+        };
         let dev = self.dev.clone();
         let count = grefs.len() as u32;
-        let ptr = std::ptr::NonNull::new(p as *mut u8).ok_or_else(|| anyhow!("null mapping"))?;
         // SAFETY: a fresh mapping of `len` bytes released exactly once below.
         Ok(unsafe {
             SharedPages::new(

@@ -5,9 +5,9 @@
 //! `GuestMemory`; in-process tests and the fuzz targets (tests/fuzz) use one
 //! as the guest's side, changing any byte between requests.
 
-use super::{DomId, EventChannel, GrantMapper, SharedPages};
+use super::{DomId, EventChannel, GrantMapper, HypervisorError, SharedPages};
 use crate::sndif::PAGE_SIZE;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -17,22 +17,25 @@ use std::sync::Arc;
 
 /// Maps the pages `grefs` of `memfd` (which holds `pages` pages) into one
 /// contiguous, writable range. gref 0 and grefs past the end are refused,
-/// as Xen refuses grants a guest never made.
-pub fn map_grefs(memfd: &OwnedFd, pages: u32, grefs: &[u32]) -> anyhow::Result<SharedPages> {
-    if grefs.is_empty() {
-        bail!("no grant references");
-    }
+/// as Xen refuses grants a guest never made; a failed mmap is this side's.
+pub fn map_grefs(memfd: &OwnedFd, pages: u32, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
+    let target = || format!("{} page(s)", grefs.len());
+    let refused =
+        |why: String| HypervisorError::Refused { call: HypervisorError::GRANT_MAP, target: target(), why };
+    let failed = |e: nix::Error| HypervisorError::from_os(HypervisorError::GRANT_MAP, target(), &e.into());
     if let Some(bad) = grefs.iter().find(|g| **g == 0 || **g >= pages) {
-        bail!("grant reference {bad} is not granted");
+        return Err(refused(format!("grant reference {bad} is not granted")));
     }
     let len = grefs.len() * PAGE_SIZE;
-    let nz = NonZeroUsize::new(len).ok_or_else(|| anyhow!("empty mapping"))?;
-    let page = NonZeroUsize::new(PAGE_SIZE).ok_or_else(|| anyhow!("page size"))?;
+    let Some(nz) = NonZeroUsize::new(len) else {
+        return Err(refused("no grant references".into()));
+    };
+    let page = NonZeroUsize::new(PAGE_SIZE).expect("a page is not empty");
     // Reserve a contiguous range, then put each granted page in place.
     // SAFETY: a fresh anonymous mapping; pages are replaced with MAP_FIXED
     // inside the range we own, and the whole range is unmapped on drop.
     unsafe {
-        let base = mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE)?;
+        let base = mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE).map_err(failed)?;
         for (i, g) in grefs.iter().enumerate() {
             let at = NonZeroUsize::new(base.as_ptr() as usize + i * PAGE_SIZE);
             let r = mmap(
@@ -45,10 +48,10 @@ pub fn map_grefs(memfd: &OwnedFd, pages: u32, grefs: &[u32]) -> anyhow::Result<S
             );
             if let Err(e) = r {
                 let _ = munmap(base, len);
-                bail!("mapping gref {g}: {e}");
+                return Err(failed(e));
             }
         }
-        let ptr = NonNull::new(base.as_ptr() as *mut u8).ok_or_else(|| anyhow!("null mapping"))?;
+        let ptr = base.cast::<u8>();
         Ok(SharedPages::new(
             ptr,
             len,
@@ -122,7 +125,7 @@ impl GuestMemory {
 }
 
 impl GrantMapper for GuestMemory {
-    fn map(&self, _domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
+    fn map(&self, _domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
         map_grefs(&self.memfd, self.pages, grefs)
     }
 }
@@ -141,8 +144,8 @@ impl EventChannel for CountingChannel {
     fn fd(&self) -> RawFd {
         -1
     }
-    fn consume(&self) -> anyhow::Result<bool> {
-        Ok(false)
+    fn consume(&self) -> bool {
+        false
     }
 }
 

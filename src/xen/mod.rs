@@ -54,15 +54,78 @@ pub trait XenStore: Send + Sync {
     fn unwatch(&self, path: &str, token: &str) -> Result<(), StoreError>;
 }
 
+/// A grant map or event-channel bind that failed, told apart by whose
+/// doing it is: what a guest gave that the hypervisor refuses is final for
+/// that guest (its device is closed with the reason, its OPEN refused with
+/// -EINVAL); what this side could not do now is tried again (its
+/// connection) or answered as a host fault (-EIO at OPEN).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HypervisorError {
+    /// The hypervisor refused what the guest gave: a grant reference it did
+    /// not make (or not to us), a port not left unbound for us, a domain
+    /// that is gone.
+    #[error("{call} ({target}): refused: {why}")]
+    Refused { call: &'static str, target: String, why: String },
+    /// This side could not do it now: out of mappings, file descriptors or
+    /// memory, the device missing, no answer in time.
+    #[error("{call} ({target}): {why}")]
+    Unavailable { call: &'static str, target: String, why: String },
+}
+
+impl HypervisorError {
+    pub const GRANT_MAP: &'static str = "grant map";
+    pub const EVTCHN_BIND: &'static str = "event-channel bind";
+
+    /// The guest's doing, from the errno the kernel gave: resource
+    /// shortages and missing devices are ours, everything else (EINVAL
+    /// for a bad grant or port, ESRCH for a gone domain, EPERM) the guest's.
+    pub fn from_os(call: &'static str, target: String, e: &std::io::Error) -> HypervisorError {
+        let ours = matches!(
+            e.raw_os_error(),
+            Some(
+                libc::ENOMEM
+                    | libc::EMFILE
+                    | libc::ENFILE
+                    | libc::EAGAIN
+                    | libc::ENOSPC
+                    | libc::EBUSY
+                    | libc::EINTR
+                    | libc::ENODEV
+                    | libc::ENXIO
+                    | libc::ENOENT
+            )
+        );
+        let why = e.to_string();
+        if ours {
+            HypervisorError::Unavailable { call, target, why }
+        } else {
+            HypervisorError::Refused { call, target, why }
+        }
+    }
+
+    pub fn is_refused(&self) -> bool {
+        matches!(self, HypervisorError::Refused { .. })
+    }
+}
+
+/// Whether `e` (anywhere in its chain) is a failure of this side or of
+/// xenstore that trying again may cure, rather than the guest's doing.
+pub fn worth_retrying(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref(), Some(StoreError::Unavailable { .. }))
+            || matches!(c.downcast_ref(), Some(HypervisorError::Unavailable { .. }))
+    })
+}
+
 pub trait GrantMapper: Send + Sync {
     /// Maps the pages `grefs` granted by `domid`, contiguously and writable.
     /// The mapping is released when the returned value is dropped.
-    fn map(&self, domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages>;
+    fn map(&self, domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError>;
 }
 
 pub trait EventChannels: Send + Sync {
     /// Binds the guest's unbound port `remote_port` to a local channel.
-    fn bind(&self, domid: DomId, remote_port: u32) -> anyhow::Result<Arc<dyn EventChannel>>;
+    fn bind(&self, domid: DomId, remote_port: u32) -> Result<Arc<dyn EventChannel>, HypervisorError>;
 }
 
 /// One bound interdomain event channel.
@@ -74,7 +137,7 @@ pub trait EventChannel: Send + Sync {
     fn fd(&self) -> RawFd;
     /// Clears a pending notification and re-arms the channel. Returns whether
     /// one was pending.
-    fn consume(&self) -> anyhow::Result<bool>;
+    fn consume(&self) -> bool;
 }
 
 /// Everything the backend needs from the hypervisor, bundled.
@@ -86,4 +149,35 @@ pub struct Transport {
     pub watch_events: mpsc::Receiver<WatchEvent>,
     /// The domain this backend runs in (0 for dom0).
     pub own_domid: DomId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortages_of_ours_are_retried_and_what_the_guest_gave_is_refused() {
+        let of = |errno| {
+            HypervisorError::from_os(
+                "grant map",
+                "1 page(s)".into(),
+                &std::io::Error::from_raw_os_error(errno),
+            )
+        };
+        for ours in [libc::ENOMEM, libc::EMFILE, libc::EAGAIN, libc::ENOSPC] {
+            let e = of(ours);
+            assert!(
+                !e.is_refused() && worth_retrying(&anyhow::Error::new(e.clone()).context("stream 0/0")),
+                "{e}"
+            );
+        }
+        for guests in [libc::EINVAL, libc::ESRCH, libc::EPERM, libc::EFAULT] {
+            let e = of(guests);
+            assert!(e.is_refused() && !worth_retrying(&anyhow::Error::new(e.clone())), "{e}");
+        }
+        let refused = StoreError::Refused { op: "read", path: "/x".into(), errno: "EACCES".into() };
+        assert!(!worth_retrying(&anyhow::Error::new(refused)));
+        let unanswered = StoreError::Unavailable { op: "read", path: "/x".into(), why: "timed out".into() };
+        assert!(worth_retrying(&anyhow::Error::new(unanswered)));
+    }
 }

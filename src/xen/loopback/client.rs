@@ -185,5 +185,5 @@ pub fn wait_channel(ch: &dyn EventChannel, deadline: Instant) -> anyhow::Result<
     if poll(&mut fds, ms)? == 0 {
         return Ok(false);
     }
-    ch.consume()
+    Ok(ch.consume())
 }

@@ -12,13 +12,15 @@ pub mod proto;
 mod store;
 
 use super::{
-    DomId, EventChannel, EventChannels, GrantMapper, SharedPages, StoreError, Transport, WatchEvent, XenStore,
+    DomId, EventChannel, EventChannels, GrantMapper, HypervisorError, SharedPages, StoreError, Transport,
+    WatchEvent, XenStore,
 };
 use anyhow::{anyhow, bail, Context};
 use proto::{GuestMsg, HvMsg};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use store::Tree;
 
@@ -34,10 +36,38 @@ struct Guest {
     pages: u32,
 }
 
-/// One end of an unbound channel, waiting for the backend to bind it.
+/// A guest's port for the backend: its two eventfds, and whether the
+/// backend holds it bound. As in Xen, a port the backend unbinds (closes)
+/// is unbound again and may be bound anew (a connection tried again), and
+/// a bound one cannot be bound twice.
 struct Unbound {
     to_backend: OwnedFd,
     to_guest: OwnedFd,
+    bound: Arc<AtomicBool>,
+}
+
+/// The backend's end of a bound port; dropping it unbinds the port.
+struct BoundPort {
+    channel: EventFdChannel,
+    bound: Arc<AtomicBool>,
+}
+
+impl EventChannel for BoundPort {
+    fn notify(&self) -> bool {
+        self.channel.notify()
+    }
+    fn fd(&self) -> RawFd {
+        self.channel.fd()
+    }
+    fn consume(&self) -> bool {
+        self.channel.consume()
+    }
+}
+
+impl Drop for BoundPort {
+    fn drop(&mut self) {
+        self.bound.store(false, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -254,7 +284,7 @@ impl Hypervisor {
                 let mut st = self.lock();
                 let port = st.next_port;
                 st.next_port += 1;
-                st.unbound.insert((domid, port), Unbound { to_backend, to_guest });
+                st.unbound.insert((domid, port), Unbound { to_backend, to_guest, bound: Arc::default() });
                 HvMsg::Port(port)
             }
         })
@@ -304,24 +334,42 @@ impl XenStore for LocalStore {
 }
 
 impl GrantMapper for Hypervisor {
-    fn map(&self, domid: DomId, grefs: &[u32]) -> anyhow::Result<SharedPages> {
+    fn map(&self, domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
         let (memfd, pages) = {
             let st = self.lock();
-            let g = st.guests.get(&domid).ok_or_else(|| anyhow!("no domain {domid}"))?;
+            let g = st.guests.get(&domid).ok_or_else(|| HypervisorError::Refused {
+                call: HypervisorError::GRANT_MAP,
+                target: format!("domain {domid}"),
+                why: "no such domain".into(),
+            })?;
             (g.memfd.clone(), g.pages)
         };
-        super::memory::map_grefs(&memfd, pages, grefs).with_context(|| format!("domain {domid}"))
+        super::memory::map_grefs(&memfd, pages, grefs)
     }
 }
 
 impl EventChannels for Hypervisor {
-    fn bind(&self, domid: DomId, remote_port: u32) -> anyhow::Result<Arc<dyn EventChannel>> {
-        let u = self
-            .lock()
+    fn bind(&self, domid: DomId, remote_port: u32) -> Result<Arc<dyn EventChannel>, HypervisorError> {
+        let target = || format!("port {remote_port} of domain {domid}");
+        let st = self.lock();
+        let u = st
             .unbound
-            .remove(&(domid, remote_port))
-            .ok_or_else(|| anyhow!("domain {domid} has no unbound port {remote_port}"))?;
-        Ok(Arc::new(EventFdChannel { wait: u.to_backend, notify: u.to_guest }))
+            .get(&(domid, remote_port))
+            .filter(|u| !u.bound.swap(true, Ordering::SeqCst))
+            .ok_or_else(|| HypervisorError::Refused {
+                call: HypervisorError::EVTCHN_BIND,
+                target: target(),
+                why: "not an unbound port of that domain".into(),
+            })?;
+        let dup = |fd: &OwnedFd| fd.try_clone();
+        let channel = match (dup(&u.to_backend), dup(&u.to_guest)) {
+            (Ok(wait), Ok(notify)) => EventFdChannel { wait, notify },
+            (Err(e), _) | (_, Err(e)) => {
+                u.bound.store(false, Ordering::SeqCst);
+                return Err(HypervisorError::from_os(HypervisorError::EVTCHN_BIND, target(), &e));
+            }
+        };
+        Ok(Arc::new(BoundPort { channel, bound: u.bound.clone() }))
     }
 }
 
@@ -341,11 +389,11 @@ impl EventChannel for EventFdChannel {
     fn fd(&self) -> RawFd {
         self.wait.as_raw_fd()
     }
-    fn consume(&self) -> anyhow::Result<bool> {
+    fn consume(&self) -> bool {
         let mut v = [0u8; 8];
         // SAFETY: reading 8 bytes into a valid buffer; the eventfd is non-blocking.
         let n = unsafe { libc::read(self.wait.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
-        Ok(n == 8)
+        n == 8
     }
 }
 
