@@ -4,7 +4,9 @@
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use xen_vsnd_sim::signal::{self, align, compare_allowing_inserted_silence, read_wav};
+use xen_vsnd_sim::signal::{
+    self, align, compare_allowing_glitches, compare_allowing_inserted_silence, read_wav,
+};
 use xen_vsnd_sim::SimOptions;
 
 #[derive(Parser)]
@@ -85,6 +87,9 @@ fn main() {
     }
 }
 
+/// The longest host cycle a glitch may span (PipeWire's largest quantum).
+const MAX_CYCLE_FRAMES: usize = 8192;
+
 fn compare(sent: &Path, got: &Path, min_fraction: f64) -> anyhow::Result<()> {
     let (s, g) = (read_wav(sent)?, read_wav(got)?);
     if (s.rate, s.channels) != (g.rate, g.channels) {
@@ -101,13 +106,28 @@ fn compare(sent: &Path, got: &Path, min_fraction: f64) -> anyhow::Result<()> {
     );
     if a.wrong > 0 || a.silent > 0 {
         // Say whether silence was only inserted (a cycle some host node ran
-        // late, after which the signal comes whole and in order): the
-        // caller decides whether something it counted explains it.
+        // late, after which the signal comes whole and in order), or what
+        // glitches of at most a host cycle each account for every frame
+        // (a late cycle's frames delayed or dropped): the caller decides
+        // whether something it counted explains them, one each.
         if let Some(d) = compare_allowing_inserted_silence(&s.samples, &g.samples, ch, 64) {
             if d.delivered == total && d.inserted_silences > 0 {
                 println!(
                     "compare: every frame in order but for inserted silence: {} runs, {} frames",
                     d.inserted_silences, d.inserted_frames
+                );
+            }
+        }
+        if let Some(d) = compare_allowing_glitches(&s.samples, &g.samples, ch, 64, MAX_CYCLE_FRAMES) {
+            if d.complete(total) && d.inserted_silences + d.dropped_runs > 0 {
+                println!(
+                    "compare: every frame accounted for but for {} glitches: {} inserted silences ({} frames), \
+                     {} dropped runs ({} frames)",
+                    d.inserted_silences + d.dropped_runs,
+                    d.inserted_silences,
+                    d.inserted_frames,
+                    d.dropped_runs,
+                    d.dropped_frames
                 );
             }
         }

@@ -43,13 +43,30 @@ fn compare_passes_intact_and_names_inserted_silence_apart_from_loss() {
     let (ok, out) = compare(&sent_wav, &inserted);
     assert!(!ok, "{out}");
     assert!(out.contains("every frame in order but for inserted silence: 1 runs, 4096 frames"), "{out}");
+    assert!(out.contains("every frame accounted for but for 1 glitches"), "{out}");
 
-    // The same silence replacing sound (frames lost): not inserted.
+    // The same silence replacing sound (a cycle's frames lost): not only
+    // inserted; as glitches, a silence and a dropped run: two, for the
+    // caller to match with what it counted.
     let replaced = write(
         "replaced.wav",
         &[&lead[..], &sent[..cut], &gap[..], &sent[cut + gap.len()..], &lead[..]].concat(),
     );
     let (ok, out) = compare(&sent_wav, &replaced);
     assert!(!ok, "{out}");
-    assert!(!out.contains("inserted"), "{out}");
+    assert!(!out.contains("every frame in order but for inserted silence"), "{out}");
+    assert!(
+        out.contains("every frame accounted for but for 2 glitches: 1 inserted silences (4096 frames), 1 dropped runs (4096 frames)"),
+        "{out}"
+    );
+
+    // Frames altered (not silence, not a skip): no glitch accounts for it.
+    let mut altered = [&lead[..], &sent[..], &lead[..]].concat();
+    for v in &mut altered[2 * 20_000..2 * 20_010] {
+        *v = v.wrapping_add(7);
+    }
+    let altered = write("altered.wav", &altered);
+    let (ok, out) = compare(&sent_wav, &altered);
+    assert!(!ok, "{out}");
+    assert!(!out.contains("accounted for"), "{out}");
 }
