@@ -150,7 +150,9 @@ static unsigned int vsnd_count_dirs(const char *dir)
 int vsnd_read_config(struct vsnd_card *vc)
 {
 	const char *root = vc->xb->nodename;
-	struct vsnd_hw card_hw = { .channels_min = 1, .channels_max = 2, .buffer_bytes_max = SZ_64K };
+	struct vsnd_hw card_hw = {
+		.channels_min = 1, .channels_max = 2, .buffer_bytes_max = SZ_64K,
+	};
 	unsigned int p, s, n = 0, total = 0;
 	char *v;
 
@@ -201,7 +203,6 @@ int vsnd_read_config(struct vsnd_card *vc)
 			snprintf(st->xs_path, sizeof(st->xs_path), "%s/%u", pdir, s);
 			st->card = vc;
 			st->pcm_index = p;
-			st->index = s;
 			st->hw = pcm_hw;
 			vsnd_read_hw(st->xs_path, &st->hw);
 			v = vsnd_read_str(st->xs_path, XENSND_FIELD_TYPE);

@@ -16,7 +16,8 @@
 #include "vsnd.h"
 
 /* Requests the announcements may have outstanding; the rest of the ring is
- * kept for TRIGGER and the synchronous requests. */
+ * kept for TRIGGER and the synchronous requests.
+ */
 #define VSND_ANNOUNCE_SLOTS	16
 
 static unsigned int vsnd_ring_free(struct vsnd_stream *s)
@@ -53,19 +54,22 @@ bool vsnd_request_async(struct vsnd_stream *s, const struct xensnd_req *req)
 	return queued;
 }
 
-int vsnd_request(struct vsnd_stream *s, struct xensnd_req *req,
-		 struct xensnd_query_hw_param *hw_out)
+/* One synchronous request; sync_lock held. A HW_PARAM_QUERY's answer goes
+ * to hw_out.
+ */
+static int vsnd_request_locked(struct vsnd_stream *s, struct xensnd_req *req,
+			       struct xensnd_query_hw_param *hw_out)
 {
 	unsigned long flags;
 	int ret;
 
-	mutex_lock(&s->sync_lock);
+	lockdep_assert_held(&s->sync_lock);
 	reinit_completion(&s->sync_done);
 	spin_lock_irqsave(&s->ring_lock, flags);
 	if (s->dead || !vsnd_ring_free(s)) {
 		ret = s->dead ? -ENODEV : -EBUSY;
 		spin_unlock_irqrestore(&s->ring_lock, flags);
-		goto out;
+		return ret;
 	}
 	req->id = s->next_req_id++;
 	s->sync_id = req->id;
@@ -77,15 +81,63 @@ int vsnd_request(struct vsnd_stream *s, struct xensnd_req *req,
 		spin_lock_irqsave(&s->ring_lock, flags);
 		s->sync_pending = false;
 		spin_unlock_irqrestore(&s->ring_lock, flags);
-		ret = -ETIMEDOUT;
-		goto out;
+		return -ETIMEDOUT;
 	}
+	spin_lock_irqsave(&s->ring_lock, flags);
 	ret = s->sync_status;
 	if (!ret && hw_out)
 		*hw_out = s->sync_hw;
-out:
+	spin_unlock_irqrestore(&s->ring_lock, flags);
+	return ret;
+}
+
+int vsnd_request(struct vsnd_stream *s, struct xensnd_req *req)
+{
+	int ret;
+
+	mutex_lock(&s->sync_lock);
+	ret = vsnd_request_locked(s, req, NULL);
 	mutex_unlock(&s->sync_lock);
 	return ret;
+}
+
+/*
+ * HW_PARAM_QUERY: what the backend can do within the ranges in ask. The
+ * last question is remembered with its answer, as the hardware rules ask
+ * the same one over and over while ALSA refines a configuration.
+ */
+int vsnd_query(struct vsnd_stream *s, const struct xensnd_query_hw_param *ask,
+	       struct xensnd_query_hw_param *got)
+{
+	struct xensnd_req req = { .operation = XENSND_OP_HW_PARAM_QUERY };
+	int ret;
+
+	mutex_lock(&s->sync_lock);
+	if (s->query_valid && !memcmp(&s->query_req, ask, sizeof(*ask))) {
+		ret = s->query_status;
+	} else {
+		req.op.hw_param = *ask;
+		ret = vsnd_request_locked(s, &req, &s->query_resp);
+		/* Only answers are remembered, not a timeout or a dead ring. */
+		s->query_valid = ret == 0 || ret == -EINVAL;
+		s->query_req = *ask;
+		s->query_status = ret;
+	}
+	if (!ret)
+		*got = s->query_resp;
+	mutex_unlock(&s->sync_lock);
+	return ret;
+}
+
+bool vsnd_stream_dead(struct vsnd_stream *s)
+{
+	unsigned long flags;
+	bool dead;
+
+	spin_lock_irqsave(&s->ring_lock, flags);
+	dead = s->dead;
+	spin_unlock_irqrestore(&s->ring_lock, flags);
+	return dead;
 }
 
 /*
@@ -95,7 +147,7 @@ out:
  */
 static void vsnd_announce_locked(struct vsnd_stream *s)
 {
-	u32 size = s->buffer_frames * s->frame_bytes;
+	u32 size = s->ring_bytes;
 	struct xensnd_req req = {
 		.operation = s->capture ? XENSND_OP_READ : XENSND_OP_WRITE,
 	};
@@ -150,9 +202,10 @@ static irqreturn_t vsnd_req_irq(int irq, void *dev_id)
 				s->sync_hw = resp.resp.hw_param;
 				s->sync_pending = false;
 				complete(&s->sync_done);
-			} else if (resp.status < 0 && s->async_errors++ < 8) {
-				dev_warn(&s->card->xb->dev, "%s: operation %u failed: %d\n",
-					 s->xs_path, resp.operation, resp.status);
+			} else if (resp.status < 0) {
+				dev_warn_ratelimited(&s->card->xb->dev,
+						     "%s: operation %u failed: %d\n",
+						     s->xs_path, resp.operation, resp.status);
 			}
 		}
 		s->ring.rsp_cons = i;
@@ -169,7 +222,7 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 	struct vsnd_stream *s = dev_id;
 	struct xensnd_event_page *page = s->evt_page;
 	struct snd_pcm_substream *substream;
-	bool elapsed = false;
+	bool elapsed = false, delay_changed = false;
 	unsigned long flags;
 	u32 prod;
 
@@ -197,7 +250,7 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 			continue;
 		memcpy(&delay, (u8 *)&evt + VSND_EVT_DELAY_OFFSET, sizeof(delay));
 		vsnd_handle_cur_pos(s, evt.op.cur_pos.position, le32_to_cpu((__force __le32)delay),
-				    &elapsed);
+				    &elapsed, &delay_changed);
 	}
 	virt_mb(); /* done reading the slots before handing them back */
 	WRITE_ONCE(page->in_cons, s->evt_cons);
@@ -205,6 +258,8 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 	spin_unlock_irqrestore(&s->lock, flags);
 	if (substream)
 		snd_pcm_period_elapsed(substream);
+	if (delay_changed && s->delay_ctl)
+		snd_ctl_notify(s->card->card, SNDRV_CTL_EVENT_MASK_VALUE, &s->delay_ctl->id);
 	return IRQ_HANDLED;
 }
 
@@ -234,7 +289,8 @@ static void vsnd_evtchn_release(struct vsnd_stream *s, int *irq, evtchn_port_t *
 }
 
 /* Allocates an event channel for the backend and binds it to `handler`;
- * undone by vsnd_evtchn_release(). */
+ * undone by vsnd_evtchn_release().
+ */
 static int vsnd_evtchn_bind(struct vsnd_stream *s, irq_handler_t handler, const char *name,
 			    evtchn_port_t *port, int *irq)
 {
@@ -279,10 +335,11 @@ static int vsnd_stream_alloc(struct vsnd_stream *s)
 	void *evt;
 	int ret;
 
+	/* No interrupt is bound yet: nothing else touches the stream. */
 	s->dead = false;
 	s->next_req_id = 0;
+	s->query_valid = false;
 	s->evt_cons = 0;
-	s->async_errors = 0;
 
 	ret = xenbus_setup_ring(xb, GFP_KERNEL, &s->ring_page, 1, &s->ring_gref);
 	if (ret)
@@ -342,10 +399,12 @@ again:
 	for (i = 0; i < vc->nstreams && !ret; i++) {
 		struct vsnd_stream *s = &vc->streams[i];
 
-		ret = xenbus_printf(xbt, s->xs_path, XENSND_FIELD_RING_REF, "%u", s->ring_gref) ?:
-		      xenbus_printf(xbt, s->xs_path, XENSND_FIELD_EVT_CHNL, "%u", s->req_port) ?:
-		      xenbus_printf(xbt, s->xs_path, XENSND_FIELD_EVT_RING_REF, "%u", s->evt_gref) ?:
-		      xenbus_printf(xbt, s->xs_path, XENSND_FIELD_EVT_EVT_CHNL, "%u", s->evt_port);
+		const char *dir = s->xs_path;
+
+		ret = xenbus_printf(xbt, dir, XENSND_FIELD_RING_REF, "%u", s->ring_gref) ?:
+		      xenbus_printf(xbt, dir, XENSND_FIELD_EVT_CHNL, "%u", s->req_port) ?:
+		      xenbus_printf(xbt, dir, XENSND_FIELD_EVT_RING_REF, "%u", s->evt_gref) ?:
+		      xenbus_printf(xbt, dir, XENSND_FIELD_EVT_EVT_CHNL, "%u", s->evt_port);
 	}
 	if (!ret)
 		ret = xenbus_printf(xbt, vc->xb->nodename, VSND_FEATURE_DELAY, "1");
@@ -420,7 +479,8 @@ fail:
 }
 
 /* Ends every grant; a page still mapped by the backend is freed by the
- * grant table code once the backend lets go of it, never before. */
+ * grant table code once the backend lets go of it, never before.
+ */
 void vsnd_buffer_free(struct vsnd_stream *s)
 {
 	unsigned int i;

@@ -11,7 +11,9 @@
  * the backend while it waits do not make it throw away the rings the backend
  * may already have mapped.
  */
+#include <linux/kernel.h>
 #include <linux/module.h>
+#include <linux/string.h>
 #include <xen/xen.h>
 #include <xen/xenbus.h>
 #include "vsnd.h"
@@ -81,12 +83,17 @@ static void vsnd_backend_changed(struct xenbus_device *xb, enum xenbus_state be)
 static int vsnd_probe(struct xenbus_device *xb, const struct xenbus_device_id *id)
 {
 	struct vsnd_card *vc;
+	const char *tail;
 	int ret;
 
 	vc = devm_kzalloc(&xb->dev, sizeof(*vc), GFP_KERNEL);
 	if (!vc)
 		return -ENOMEM;
 	vc->xb = xb;
+	/* device/vsnd/<devid>: the toolstack's number, stable across boots */
+	tail = strrchr(xb->nodename, '/');
+	if (!tail || kstrtouint(tail + 1, 10, &vc->devid))
+		vc->devid = UINT_MAX;
 	dev_set_drvdata(&xb->dev, vc);
 	ret = vsnd_read_config(vc);
 	if (ret) {

@@ -39,8 +39,27 @@ static struct vsnd_stream *vsnd_find_stream(struct snd_pcm_substream *ss)
 	return NULL;
 }
 
+/*
+ * Whether the delay moved far enough from what the delay control last
+ * announced to announce it again: a millisecond, or to or from 0. Keeps
+ * the control's readers (a guest sound server setting its latency) from
+ * waking on every cycle's jitter. s->lock held.
+ */
+static bool vsnd_delay_moved(struct vsnd_stream *s)
+{
+	snd_pcm_uframes_t step = max(s->rate / 1000, 1U);
+	snd_pcm_uframes_t d = s->delay, told = s->delay_told;
+	bool both_zero_or_not = !d == !told;
+
+	if (both_zero_or_not && (d > told ? d - told : told - d) < step)
+		return false;
+	s->delay_told = d;
+	return true;
+}
+
 /* Called with s->lock held, from the event interrupt. */
-void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *elapsed)
+void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *elapsed,
+			 bool *delay_changed)
 {
 	u64 frames, delta;
 	u32 rem;
@@ -55,8 +74,11 @@ void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *
 	}
 	delta = frames - s->be_frames;
 	s->be_frames = frames;
-	if (s->card->backend_reports_delay)
+	if (s->card->backend_reports_delay) {
 		s->delay = delay;
+		if (vsnd_delay_moved(s))
+			*delay_changed = true;
+	}
 	if (!delta)
 		return;
 	div_u64_rem(s->hw_ptr + delta, s->buffer_frames, &rem);
@@ -73,82 +95,131 @@ void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *
 	}
 }
 
+#define VSND_FMT	SNDRV_PCM_HW_PARAM_FORMAT
+#define VSND_RATE	SNDRV_PCM_HW_PARAM_RATE
+#define VSND_CH		SNDRV_PCM_HW_PARAM_CHANNELS
+#define VSND_PERIOD	SNDRV_PCM_HW_PARAM_PERIOD_SIZE
+#define VSND_BUFFER	SNDRV_PCM_HW_PARAM_BUFFER_SIZE
+
+/* The parameters a rule asks the backend about: each rule narrows the
+ * first and depends on the other four (a rule has room for four).
+ */
+static const int vsnd_rules[][5] = {
+	{ VSND_FMT, VSND_RATE, VSND_CH, VSND_PERIOD, VSND_BUFFER },
+	{ VSND_RATE, VSND_FMT, VSND_CH, VSND_PERIOD, VSND_BUFFER },
+	{ VSND_CH, VSND_FMT, VSND_RATE, VSND_PERIOD, VSND_BUFFER },
+	{ VSND_PERIOD, VSND_FMT, VSND_RATE, VSND_CH, VSND_BUFFER },
+	{ VSND_BUFFER, VSND_FMT, VSND_RATE, VSND_CH, VSND_PERIOD },
+};
+
+static int vsnd_refine_interval(struct snd_pcm_hw_params *params, int var, u32 min, u32 max)
+{
+	struct snd_interval got = { .min = min, .max = max, .integer = 1 };
+
+	/* A range the backend left open (0) narrows nothing. */
+	if (!max || min > max)
+		return 0;
+	return snd_interval_refine(hw_param_interval(params, var), &got);
+}
+
+/*
+ * A hardware rule: asks the backend what it can do within the ranges ALSA
+ * has refined so far (every parameter's), and narrows the one this rule is
+ * for to the answer. So what the backend can do for the other parameters
+ * chosen (a rate only at some formats, a buffer limit in bytes) reaches
+ * the application while it negotiates, not as a failed prepare.
+ */
+static int vsnd_hw_rule(struct snd_pcm_hw_params *params, struct snd_pcm_hw_rule *rule)
+{
+	struct vsnd_stream *s = rule->private;
+	struct snd_mask *fmask = hw_param_mask(params, VSND_FMT);
+	struct snd_interval *rate = hw_param_interval(params, VSND_RATE);
+	struct snd_interval *ch = hw_param_interval(params, VSND_CH);
+	struct snd_interval *period = hw_param_interval(params, VSND_PERIOD);
+	struct snd_interval *buffer = hw_param_interval(params, VSND_BUFFER);
+	struct xensnd_query_hw_param ask = {}, got;
+	struct snd_mask formats;
+	int ret;
+
+	ask.formats = vsnd_alsa_formats_to_xen((u64)fmask->bits[0] | (u64)fmask->bits[1] << 32);
+	ask.rates.min = rate->min;
+	ask.rates.max = rate->max;
+	ask.channels.min = ch->min;
+	ask.channels.max = ch->max;
+	ask.period.min = period->min;
+	ask.period.max = period->max;
+	ask.buffer.min = buffer->min;
+	ask.buffer.max = buffer->max;
+	ret = vsnd_query(s, &ask, &got);
+	/* -EINVAL: nothing in these ranges. A backend that cannot answer
+	 * (no such request, no answer in time) narrows nothing: the card's
+	 * configuration stands, and OPEN has the last word.
+	 */
+	if (ret == -EINVAL || ret == -ENODEV)
+		return ret;
+	if (ret)
+		return 0;
+
+	switch (rule->var) {
+	case VSND_FMT: {
+		u64 bits = vsnd_xen_formats_to_alsa(got.formats);
+
+		if (!bits)
+			return 0;
+		snd_mask_none(&formats);
+		formats.bits[0] = lower_32_bits(bits);
+		formats.bits[1] = upper_32_bits(bits);
+		return snd_mask_refine(fmask, &formats);
+	}
+	case VSND_RATE:
+		return vsnd_refine_interval(params, rule->var, got.rates.min, got.rates.max);
+	case VSND_CH:
+		return vsnd_refine_interval(params, rule->var, got.channels.min, got.channels.max);
+	case VSND_PERIOD:
+		return vsnd_refine_interval(params, rule->var, got.period.min, got.period.max);
+	case VSND_BUFFER:
+		return vsnd_refine_interval(params, rule->var, got.buffer.min, got.buffer.max);
+	}
+	return 0;
+}
+
 static int vsnd_pcm_open(struct snd_pcm_substream *ss)
 {
 	struct snd_pcm_runtime *rt = ss->runtime;
 	struct vsnd_stream *s = vsnd_find_stream(ss);
-	struct xensnd_req req = { .operation = XENSND_OP_HW_PARAM_QUERY };
-	struct xensnd_query_hw_param got;
-	unsigned int i, n = 0, rmin = UINT_MAX, rmax = 0, cmin, cmax;
-	unsigned int max_frames;
-	u64 formats;
-	bool queried;
+	unsigned int i, n = 0;
 	int ret;
 
-	if (!s || s->dead)
+	if (!s || vsnd_stream_dead(s))
 		return -ENODEV;
 	ss->private_data = s;
-	formats = s->hw.formats;
-	cmin = s->hw.channels_min;
-	cmax = s->hw.channels_max;
-	for (i = 0; i < s->hw.nrates; i++) {
-		rmin = min(rmin, s->hw.rates[i]);
-		rmax = max(rmax, s->hw.rates[i]);
-	}
-	/* Frames the buffer holds with the smallest frame of the config. */
-	max_frames = s->hw.buffer_bytes_max / cmin;
 
-	/* Narrow that down to what the backend can do now. */
-	req.op.hw_param.formats = vsnd_alsa_formats_to_xen(formats);
-	req.op.hw_param.rates.min = rmin;
-	req.op.hw_param.rates.max = rmax;
-	req.op.hw_param.channels.min = cmin;
-	req.op.hw_param.channels.max = cmax;
-	req.op.hw_param.buffer.min = 0;
-	req.op.hw_param.buffer.max = max_frames;
-	req.op.hw_param.period.min = 0;
-	req.op.hw_param.period.max = max_frames;
-	ret = vsnd_request(s, &req, &got);
-	queried = ret == 0;
-	if (queried) {
-		formats &= vsnd_xen_formats_to_alsa(got.formats);
-		rmin = max(rmin, got.rates.min);
-		rmax = min(rmax, got.rates.max);
-		cmin = max(cmin, got.channels.min);
-		cmax = min(cmax, got.channels.max);
-	} else if (ret == -ENODEV) {
-		return ret;
-	}
-	if (!formats || rmin > rmax || cmin > cmax)
-		return -EINVAL;
-
+	/* What the card's configuration allows; the rules narrow it to what
+	 * the backend can do.
+	 */
 	rt->hw = vsnd_hw_base;
-	rt->hw.formats = formats;
-	rt->hw.rate_min = rmin;
-	rt->hw.rate_max = rmax;
-	rt->hw.channels_min = cmin;
-	rt->hw.channels_max = cmax;
+	rt->hw.formats = s->hw.formats;
+	rt->hw.rate_min = UINT_MAX;
+	rt->hw.rate_max = 0;
+	for (i = 0; i < s->hw.nrates; i++) {
+		rt->hw.rate_min = min(rt->hw.rate_min, s->hw.rates[i]);
+		rt->hw.rate_max = max(rt->hw.rate_max, s->hw.rates[i]);
+		s->rate_list[n++] = s->hw.rates[i];
+	}
+	rt->hw.channels_min = s->hw.channels_min;
+	rt->hw.channels_max = s->hw.channels_max;
 	rt->hw.buffer_bytes_max = s->hw.buffer_bytes_max;
 	rt->hw.period_bytes_max = s->hw.buffer_bytes_max / 2;
-
-	for (i = 0; i < s->hw.nrates; i++)
-		if (s->hw.rates[i] >= rmin && s->hw.rates[i] <= rmax)
-			s->rate_list[n++] = s->hw.rates[i];
 	s->rate_constraint.count = n;
 	s->rate_constraint.list = s->rate_list;
 	s->rate_constraint.mask = 0;
 	ret = snd_pcm_hw_constraint_list(rt, 0, SNDRV_PCM_HW_PARAM_RATE, &s->rate_constraint);
 	if (ret < 0)
 		return ret;
-	if (queried && got.buffer.max && got.buffer.min <= got.buffer.max) {
-		ret = snd_pcm_hw_constraint_minmax(rt, SNDRV_PCM_HW_PARAM_BUFFER_SIZE,
-						   got.buffer.min, got.buffer.max);
-		if (ret < 0)
-			return ret;
-	}
-	if (queried && got.period.max && got.period.min <= got.period.max) {
-		ret = snd_pcm_hw_constraint_minmax(rt, SNDRV_PCM_HW_PARAM_PERIOD_SIZE,
-						   got.period.min, got.period.max);
+	for (i = 0; i < ARRAY_SIZE(vsnd_rules); i++) {
+		const int *r = vsnd_rules[i];
+
+		ret = snd_pcm_hw_rule_add(rt, 0, r[0], vsnd_hw_rule, s, r[1], r[2], r[3], r[4], -1);
 		if (ret < 0)
 			return ret;
 	}
@@ -167,7 +238,7 @@ static void vsnd_backend_close(struct vsnd_stream *s)
 	if (!s->be_open)
 		return;
 	s->be_open = false;
-	vsnd_request(s, &req, NULL);
+	vsnd_request(s, &req);
 }
 
 static int vsnd_pcm_close(struct snd_pcm_substream *ss)
@@ -205,13 +276,20 @@ static int vsnd_pcm_hw_free(struct snd_pcm_substream *ss)
 {
 	struct snd_pcm_runtime *rt = ss->runtime;
 	struct vsnd_stream *s = ss->private_data;
+	u64 frames, periods, early;
+	snd_pcm_uframes_t period;
 
 	vsnd_backend_close(s);
-	if (s->periods || s->total_frames)
-		dev_info(&s->card->xb->dev,
-			 "%s: %llu frames, %llu period interrupts of %lu frames, %llu early\n",
-			 s->xs_path, s->total_frames, s->periods, s->period_frames,
-			 s->early_periods);
+	spin_lock_irq(&s->lock);
+	frames = s->total_frames;
+	periods = s->periods;
+	early = s->early_periods;
+	period = s->period_frames;
+	spin_unlock_irq(&s->lock);
+	if (frames)
+		dev_dbg(&s->card->xb->dev,
+			"%s: %llu frames, %llu period interrupts of %lu frames, %llu early\n",
+			s->xs_path, frames, periods, period, early);
 	vsnd_buffer_free(s);
 	rt->dma_area = NULL;
 	rt->dma_bytes = 0;
@@ -243,6 +321,7 @@ static int vsnd_pcm_prepare(struct snd_pcm_substream *ss)
 	s->hw_ptr = 0;
 	s->since_period = 0;
 	s->delay = 0;
+	s->rate = rt->rate;
 	s->total_frames = 0;
 	s->periods = 0;
 	s->early_periods = 0;
@@ -251,6 +330,7 @@ static int vsnd_pcm_prepare(struct snd_pcm_substream *ss)
 	s->last_appl = 0;
 	s->appl_bytes = 0;
 	s->told_bytes = 0;
+	s->ring_bytes = frames_to_bytes(rt, rt->buffer_size);
 	spin_unlock_irqrestore(&s->ring_lock, flags);
 
 	req.op.open.pcm_rate = rt->rate;
@@ -259,7 +339,7 @@ static int vsnd_pcm_prepare(struct snd_pcm_substream *ss)
 	req.op.open.buffer_sz = frames_to_bytes(rt, rt->buffer_size);
 	req.op.open.gref_directory = s->dir_grefs[0];
 	req.op.open.period_sz = frames_to_bytes(rt, rt->period_size);
-	ret = vsnd_request(s, &req, NULL);
+	ret = vsnd_request(s, &req);
 	if (ret)
 		return ret;
 	s->be_open = true;
@@ -305,6 +385,18 @@ static snd_pcm_uframes_t vsnd_pcm_pointer(struct snd_pcm_substream *ss)
 	return ptr;
 }
 
+/* After a stop: the period interrupt the event handler may still be
+ * raising is over before the stream is set up again or freed.
+ */
+static int vsnd_pcm_sync_stop(struct snd_pcm_substream *ss)
+{
+	struct vsnd_stream *s = ss->private_data;
+
+	if (s->evt_irq > 0)
+		synchronize_irq(s->evt_irq);
+	return 0;
+}
+
 /* The application moved its pointer: tell the backend what it gave/took. */
 static int vsnd_pcm_ack(struct snd_pcm_substream *ss)
 {
@@ -332,17 +424,87 @@ static const struct snd_pcm_ops vsnd_pcm_ops = {
 	.hw_free = vsnd_pcm_hw_free,
 	.prepare = vsnd_pcm_prepare,
 	.trigger = vsnd_pcm_trigger,
+	.sync_stop = vsnd_pcm_sync_stop,
 	.pointer = vsnd_pcm_pointer,
 	.ack = vsnd_pcm_ack,
 };
 
+/*
+ * "Playback Host Delay" / "Capture Host Delay" (PCM interface, the stream's
+ * device and subdevice): read-only, in microseconds, what the backend last
+ * reported between the DMA position and the host's converter — the part
+ * of snd_pcm_delay() beyond the buffer. 0 without the delay extension or
+ * while the stream is not running. A change of a millisecond or more is
+ * announced (SNDRV_CTL_EVENT_MASK_VALUE), so a guest sound server can add
+ * it to the latency it reports (xen-vsnd-guest does so for PipeWire).
+ */
+static int vsnd_delay_info(struct snd_kcontrol *kc, struct snd_ctl_elem_info *info)
+{
+	info->type = SNDRV_CTL_ELEM_TYPE_INTEGER;
+	info->count = 1;
+	info->value.integer.min = 0;
+	info->value.integer.max = INT_MAX;
+	return 0;
+}
+
+static int vsnd_delay_get(struct snd_kcontrol *kc, struct snd_ctl_elem_value *v)
+{
+	struct vsnd_stream *s = snd_kcontrol_chip(kc);
+	unsigned int rate = 0;
+	unsigned long flags;
+	u64 frames = 0;
+
+	spin_lock_irqsave(&s->lock, flags);
+	if (s->substream) {
+		frames = s->delay;
+		rate = s->rate;
+	}
+	spin_unlock_irqrestore(&s->lock, flags);
+	v->value.integer.value[0] = rate ? div_u64(frames * USEC_PER_SEC, rate) : 0;
+	return 0;
+}
+
+static int vsnd_delay_ctl_add(struct snd_card *card, struct vsnd_stream *s,
+			      unsigned int subdevice)
+{
+	struct snd_kcontrol_new tmpl = {
+		.iface = SNDRV_CTL_ELEM_IFACE_PCM,
+		.name = s->capture ? "Capture Host Delay" : "Playback Host Delay",
+		.device = s->pcm_index,
+		.subdevice = subdevice,
+		.access = SNDRV_CTL_ELEM_ACCESS_READ | SNDRV_CTL_ELEM_ACCESS_VOLATILE,
+		.info = vsnd_delay_info,
+		.get = vsnd_delay_get,
+	};
+	struct snd_kcontrol *kc = snd_ctl_new1(&tmpl, s);
+	int ret;
+
+	if (!kc)
+		return -ENOMEM;
+	ret = snd_ctl_add(card, kc);
+	if (ret)
+		return ret;
+	s->delay_ctl = kc;
+	return 0;
+}
+
+/* The usual ALSA card options, one per vsnd device (vsnd/<devid>). */
+static int index[SNDRV_CARDS] = SNDRV_DEFAULT_IDX;
+static char *id[SNDRV_CARDS] = SNDRV_DEFAULT_STR;
+module_param_array(index, int, NULL, 0444);
+MODULE_PARM_DESC(index, "Index value for each Xen vsnd card (by device id).");
+module_param_array(id, charp, NULL, 0444);
+MODULE_PARM_DESC(id, "ID string for each Xen vsnd card (by device id).");
+
 int vsnd_card_create(struct vsnd_card *vc)
 {
+	bool chosen = vc->devid < SNDRV_CARDS;
 	struct snd_card *card;
 	unsigned int p;
 	int ret;
 
-	ret = snd_card_new(&vc->xb->dev, SNDRV_DEFAULT_IDX1, NULL, THIS_MODULE, 0, &card);
+	ret = snd_card_new(&vc->xb->dev, chosen ? index[vc->devid] : SNDRV_DEFAULT_IDX1,
+			   chosen ? id[vc->devid] : NULL, THIS_MODULE, 0, &card);
 	if (ret)
 		return ret;
 	strscpy(card->driver, "XenVsnd", sizeof(card->driver));
@@ -362,12 +524,29 @@ int vsnd_card_create(struct vsnd_card *vc)
 		if (pc->ncapture)
 			snd_pcm_set_ops(pcm, SNDRV_PCM_STREAM_CAPTURE, &vsnd_pcm_ops);
 	}
+	for (p = 0; p < vc->nstreams; p++) {
+		struct vsnd_stream *s = &vc->streams[p];
+		unsigned int i, sub = 0;
+
+		/* The subdevice: the stream's place among its pcm's streams of
+		 * the same direction, as vsnd_find_stream() counts them.
+		 */
+		for (i = 0; i < p; i++)
+			if (vc->streams[i].pcm_index == s->pcm_index &&
+			    vc->streams[i].capture == s->capture)
+				sub++;
+		ret = vsnd_delay_ctl_add(card, s, sub);
+		if (ret)
+			goto fail;
+	}
 	ret = snd_card_register(card);
 	if (ret)
 		goto fail;
 	vc->card = card;
 	return 0;
 fail:
+	for (p = 0; p < vc->nstreams; p++)
+		vc->streams[p].delay_ctl = NULL;
 	snd_card_free(card);
 	return ret;
 }
@@ -385,4 +564,6 @@ void vsnd_card_remove(struct vsnd_card *vc)
 	/* Returns once every application has closed the card. */
 	snd_card_free(vc->card);
 	vc->card = NULL;
+	for (i = 0; i < vc->nstreams; i++)
+		vc->streams[i].delay_ctl = NULL;
 }
