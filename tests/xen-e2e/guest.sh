@@ -212,6 +212,23 @@ run_step() {
         # dom0's WirePlumber links playback to the sink and capture to its
         # monitor: the round trip goes through dom0's graph.
         guest-latency 10 ;;
+    pwlatency)
+        # The same round trip as the guest's PipeWire clients see it: the
+        # desktop set-up (udev, PipeWire, WirePlumber) with xen-vsnd-guest
+        # giving the card's nodes the delay dom0 reports; guest-pw-latency
+        # plays impulses into the card's sink, records its source, and
+        # compares with the latencies PipeWire reports to it.
+        wp_start || return 1
+        RUST_LOG=debug xen-vsnd-guest >/tmp/guest-helper.log 2>&1 &
+        helper=$!
+        rc=1
+        $RT guest-pw-latency "$(card_node -i alsa_output playback_FR)" \
+            "$(card_node -o alsa_input capture_FR)" 12 >/tmp/pwlat.out 2>&1 && rc=0
+        sed 's/^/GUEST-PWLAT: /' /tmp/pwlat.out /tmp/guest-helper.log >/dev/console
+        tail -1 /tmp/pwlat.out
+        kill $helper; wait $helper
+        pw_stop
+        return $rc ;;
     loop)
         # 1 s plays for ever: they fail while the backend is away and work
         # again once it is back.
@@ -225,4 +242,4 @@ run_step() {
     esac
 }
 
-serve_steps '^compare:\|^guest-latency:\|^pipewire:\|^zeros:'
+serve_steps '^compare:\|^guest-latency:\|^guest-pipewire-latency:\|^pipewire:\|^zeros:'

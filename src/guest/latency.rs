@@ -1,0 +1,186 @@
+//! The guest's PipeWire side: each ALSA node of a snd-xen-vsnd stream gets
+//! the delay dom0 reports for that stream as its internal latency
+//! (`latency.internal.ns`, a runtime node setting of PipeWire's ALSA
+//! nodes), so the latency the guest's PipeWire reports to its clients
+//! (pw_stream_get_time_n, PulseAudio's latency API through pipewire-pulse)
+//! counts the whole way to dom0's sound device, and is updated when it
+//! changes.
+
+use crate::cards::StreamKey;
+use anyhow::{anyhow, Context};
+use pipewire as pw;
+use pw::spa;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// The driver name PipeWire's ALSA nodes carry for snd-xen-vsnd's PCMs.
+const PW_DRIVER_NAME: &str = "snd_xen_vsnd";
+
+#[derive(Default)]
+struct State {
+    /// Bound sinks and sources: proxy, listener, and the stream each is.
+    nodes: HashMap<u32, (pw::node::Node, pw::node::NodeListener, Option<StreamKey>)>,
+    /// The delay of each stream, µs, as the driver reported it last.
+    delays: HashMap<StreamKey, u32>,
+    /// What each node was given last.
+    applied: HashMap<u32, u32>,
+}
+
+impl State {
+    /// Gives every node of a known stream its stream's delay, when it
+    /// differs from what it was given last.
+    fn apply(&mut self) {
+        for (id, (node, _, key)) in &self.nodes {
+            let Some(us) = key.and_then(|k| self.delays.get(&k).copied()) else { continue };
+            if self.applied.get(id) == Some(&us) {
+                continue;
+            }
+            match latency_pod(u64::from(us) * 1000) {
+                Ok(pod) => {
+                    node.set_param(spa::param::ParamType::Props, 0, pod_ref(&pod));
+                    tracing::info!(node = id, delay_us = us, "node latency set");
+                    self.applied.insert(*id, us);
+                }
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+    }
+}
+
+/// Runs until the PipeWire connection ends: follows the graph's sinks and
+/// sources, and takes the delays that `delays` carries in.
+pub fn run(delays: pw::channel::Receiver<(StreamKey, u32)>) -> anyhow::Result<()> {
+    pw::init();
+    let mainloop = pw::main_loop::MainLoopRc::new(None).context("PipeWire main loop")?;
+    let context = pw::context::ContextRc::new(&mainloop, None).context("PipeWire context")?;
+    let core = context.connect_rc(None).context("connecting to PipeWire")?;
+    let registry = core.get_registry_rc().context("PipeWire registry")?;
+    let state = Rc::new(RefCell::new(State::default()));
+
+    let _delays = {
+        let state = state.clone();
+        delays.attach(mainloop.loop_(), move |(key, us)| {
+            let mut st = state.borrow_mut();
+            st.delays.insert(key, us);
+            st.apply();
+        })
+    };
+    let _core_listener = {
+        let ml = mainloop.clone();
+        core.add_listener_local()
+            .error(move |id, _seq, res, msg| {
+                if id == pw::core::PW_ID_CORE {
+                    tracing::warn!("PipeWire: {msg} ({res})");
+                    ml.quit();
+                }
+            })
+            .register()
+    };
+    let _registry_listener = {
+        let (on_global, on_remove, reg) = (state.clone(), state.clone(), registry.clone());
+        registry
+            .add_listener_local()
+            .global(move |obj| {
+                let class = obj.props.and_then(|p| p.get("media.class")).unwrap_or_default();
+                if obj.type_ != pw::types::ObjectType::Node
+                    || !(class.starts_with("Audio/Sink") || class.starts_with("Audio/Source"))
+                {
+                    return;
+                }
+                let Ok(node) = reg.bind::<pw::node::Node, _>(obj) else { return };
+                let (weak, id) = (Rc::downgrade(&on_global), obj.id);
+                let listener = node
+                    .add_listener_local()
+                    .info(move |info| {
+                        let Some(state) = weak.upgrade() else { return };
+                        let Some(key) = info.props().and_then(|p| stream_of(|k| p.get(k))) else { return };
+                        let mut st = state.borrow_mut();
+                        if let Some(entry) = st.nodes.get_mut(&id) {
+                            if entry.2 != Some(key) {
+                                tracing::info!(node = id, ?key, "a snd-xen-vsnd node");
+                                entry.2 = Some(key);
+                            }
+                        }
+                        st.apply();
+                    })
+                    .register();
+                on_global.borrow_mut().nodes.insert(obj.id, (node, listener, None));
+            })
+            .global_remove(move |id| {
+                let mut st = on_remove.borrow_mut();
+                st.nodes.remove(&id);
+                st.applied.remove(&id);
+            })
+            .register()
+    };
+    mainloop.run();
+    Err(anyhow!("the PipeWire connection ended"))
+}
+
+/// The stream an ALSA node plays or records, from its properties.
+fn stream_of<'a>(prop: impl Fn(&str) -> Option<&'a str>) -> Option<StreamKey> {
+    if prop("alsa.driver_name")? != PW_DRIVER_NAME {
+        return None;
+    }
+    let class = prop("media.class")?;
+    Some(StreamKey {
+        card: prop("alsa.card")?.parse().ok()?,
+        device: prop("alsa.device")?.parse().ok()?,
+        subdevice: prop("alsa.subdevice").and_then(|s| s.parse().ok()).unwrap_or(0),
+        capture: class.starts_with("Audio/Source"),
+    })
+}
+
+/// `Props { params = [ "latency.internal.ns", ns ] }`.
+fn latency_pod(ns: u64) -> anyhow::Result<Vec<u8>> {
+    use spa::pod::{Object, Property, PropertyFlags, Value};
+    let params = Value::Struct(vec![Value::String("latency.internal.ns".into()), Value::Long(ns as i64)]);
+    let props = Value::Object(Object {
+        type_: spa::sys::SPA_TYPE_OBJECT_Props,
+        id: spa::sys::SPA_PARAM_Props,
+        properties: vec![Property {
+            key: spa::sys::SPA_PROP_params,
+            flags: PropertyFlags::empty(),
+            value: params,
+        }],
+    });
+    Ok(spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &props)
+        .map_err(|e| anyhow!("latency pod: {e:?}"))?
+        .0
+        .into_inner())
+}
+
+fn pod_ref(bytes: &[u8]) -> &spa::pod::Pod {
+    spa::pod::Pod::from_bytes(bytes).expect("a pod just serialized")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snd_xen_vsnd_node_is_matched_to_its_stream_and_others_are_not() {
+        let props = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| *v)
+        };
+        let sink = props(&[
+            ("alsa.driver_name", "snd_xen_vsnd"),
+            ("media.class", "Audio/Sink"),
+            ("alsa.card", "1"),
+            ("alsa.device", "0"),
+        ]);
+        assert_eq!(stream_of(sink), Some(StreamKey { card: 1, device: 0, subdevice: 0, capture: false }));
+        let source = props(&[
+            ("alsa.driver_name", "snd_xen_vsnd"),
+            ("media.class", "Audio/Source"),
+            ("alsa.card", "0"),
+            ("alsa.device", "2"),
+            ("alsa.subdevice", "1"),
+        ]);
+        assert_eq!(stream_of(source), Some(StreamKey { card: 0, device: 2, subdevice: 1, capture: true }));
+        let other = props(&[("alsa.driver_name", "snd_hda_intel"), ("media.class", "Audio/Sink")]);
+        assert_eq!(stream_of(other), None);
+        assert!(!latency_pod(12_500_000).unwrap().is_empty());
+    }
+}
