@@ -1,7 +1,7 @@
 //! The guest's PipeWire side: each ALSA node of a snd-xen-vsnd stream gets
-//! the delay dom0 reports for that stream as its internal latency
-//! (`latency.internal.ns`, a runtime node setting of PipeWire's ALSA
-//! nodes), so the latency the guest's PipeWire reports to its clients
+//! the delay dom0 reports for that stream as its latency offset
+//! (`latencyOffsetNsec`, a runtime setting of PipeWire's ALSA nodes), so
+//! the latency the guest's PipeWire reports to its clients
 //! (pw_stream_get_time_n, PulseAudio's latency API through pipewire-pulse)
 //! counts the whole way to dom0's sound device, and is updated when it
 //! changes.
@@ -132,17 +132,20 @@ fn stream_of<'a>(prop: impl Fn(&str) -> Option<&'a str>) -> Option<StreamKey> {
     })
 }
 
-/// `Props { params = [ "latency.internal.ns", ns ] }`.
+/// `Props { latencyOffsetNsec = ns }`: the node's latency offset (what
+/// pavucontrol calls a port's latency offset). PipeWire's ALSA nodes add
+/// it to their process latency and announce the new port latency, so it
+/// reaches every linked client; `latency.internal.ns` set through the
+/// `params` list changes the figure without announcing it (PipeWire 1.4).
 fn latency_pod(ns: u64) -> anyhow::Result<Vec<u8>> {
     use spa::pod::{Object, Property, PropertyFlags, Value};
-    let params = Value::Struct(vec![Value::String("latency.internal.ns".into()), Value::Long(ns as i64)]);
     let props = Value::Object(Object {
         type_: spa::sys::SPA_TYPE_OBJECT_Props,
         id: spa::sys::SPA_PARAM_Props,
         properties: vec![Property {
-            key: spa::sys::SPA_PROP_params,
+            key: spa::sys::SPA_PROP_latencyOffsetNsec,
             flags: PropertyFlags::empty(),
-            value: params,
+            value: Value::Long(ns as i64),
         }],
     });
     Ok(spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &props)

@@ -15,8 +15,8 @@ use clap::Parser;
     about = "In a Xen guest: snd-xen-vsnd's host delay becomes the latency of the guest PipeWire's ALSA nodes",
     long_about = "Follows the snd-xen-vsnd cards of this guest (their \"Playback Host Delay\" and \
 \"Capture Host Delay\" controls: what dom0 reports between the stream's buffer and its sound \
-device) and sets each matching PipeWire ALSA node's latency.internal.ns to it, so that PipeWire \
-reports the whole latency to its clients. Run it as the user whose PipeWire it is (a user unit \
+device) and sets each matching PipeWire ALSA node's latency offset (latencyOffsetNsec) to it, so \
+that PipeWire reports the whole latency to its clients. Run it as the user whose PipeWire it is (a user unit \
 beside pipewire.service). Logging: RUST_LOG (default info)."
 )]
 struct Cli {}

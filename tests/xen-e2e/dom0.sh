@@ -449,7 +449,7 @@ playback_step wpplay 48000 "${L}guest PipeWire + WirePlumber: "
 capture_step wprecord "${L}guest PipeWire + WirePlumber: "
 capture_step capturemmap "$L"
 capture_step capture "$L"
-# The driver logs each stream's figures when it is released:
+# The driver logs each stream's figures when it is released (dev_dbg; the guest enables it):
 # "<stream>: <frames> frames, <n> period interrupts of <p> frames, <e> early".
 periods_exact() {
     why=$(grep -a "period interrupts of" $glog | sed 's/^.*vsnd-0: //' | tr '\n' ';')

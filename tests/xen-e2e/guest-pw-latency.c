@@ -26,17 +26,24 @@
 
 #define RATE 48000
 #define CHANNELS 2
-#define WARMUP_MS 4000		/* silence while the guest's nodes settle */
+#define WARMUP_MS 6000		/* silence while the guest's nodes settle */
 #define IMPULSE_MS 700
 #define IMPULSE 30000
 #define MAX_IMPULSES 64
 #define FRAME_BYTES (CHANNELS * 2)
 
+/* A stream's reported latency, frames at RATE: the delay to (or from)
+ * the device, and what the stream and its converter hold. */
+struct latency {
+	long delay;
+	long held;
+};
+
 struct mark {
 	long predicted;		/* capture frame where the impulse must be */
 	long base;		/* frames captured at the time it was written */
 	long reported;		/* playback + capture latency then, frames */
-	long play_part;		/* ... of which playback */
+	struct latency play, cap;
 	long found;
 };
 
@@ -48,24 +55,29 @@ static struct {
 	 * streams are stopped. */
 	long played, captured, next_impulse, cap_len;
 	int64_t cap_now;	/* the capture cycle that last ran, ns */
-	long cap_latency;	/* its reported latency, frames */
+	struct latency cap_latency;	/* its reported latency */
 	bool cap_seen;
 	short *cap;
 	struct mark marks[MAX_IMPULSES];
 	int nmarks;
 } g;
 
-/* A stream's latency now, in frames at RATE: the delay to (or from) the
- * device PipeWire reports, and what the stream and its converter hold. */
-static long latency_frames(struct pw_stream *s, int64_t *now)
+/* A stream's latency now, as PipeWire reports it; false if it cannot. */
+static bool latency_now(struct pw_stream *s, int64_t *now, struct latency *l)
 {
 	struct pw_time t;
 
 	if (pw_stream_get_time_n(s, &t, sizeof(t)) < 0 || !t.rate.denom)
-		return -1;
+		return false;
 	*now = t.now;
-	return (long)(t.delay * (int64_t)t.rate.num * RATE / t.rate.denom) + (long)t.buffered +
-	       (long)(t.queued / FRAME_BYTES);
+	l->delay = (long)(t.delay * (int64_t)t.rate.num * RATE / t.rate.denom);
+	l->held = (long)t.buffered + (long)(t.queued / FRAME_BYTES);
+	return true;
+}
+
+static long total(const struct latency *l)
+{
+	return l->delay + l->held;
 }
 
 static void on_play(void *data __attribute__((unused)))
@@ -86,15 +98,14 @@ static void on_play(void *data __attribute__((unused)))
 		n = b->requested;
 	memset(dst, 0, (size_t)n * FRAME_BYTES);
 	if (g.cap_seen && g.played >= g.next_impulse && g.nmarks < MAX_IMPULSES) {
-		int64_t now;
-		long dp = latency_frames(g.play, &now);
 		struct mark *m = &g.marks[g.nmarks];
+		int64_t now;
 
-		if (dp >= 0) {
+		if (latency_now(g.play, &now, &m->play)) {
 			/* The capture stream's frame count at this cycle's time. */
 			m->base = g.captured + lround((double)(now - g.cap_now) * RATE / 1e9);
-			m->play_part = dp;
-			m->reported = dp + g.cap_latency;
+			m->cap = g.cap_latency;
+			m->reported = total(&m->play) + total(&m->cap);
 			m->predicted = m->base + m->reported;
 			m->found = -1;
 			g.nmarks++;
@@ -130,9 +141,8 @@ static void on_rec(void *data __attribute__((unused)))
 		memcpy(g.cap + g.captured * CHANNELS, (char *)d->data + d->chunk->offset,
 		       (size_t)n * FRAME_BYTES);
 		g.captured += n;
-		g.cap_latency = latency_frames(g.rec, &now);
+		g.cap_seen = latency_now(g.rec, &now, &g.cap_latency);
 		g.cap_now = now;
-		g.cap_seen = g.cap_latency >= 0;
 	}
 	pw_stream_queue_buffer(g.rec, b);
 }
@@ -231,8 +241,9 @@ int main(int argc, char **argv)
 			continue;
 		}
 		errors[nfound++] = m->found - m->predicted;
-		printf("impulse %d: measured %ld reported %ld (playback %ld) error %ld frames\n", i,
-		       m->found - m->base, m->reported, m->play_part, m->found - m->predicted);
+		printf("impulse %d: measured %ld reported %ld (playback %ld+%ld, capture %ld+%ld) "
+		       "error %ld frames\n", i, m->found - m->base, m->reported, m->play.delay,
+		       m->play.held, m->cap.delay, m->cap.held, m->found - m->predicted);
 	}
 	if (nfound < 5) {
 		printf("guest-pipewire-latency: only %d of %d impulses came back\n", nfound, g.nmarks);

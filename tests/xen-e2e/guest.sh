@@ -14,8 +14,12 @@ grep -q "xen_role=drvdom" /proc/cmdline && exec /bin/sh /drvdom.sh
 # the upstream snd_xen_front.
 list=/modules.list
 grep -q "vsnd_module=ours" /proc/cmdline && list=/modules-ours.list
+# snd-xen-vsnd logs each stream's figures when it is released at debug
+# level: enabled here (dynamic debug), and debug messages on the console.
+echo 8 >/proc/sys/kernel/printk
 for m in $(cat $list); do
-    [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+    case $m in snd-xen-vsnd) opts=dyndbg=+p ;; *) opts= ;; esac
+    [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko $opts
 done
 # xenstore-read talks to /dev/xen/xenbus; fall back to xenfs's file.
 if [ ! -e /dev/xen/xenbus ]; then
