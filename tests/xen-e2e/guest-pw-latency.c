@@ -8,6 +8,9 @@
  * what the stream and its converter still hold) and predicts where the
  * impulse must come back in the recording; then it finds it and compares.
  * This is what an application's A/V sync or echo canceller relies on.
+ * PipeWire reports latencies as JACK does: of the first frame of the
+ * buffer a cycle hands over (played that long after the cycle's time, or
+ * captured that long before it).
  *
  *   guest-pw-latency <sink node> <source node> [seconds]
  *
@@ -44,6 +47,7 @@ struct mark {
 	long base;		/* frames captured at the time it was written */
 	long reported;		/* playback + capture latency then, frames */
 	struct latency play, cap;
+	long cap_size;		/* frames of the capture buffer then */
 	long found;
 };
 
@@ -55,6 +59,8 @@ static struct {
 	 * streams are stopped. */
 	long played, captured, next_impulse, cap_len;
 	int64_t cap_now;	/* the capture cycle that last ran, ns */
+	long cap_first;		/* the frame its buffer started with */
+	long cap_size;		/* and the frames it held */
 	struct latency cap_latency;	/* its reported latency */
 	bool cap_seen;
 	short *cap;
@@ -102,8 +108,10 @@ static void on_play(void *data __attribute__((unused)))
 		int64_t now;
 
 		if (latency_now(g.play, &now, &m->play)) {
-			/* The capture stream's frame count at this cycle's time. */
-			m->base = g.captured + lround((double)(now - g.cap_now) * RATE / 1e9);
+			/* The frame the capture stream hands over first at this
+			 * cycle's time. */
+			m->base = g.cap_first + lround((double)(now - g.cap_now) * RATE / 1e9);
+			m->cap_size = g.cap_size;
 			m->cap = g.cap_latency;
 			m->reported = total(&m->play) + total(&m->cap);
 			m->predicted = m->base + m->reported;
@@ -140,6 +148,8 @@ static void on_rec(void *data __attribute__((unused)))
 			n = room;
 		memcpy(g.cap + g.captured * CHANNELS, (char *)d->data + d->chunk->offset,
 		       (size_t)n * FRAME_BYTES);
+		g.cap_first = g.captured;
+		g.cap_size = n;
 		g.captured += n;
 		g.cap_seen = latency_now(g.rec, &now, &g.cap_latency);
 		g.cap_now = now;
@@ -241,9 +251,10 @@ int main(int argc, char **argv)
 			continue;
 		}
 		errors[nfound++] = m->found - m->predicted;
-		printf("impulse %d: measured %ld reported %ld (playback %ld+%ld, capture %ld+%ld) "
-		       "error %ld frames\n", i, m->found - m->base, m->reported, m->play.delay,
-		       m->play.held, m->cap.delay, m->cap.held, m->found - m->predicted);
+		printf("impulse %d: measured %ld reported %ld (playback %ld+%ld, capture %ld+%ld, "
+		       "capture buffer %ld) error %ld frames\n", i, m->found - m->base, m->reported,
+		       m->play.delay, m->play.held, m->cap.delay, m->cap.held, m->cap_size,
+		       m->found - m->predicted);
 	}
 	if (nfound < 5) {
 		printf("guest-pipewire-latency: only %d of %d impulses came back\n", nfound, g.nmarks);
