@@ -435,6 +435,7 @@ L="snd-xen-vsnd: "
 boot_guest $work/guest-ours.cfg "$L"
 check "${L}the card has the configured names (XenSnd, Xen PV Sound)" \
     sh -c "grep -aq 'XenVsnd - XenSnd' $glog && grep -aq 'Xen PV Sound' $glog"
+check "${L}the module parameter id= names the card (XenVsndE2E)" grep -aq '\[XenVsndE2E *\]: XenVsnd' $glog
 why=$(grep -a "connected:" $glog)
 check "${L}both ends speak the delay extension" guest_said "connected: 2 streams, delay reports on"
 playback_step play48 48000 "$L"

@@ -16,9 +16,10 @@ list=/modules.list
 grep -q "vsnd_module=ours" /proc/cmdline && list=/modules-ours.list
 # snd-xen-vsnd logs each stream's figures when it is released at debug
 # level: enabled here (dynamic debug), and debug messages on the console.
+# Its card gets the id given by the usual module parameter.
 echo 8 >/proc/sys/kernel/printk
 for m in $(cat $list); do
-    case $m in snd-xen-vsnd) opts=dyndbg=+p ;; *) opts= ;; esac
+    case $m in snd-xen-vsnd) opts="dyndbg=+p id=XenVsndE2E" ;; *) opts= ;; esac
     [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko $opts
 done
 # xenstore-read talks to /dev/xen/xenbus; fall back to xenfs's file.
