@@ -228,7 +228,7 @@ run_step() {
         helper=$!
         rc=1
         $RT guest-pw-latency "$(card_node -i alsa_output playback_FR)" \
-            "$(card_node -o alsa_input capture_FR)" 30 >/tmp/pwlat.out 2>&1 && rc=0
+            "$(card_node -o alsa_input capture_FR)" 60 >/tmp/pwlat.out 2>&1 && rc=0
         sed 's/^/GUEST-PWLAT: /' /tmp/pwlat.out /tmp/guest-helper.log >/dev/console
         tail -1 /tmp/pwlat.out
         kill $helper; wait $helper
