@@ -193,6 +193,12 @@ static int vsnd_pcm_open(struct snd_pcm_substream *ss)
 	if (!s || vsnd_stream_dead(s))
 		return -ENODEV;
 	ss->private_data = s;
+	/* What the backend can do may have changed since the last open (a
+	 * host back at another rate): ask afresh.
+	 */
+	mutex_lock(&s->sync_lock);
+	s->query_valid = false;
+	mutex_unlock(&s->sync_lock);
 
 	/* What the card's configuration allows; the rules narrow it to what
 	 * the backend can do.
