@@ -461,6 +461,7 @@ check "${L}one period interrupt per whole period played or recorded, none early"
 check "${L}snd_pcm_delay() matches the round trip through dom0's sink (guest-latency)" \
     run_guest_step latency 150
 grep -a "guest-latency:" $glog | sed 's/^/XE: /'
+grep -ao "guest-latency-impulses: [a-z0-9 -]*" $glog | tail -1 | sed 's/^/XE: /'
 check "${L}guest PipeWire + xen-vsnd-guest: the latency PipeWire reports equals the round trip through dom0 within 1 ms (guest-pw-latency)" \
     run_guest_step pwlatency 300
 grep -a "guest-pipewire-latency:" $glog | tail -1 | sed 's/^.*guest-pipewire-latency:/guest-pipewire-latency:/; s/^/XE: /'

@@ -8,7 +8,9 @@
  *
  *   guest-latency [seconds]
  *
- * Prints one line per impulse and then
+ * Prints one line per impulse, then the spread of their errors (frames)
+ *   guest-latency-impulses: count <n> min <a> median <b> max <c>
+ * and then
  *   guest-latency: measured <frames> reported <frames> error <frames>
  * for the median impulse; exits 1 when fewer than 5 impulses came back or
  * the median |error| is above 2 frames.
@@ -168,6 +170,8 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	qsort(errors, nfound, sizeof(long), cmp_long);
+	printf("guest-latency-impulses: count %d min %ld median %ld max %ld\n", nfound, errors[0],
+	       errors[nfound / 2], errors[nfound - 1]);
 	for (i = 0; i < nmarks; i++)
 		if (marks[i].found >= 0 && marks[i].found - marks[i].predicted == errors[nfound / 2])
 			break;

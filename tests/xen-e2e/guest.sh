@@ -247,4 +247,4 @@ run_step() {
     esac
 }
 
-serve_steps '^compare:\|^guest-latency:\|^guest-pipewire-latency:\|^pipewire:\|^zeros:'
+serve_steps '^compare:\|^guest-latency:\|^guest-latency-impulses:\|^guest-pipewire-latency:\|^pipewire:\|^zeros:'
