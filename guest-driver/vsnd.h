@@ -49,6 +49,7 @@ struct vsnd_card;
 struct vsnd_stream {
 	struct vsnd_card *card;
 	unsigned int pcm_index;
+	unsigned int subdevice;		/* its place among the pcm's streams of its direction */
 	bool capture;
 	char xs_path[VSND_NAME_LEN];
 	struct vsnd_hw hw;

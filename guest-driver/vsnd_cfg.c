@@ -217,10 +217,7 @@ int vsnd_read_config(struct vsnd_card *vc)
 				kfree(pdir);
 				return -EINVAL;
 			}
-			if (st->capture)
-				pc->ncapture++;
-			else
-				pc->nplayback++;
+			st->subdevice = st->capture ? pc->ncapture++ : pc->nplayback++;
 			n++;
 		}
 		kfree(pdir);

@@ -28,12 +28,13 @@ static struct vsnd_stream *vsnd_find_stream(struct snd_pcm_substream *ss)
 {
 	struct vsnd_card *vc = snd_pcm_substream_chip(ss);
 	bool capture = ss->stream == SNDRV_PCM_STREAM_CAPTURE;
-	unsigned int i, nth = ss->number;
+	unsigned int i;
 
 	for (i = 0; i < vc->nstreams; i++) {
 		struct vsnd_stream *s = &vc->streams[i];
 
-		if (s->pcm_index == ss->pcm->device && s->capture == capture && nth-- == 0)
+		if (s->pcm_index == ss->pcm->device && s->capture == capture &&
+		    s->subdevice == ss->number)
 			return s;
 	}
 	return NULL;
@@ -470,14 +471,13 @@ static int vsnd_delay_get(struct snd_kcontrol *kc, struct snd_ctl_elem_value *v)
 	return 0;
 }
 
-static int vsnd_delay_ctl_add(struct snd_card *card, struct vsnd_stream *s,
-			      unsigned int subdevice)
+static int vsnd_delay_ctl_add(struct snd_card *card, struct vsnd_stream *s)
 {
 	struct snd_kcontrol_new tmpl = {
 		.iface = SNDRV_CTL_ELEM_IFACE_PCM,
 		.name = s->capture ? "Capture Host Delay" : "Playback Host Delay",
 		.device = s->pcm_index,
-		.subdevice = subdevice,
+		.subdevice = s->subdevice,
 		.access = SNDRV_CTL_ELEM_ACCESS_READ | SNDRV_CTL_ELEM_ACCESS_VOLATILE,
 		.info = vsnd_delay_info,
 		.get = vsnd_delay_get,
@@ -531,17 +531,7 @@ int vsnd_card_create(struct vsnd_card *vc)
 			snd_pcm_set_ops(pcm, SNDRV_PCM_STREAM_CAPTURE, &vsnd_pcm_ops);
 	}
 	for (p = 0; p < vc->nstreams; p++) {
-		struct vsnd_stream *s = &vc->streams[p];
-		unsigned int i, sub = 0;
-
-		/* The subdevice: the stream's place among its pcm's streams of
-		 * the same direction, as vsnd_find_stream() counts them.
-		 */
-		for (i = 0; i < p; i++)
-			if (vc->streams[i].pcm_index == s->pcm_index &&
-			    vc->streams[i].capture == s->capture)
-				sub++;
-		ret = vsnd_delay_ctl_add(card, s, sub);
+		ret = vsnd_delay_ctl_add(card, &vc->streams[p]);
 		if (ret)
 			goto fail;
 	}
