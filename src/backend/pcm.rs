@@ -596,8 +596,11 @@ mod tests {
     impl GrantMapper for FakeGrants {
         fn map(&self, _domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
             if !grefs.iter().all(|g| *g != 0 && *g < self.0) {
-                let (call, target) = (HypervisorError::GRANT_MAP, format!("{grefs:?}"));
-                return Err(HypervisorError::Refused { call, target, why: "bad gref".into() });
+                return Err(HypervisorError::refused(
+                    HypervisorError::GRANT_MAP,
+                    format!("{grefs:?}"),
+                    "bad gref",
+                ));
             }
             let pages = test_pages(grefs.len() * PAGE_SIZE);
             if grefs == [1] {

@@ -304,11 +304,11 @@ impl GrantMapper for Gntdev {
         let target = || format!("{} page(s) of domain {domid}", grefs.len());
         let failed = |e: std::io::Error| HypervisorError::from_os(HypervisorError::GRANT_MAP, target(), &e);
         if grefs.is_empty() {
-            return Err(HypervisorError::Refused {
-                call: HypervisorError::GRANT_MAP,
-                target: target(),
-                why: "no grant references".into(),
-            });
+            return Err(HypervisorError::refused(
+                HypervisorError::GRANT_MAP,
+                target(),
+                "no grant references",
+            ));
         }
         // struct ioctl_gntdev_map_grant_ref { u32 count; u32 pad; u64 index; {u32 domid; u32 ref;}[count] }
         let mut arg = vec![0u32; 4 + 2 * grefs.len()];

@@ -20,8 +20,7 @@ use std::sync::Arc;
 /// as Xen refuses grants a guest never made; a failed mmap is this side's.
 pub fn map_grefs(memfd: &OwnedFd, pages: u32, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
     let target = || format!("{} page(s)", grefs.len());
-    let refused =
-        |why: String| HypervisorError::Refused { call: HypervisorError::GRANT_MAP, target: target(), why };
+    let refused = |why: String| HypervisorError::refused(HypervisorError::GRANT_MAP, target(), why);
     let failed = |e: nix::Error| HypervisorError::from_os(HypervisorError::GRANT_MAP, target(), &e.into());
     if let Some(bad) = grefs.iter().find(|g| **g == 0 || **g >= pages) {
         return Err(refused(format!("grant reference {bad} is not granted")));

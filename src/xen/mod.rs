@@ -103,6 +103,11 @@ impl HypervisorError {
         }
     }
 
+    /// The hypervisor refused `call` on `target` (the guest's doing).
+    pub fn refused(call: &'static str, target: impl Into<String>, why: impl Into<String>) -> HypervisorError {
+        HypervisorError::Refused { call, target: target.into(), why: why.into() }
+    }
+
     pub fn is_refused(&self) -> bool {
         matches!(self, HypervisorError::Refused { .. })
     }

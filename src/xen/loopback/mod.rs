@@ -337,10 +337,12 @@ impl GrantMapper for Hypervisor {
     fn map(&self, domid: DomId, grefs: &[u32]) -> Result<SharedPages, HypervisorError> {
         let (memfd, pages) = {
             let st = self.lock();
-            let g = st.guests.get(&domid).ok_or_else(|| HypervisorError::Refused {
-                call: HypervisorError::GRANT_MAP,
-                target: format!("domain {domid}"),
-                why: "no such domain".into(),
+            let g = st.guests.get(&domid).ok_or_else(|| {
+                HypervisorError::refused(
+                    HypervisorError::GRANT_MAP,
+                    format!("domain {domid}"),
+                    "no such domain",
+                )
             })?;
             (g.memfd.clone(), g.pages)
         };
@@ -356,10 +358,12 @@ impl EventChannels for Hypervisor {
             .unbound
             .get(&(domid, remote_port))
             .filter(|u| !u.bound.swap(true, Ordering::SeqCst))
-            .ok_or_else(|| HypervisorError::Refused {
-                call: HypervisorError::EVTCHN_BIND,
-                target: target(),
-                why: "not an unbound port of that domain".into(),
+            .ok_or_else(|| {
+                HypervisorError::refused(
+                    HypervisorError::EVTCHN_BIND,
+                    target(),
+                    "not an unbound port of that domain",
+                )
             })?;
         let dup = |fd: &OwnedFd| fd.try_clone();
         let channel = match (dup(&u.to_backend), dup(&u.to_guest)) {
