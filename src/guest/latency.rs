@@ -17,30 +17,38 @@ use std::rc::Rc;
 /// The driver name PipeWire's ALSA nodes carry for snd-xen-vsnd's PCMs.
 const PW_DRIVER_NAME: &str = "snd_xen_vsnd";
 
+/// A sink or source of the guest's graph, bound.
+struct Followed {
+    proxy: pw::node::Node,
+    _listener: pw::node::NodeListener,
+    /// The snd-xen-vsnd stream it plays or records, once its properties
+    /// said so.
+    stream: Option<StreamKey>,
+    /// The delay it was given last, µs.
+    applied: Option<u32>,
+}
+
 #[derive(Default)]
 struct State {
-    /// Bound sinks and sources: proxy, listener, and the stream each is.
-    nodes: HashMap<u32, (pw::node::Node, pw::node::NodeListener, Option<StreamKey>)>,
+    nodes: HashMap<u32, Followed>,
     /// The delay of each stream, µs, as the driver reported it last.
     delays: HashMap<StreamKey, u32>,
-    /// What each node was given last.
-    applied: HashMap<u32, u32>,
 }
 
 impl State {
     /// Gives every node of a known stream its stream's delay, when it
     /// differs from what it was given last.
     fn apply(&mut self) {
-        for (id, (node, _, key)) in &self.nodes {
-            let Some(us) = key.and_then(|k| self.delays.get(&k).copied()) else { continue };
-            if self.applied.get(id) == Some(&us) {
+        for (id, node) in &mut self.nodes {
+            let Some(us) = node.stream.and_then(|k| self.delays.get(&k).copied()) else { continue };
+            if node.applied == Some(us) {
                 continue;
             }
             match latency_pod(u64::from(us) * 1000) {
                 Ok(pod) => {
-                    node.set_param(spa::param::ParamType::Props, 0, pod_ref(&pod));
+                    node.proxy.set_param(spa::param::ParamType::Props, 0, pod_ref(&pod));
                     tracing::info!(node = id, delay_us = us, "node latency set");
-                    self.applied.insert(*id, us);
+                    node.applied = Some(us);
                 }
                 Err(e) => tracing::warn!("{e:#}"),
             }
@@ -96,21 +104,20 @@ pub fn run(delays: pw::channel::Receiver<(StreamKey, u32)>) -> anyhow::Result<()
                         let Some(state) = weak.upgrade() else { return };
                         let Some(key) = info.props().and_then(|p| stream_of(|k| p.get(k))) else { return };
                         let mut st = state.borrow_mut();
-                        if let Some(entry) = st.nodes.get_mut(&id) {
-                            if entry.2 != Some(key) {
+                        if let Some(node) = st.nodes.get_mut(&id) {
+                            if node.stream != Some(key) {
                                 tracing::info!(node = id, ?key, "a snd-xen-vsnd node");
-                                entry.2 = Some(key);
+                                node.stream = Some(key);
                             }
                         }
                         st.apply();
                     })
                     .register();
-                on_global.borrow_mut().nodes.insert(obj.id, (node, listener, None));
+                let followed = Followed { proxy: node, _listener: listener, stream: None, applied: None };
+                on_global.borrow_mut().nodes.insert(obj.id, followed);
             })
             .global_remove(move |id| {
-                let mut st = on_remove.borrow_mut();
-                st.nodes.remove(&id);
-                st.applied.remove(&id);
+                on_remove.borrow_mut().nodes.remove(&id);
             })
             .register()
     };
