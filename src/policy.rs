@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub use crate::dma::PlaybackPosition;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -56,6 +57,11 @@ pub struct Section {
     /// small period must not pull every other stream of dom0's graph down
     /// with it. Default 256 (5.3 ms).
     pub min_quantum: Option<u32>,
+    /// Where the playback position told to a guest without the delay
+    /// extension stands: "dma" (what the host took) or "dac" (what was
+    /// heard: the guest's own delay figure is then right, at the cost of
+    /// that much of its buffer). Default "dma" (docs/latency.md).
+    pub playback_position: Option<PlaybackPosition>,
     /// Extra properties of the VM's nodes (a VM's override a default's).
     #[serde(default)]
     pub node_properties: BTreeMap<String, String>,
@@ -79,6 +85,7 @@ pub struct VmPolicy {
     pub capture_target: Option<String>,
     pub volume_cap: f32,
     pub min_quantum: u32,
+    pub playback_position: PlaybackPosition,
     pub node_properties: BTreeMap<String, String>,
     /// The `[vm.<name>]` section that applied, if any.
     pub section: Option<String>,
@@ -152,6 +159,10 @@ impl Policy {
             capture_target: vm.and_then(|s| s.capture_target.clone()).or_else(|| d.capture_target.clone()),
             volume_cap: vm.and_then(|s| s.volume_cap).or(d.volume_cap).unwrap_or(1.0),
             min_quantum: vm.and_then(|s| s.min_quantum).or(d.min_quantum).unwrap_or(DEFAULT_MIN_QUANTUM),
+            playback_position: vm
+                .and_then(|s| s.playback_position)
+                .or(d.playback_position)
+                .unwrap_or_default(),
             node_properties,
             section: name.filter(|_| vm.is_some()).map(str::to_string),
         }
@@ -178,6 +189,16 @@ mod tests {
         for bad in ["0", "8", "16384"] {
             assert!(Policy::parse(&format!("[defaults]\nmin_quantum = {bad}\n"), None).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn playback_position_defaults_to_dma_and_takes_dac_per_vm() {
+        assert_eq!(Policy::default().for_domain("any").playback_position, PlaybackPosition::Dma);
+        let p = Policy::parse("[vm.media]\nplayback_position = \"dac\"\n", None).unwrap();
+        assert_eq!(p.for_domain("media").playback_position, PlaybackPosition::Dac);
+        assert_eq!(p.for_domain("other").playback_position, PlaybackPosition::Dma);
+        let e = Policy::parse("[defaults]\nplayback_position = \"speaker\"\n", None).unwrap_err();
+        assert!(format!("{e}").contains("dma"), "the choices are named: {e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use super::lifecycle::{Event, Phase};
 use super::ratelimit::LogLimiter;
 use super::registry::StreamRecord;
-use crate::dma::{DmaEngine, DmaShared, EventIndex, EventRing, Geometry};
+use crate::dma::{DmaEngine, DmaShared, EventIndex, EventRing, Geometry, Report};
 use crate::host::{HostBackend, HostNode, Shape, StreamSpec};
 use crate::sndif::config::limits;
 use crate::sndif::wire::{pages_for, walk_directory, MSG_SIZE};
@@ -357,7 +357,11 @@ impl PcmStream {
             self.evt_channel.clone(),
             shared.clone(),
             self.record.controls.clone(),
-            self.report_delay,
+            Report::choose(
+                self.report_delay,
+                self.ident.cfg.kind == StreamKind::Playback,
+                self.record.playback_position(),
+            ),
         );
         // Each OPEN starts at full volume, as the guest's mixer expects
         // (before the engine can run a cycle).

@@ -193,6 +193,12 @@ impl StreamRecord {
         self.policy.lock().unwrap_or_else(|e| e.into_inner()).0.min_quantum
     }
 
+    /// Where the VM's playback positions stand without the delay extension
+    /// (policy `playback_position`).
+    pub fn playback_position(&self) -> crate::dma::PlaybackPosition {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner()).0.playback_position
+    }
+
     /// The node's name and properties, with the policy's.
     pub fn spec(&self) -> StreamSpec {
         let mut spec = self.ident.spec();

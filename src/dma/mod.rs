@@ -66,6 +66,48 @@ pub struct DmaShared {
     pub notify_time: CycleHistogram,
 }
 
+/// Where a playback position the guest is told stands, for a frontend
+/// without the delay extension (dom0's policy, `playback_position`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaybackPosition {
+    /// What the host has taken from the guest's buffer (a DMA engine's
+    /// pointer): the guest's `snd_pcm_delay()` misses what dom0 still
+    /// holds, but the guest keeps its whole buffer as headroom.
+    #[default]
+    Dma,
+    /// What has reached the DAC: taken minus the host's delay, never
+    /// earlier than the truth, so period interrupts stay safe. An
+    /// unmodified guest's `snd_pcm_delay()` is then the whole delay; it
+    /// has that much less of its buffer as headroom.
+    Dac,
+}
+
+/// What the guest is told each cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// The DMA position and the host's delay (the frontend opted in to the
+    /// delay extension).
+    PositionAndDelay,
+    /// The DMA position alone.
+    DmaPosition,
+    /// Playback only: the DAC position alone (`PlaybackPosition::Dac`).
+    DacPosition,
+}
+
+impl Report {
+    /// The report for a stream: the extension when the frontend took it;
+    /// otherwise the policy's choice for playback (capture has no DAC
+    /// side: its data exists only once the host delivered it).
+    pub fn choose(delay_extension: bool, playback: bool, rule: PlaybackPosition) -> Report {
+        match (delay_extension, playback, rule) {
+            (true, _, _) => Report::PositionAndDelay,
+            (false, true, PlaybackPosition::Dac) => Report::DacPosition,
+            _ => Report::DmaPosition,
+        }
+    }
+}
+
 /// The fixed shape of an opened stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
@@ -96,8 +138,11 @@ pub struct DmaEngine {
     pub shared: Arc<DmaShared>,
     /// dom0's policy and the guest's volume, applied to every cycle.
     controls: Arc<StreamControls>,
-    /// The frontend opted in to the delay extension.
-    report_delay: bool,
+    /// What each cycle's event tells the guest.
+    report: Report,
+    /// The last position the guest was told (bytes): a DAC position never
+    /// goes back when the host's delay grows.
+    told: u64,
 }
 
 impl DmaEngine {
@@ -108,9 +153,9 @@ impl DmaEngine {
         evtchn: Arc<dyn EventChannel>,
         shared: Arc<DmaShared>,
         controls: Arc<StreamControls>,
-        report_delay: bool,
+        report: Report,
     ) -> DmaEngine {
-        DmaEngine { geom, buffer, events, evtchn, shared, controls, report_delay }
+        DmaEngine { geom, buffer, events, evtchn, shared, controls, report, told: 0 }
     }
 
     pub fn frame_bytes(&self) -> usize {
@@ -230,8 +275,16 @@ impl DmaEngine {
         if self.geom.period_bytes == 0 {
             return; // the guest asked for no position events
         }
-        let delay = self.report_delay.then_some(delay_frames);
-        if !self.events.push_cur_pos(new_pos, delay) {
+        let (told, delay) = match self.report {
+            Report::PositionAndDelay => (new_pos, Some(delay_frames)),
+            Report::DmaPosition => (new_pos, None),
+            Report::DacPosition => {
+                let held = u64::from(delay_frames) * self.frame_bytes() as u64;
+                (new_pos.saturating_sub(held).max(self.told), None)
+            }
+        };
+        self.told = told;
+        if !self.events.push_cur_pos(told, delay) {
             self.shared.events_dropped.fetch_add(1, Relaxed);
         }
         let start = crate::dma::histogram::now_ns();
@@ -273,7 +326,7 @@ pub(crate) mod testing {
             Arc::new(CountingChannel::default()),
             shared,
             Arc::default(),
-            false,
+            Report::DmaPosition,
         )
     }
 }
@@ -285,7 +338,7 @@ mod tests {
     use crate::xen::shared::test_pages;
 
     fn engine(
-        report_delay: bool,
+        report: Report,
     ) -> (DmaEngine, Arc<SharedPages>, Arc<SharedPages>, Arc<testing::CountingChannel>) {
         let geom = testing::geometry();
         let buf = Arc::new(test_pages(4096));
@@ -298,14 +351,14 @@ mod tests {
             ch.clone(),
             Arc::default(),
             Arc::default(),
-            report_delay,
+            report,
         );
         (e, buf, evt, ch)
     }
 
     #[test]
     fn stopped_playback_is_silent_and_does_not_move() {
-        let (mut e, buf, _, ch) = engine(false);
+        let (mut e, buf, _, ch) = engine(Report::DmaPosition);
         buf.copy_in(0, &[9u8; 4096]);
         e.shared.guest_bytes.store(4096, Relaxed);
         let mut out = [1u8; 256];
@@ -317,7 +370,7 @@ mod tests {
 
     #[test]
     fn playback_reads_at_the_position_with_wrap_and_reports() {
-        let (mut e, buf, evt, ch) = engine(true);
+        let (mut e, buf, evt, ch) = engine(Report::PositionAndDelay);
         let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         buf.copy_in(0, &pattern);
         e.shared.running.store(true, Relaxed);
@@ -335,9 +388,41 @@ mod tests {
         assert_eq!((id, ty, pos, delay), (0, 0, 4096 + 128, 77));
     }
 
+    /// The DAC position: the DMA position less the host's delay, never
+    /// going back when the delay grows, carried without a delay field.
+    #[test]
+    fn dac_position_trails_the_dma_position_by_the_delay_and_never_goes_back() {
+        let (mut e, _, evt, _) = engine(Report::DacPosition);
+        e.shared.running.store(true, Relaxed);
+        e.shared.guest_bytes.store(1 << 20, Relaxed);
+        let mut out = [0u8; 256]; // 64 frames a cycle
+        let mut told = Vec::new();
+        // (delay in frames for each cycle): first more than was taken, then
+        // steady, then growing by more than a cycle, then shrinking.
+        for (i, delay) in [100u32, 100, 100, 100, 200, 200, 200, 50].into_iter().enumerate() {
+            e.playback_cycle(&mut out, delay);
+            let (_, _, pos, d) = decode_event(&evt.read_msg(evt_slot_offset(i as u32)));
+            assert_eq!(d, 0, "no delay field without the extension");
+            told.push(pos);
+        }
+        // DMA positions 256, 512, ..., 2048 bytes; the delay held back in bytes.
+        assert_eq!(told, [0, 112, 368, 624, 624, 736, 992, 1848]);
+        assert_eq!(e.shared.position.load(Relaxed), 2048, "the host reads on at the DMA position");
+    }
+
+    #[test]
+    fn the_dac_position_is_for_playback_without_the_extension_only() {
+        use PlaybackPosition::{Dac, Dma};
+        assert_eq!(Report::choose(false, true, Dac), Report::DacPosition);
+        assert_eq!(Report::choose(false, true, Dma), Report::DmaPosition);
+        assert_eq!(Report::choose(false, false, Dac), Report::DmaPosition);
+        assert_eq!(Report::choose(true, true, Dac), Report::PositionAndDelay);
+        assert_eq!(Report::choose(true, false, Dma), Report::PositionAndDelay);
+    }
+
     #[test]
     fn underrun_gives_silence_counts_and_keeps_the_clock() {
-        let (mut e, buf, evt, _) = engine(false);
+        let (mut e, buf, evt, _) = engine(Report::DmaPosition);
         buf.copy_in(0, &[5u8; 4096]);
         e.shared.running.store(true, Relaxed);
         e.shared.guest_bytes.store(100, Relaxed); // 25 frames; 24 whole... of 4 bytes
@@ -354,7 +439,7 @@ mod tests {
 
     #[test]
     fn capture_writes_at_the_position_and_counts_overruns() {
-        let (mut e, buf, _, _) = engine(false);
+        let (mut e, buf, _, _) = engine(Report::DmaPosition);
         e.shared.running.store(true, Relaxed);
         let input: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
         for _ in 0..4 {
@@ -370,7 +455,7 @@ mod tests {
 
     #[test]
     fn denied_directions_carry_silence_and_keep_the_clock() {
-        let (mut e, buf, _, _) = engine(false);
+        let (mut e, buf, _, _) = engine(Report::DmaPosition);
         let controls = Arc::new(StreamControls::new(false, 1.0));
         e.controls = controls.clone();
         e.shared.running.store(true, Relaxed);

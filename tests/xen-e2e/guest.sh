@@ -213,10 +213,15 @@ run_step() {
         nz=$(tail -c +45 /tmp/cap.wav | tr -d '\000' | wc -c)
         echo "zeros: recorded $n bytes, $nz of them not zero"
         [ "$n" -ge $((CAPTURE_FRAMES * 4 * 9 / 10)) ] && [ "$nz" -eq 0 ] ;;
-    latency)
+    latency|latency2)
         # dom0's WirePlumber links playback to the sink and capture to its
         # monitor: the round trip goes through dom0's graph.
-        guest-latency 10 ;;
+        # Each impulse's line goes to the console (GUEST-LAT:).
+        guest-latency 10 >/tmp/lat.out 2>&1
+        rc=$?
+        sed 's/^/GUEST-LAT: /' /tmp/lat.out >/dev/console
+        cat /tmp/lat.out
+        return $rc ;;
     pwlatency)
         # The same round trip as the guest's PipeWire clients see it: the
         # desktop set-up (udev, PipeWire, WirePlumber) with xen-vsnd-guest
