@@ -676,12 +676,13 @@ peer_steps() {   # peer_steps <backend> <pid>
     peer_result $who "arecord: the guest records dom0's pattern intact" guest_step_ok capture
     usage_end $who arecord $pid
     # The in-guest latency check (the guest's snd_pcm_delay() against the
-    # round trip through dom0's sink).
+    # round trip through dom0's sink): figures only, for both (with the
+    # position at the DMA engine an unmodified guest cannot know what dom0
+    # holds).
     usage_begin $pid
     go latency
     wait_for 150 guest_said "GUEST: latency (ok|failed)"
-    why=$(grep -a "GUEST: latency " $glog | tail -1)
-    peer_result $who "in-guest latency: every impulse within 2 frames" guest_step_ok latency
+    echo "XE: PEER $who in-guest latency: $(grep -a "GUEST: latency " $glog | tail -1)"
     usage_end $who latency $pid
     grep -a "GUEST-LAT: impulse" $glog | sed "s/^.*GUEST-LAT: /XE: PEER $who latency: /"
 }
