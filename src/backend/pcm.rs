@@ -399,6 +399,9 @@ impl PcmStream {
             tracing::info!(
                 stream = %self.ident.node_name(),
                 position = s.position.load(Ordering::Relaxed),
+                told = s.told.load(Ordering::Relaxed),
+                delay_frames = s.delay_frames.load(Ordering::Relaxed),
+                cycle_frames = s.cycle_frames.load(Ordering::Relaxed),
                 cycles = s.cycles.load(Ordering::Relaxed),
                 underruns = s.underruns.load(Ordering::Relaxed),
                 overruns = s.overruns.load(Ordering::Relaxed),

@@ -239,6 +239,7 @@ impl StreamRecord {
             quantum: open.as_ref().map(|(_, s)| s.cycle_frames.load(Relaxed)),
             delay_frames: open.as_ref().map(|(_, s)| s.delay_frames.load(Relaxed)),
             position_bytes: load(|s| s.position.load(Relaxed)),
+            guest_position_bytes: load(|s| s.told.load(Relaxed)),
             underruns: load(|s| s.underruns.load(Relaxed)),
             overruns: load(|s| s.overruns.load(Relaxed)),
             late_cycles: load(|s| s.late_cycles.load(Relaxed)),
@@ -253,6 +254,7 @@ impl StreamRecord {
                 capture_from: from,
                 volume_cap: p.volume_cap,
                 target: target_of(id.cfg.kind, &p).cloned(),
+                playback_position: p.playback_position,
                 section: p.section,
             },
         }
@@ -280,6 +282,9 @@ pub struct StreamStatus {
     /// The delay reported with the last position, frames.
     pub delay_frames: Option<u32>,
     pub position_bytes: Option<u64>,
+    /// The position the guest was told last: `position_bytes`, or less by
+    /// dom0's delay (policy `playback_position = "dac"`).
+    pub guest_position_bytes: Option<u64>,
     pub underruns: Option<u64>,
     pub overruns: Option<u64>,
     pub late_cycles: Option<u64>,
@@ -299,6 +304,8 @@ pub struct PolicyView {
     pub capture_from: &'static str,
     pub volume_cap: f32,
     pub target: Option<String>,
+    /// Where the VM's playback positions stand without the delay extension.
+    pub playback_position: crate::dma::PlaybackPosition,
     /// The `[vm.<name>]` section that applied.
     pub section: Option<String>,
 }

@@ -33,6 +33,9 @@ pub struct DmaShared {
     pub host_gone: AtomicBool,
     /// Bytes the host has moved since OPEN (the DMA position).
     pub position: AtomicU64,
+    /// The position the guest was told last (bytes): the DMA position, or
+    /// the DAC position (`Report::DacPosition`).
+    pub told: AtomicU64,
     /// Playback: bytes the guest has WRITten; capture: bytes it has READ.
     pub guest_bytes: AtomicU64,
     /// Host cycles in which the guest had not written enough (playback).
@@ -79,7 +82,9 @@ pub enum PlaybackPosition {
     /// What has reached the DAC: taken minus the host's delay, never
     /// earlier than the truth, so period interrupts stay safe. An
     /// unmodified guest's `snd_pcm_delay()` is then the whole delay; it
-    /// has that much less of its buffer as headroom.
+    /// has that much less of its buffer as headroom. What is held back
+    /// never leaves the guest less than a period and two cycles of its
+    /// buffer to keep dom0 fed (`DmaEngine::dac_position`).
     Dac,
 }
 
@@ -278,12 +283,10 @@ impl DmaEngine {
         let (told, delay) = match self.report {
             Report::PositionAndDelay => (new_pos, Some(delay_frames)),
             Report::DmaPosition => (new_pos, None),
-            Report::DacPosition => {
-                let held = u64::from(delay_frames) * self.frame_bytes() as u64;
-                (new_pos.saturating_sub(held).max(self.told), None)
-            }
+            Report::DacPosition => (self.dac_position(new_pos, bytes, delay_frames), None),
         };
         self.told = told;
+        self.shared.told.store(told, Relaxed);
         if !self.events.push_cur_pos(told, delay) {
             self.shared.events_dropped.fetch_add(1, Relaxed);
         }
@@ -293,6 +296,24 @@ impl DmaEngine {
         if !notified {
             self.shared.notify_failures.fetch_add(1, Relaxed);
         }
+    }
+}
+
+impl DmaEngine {
+    /// The position at the DAC: `dma_pos` less the host's delay. A guest
+    /// that fills its whole buffer keeps dom0 only its buffer less what
+    /// is held back; a guest whose buffer is not much longer than dom0's
+    /// delay (a Bluetooth sink's 200 ms) would write every frame behind
+    /// the DMA position and never be heard. So at most the buffer less a
+    /// period (the guest refills a period at a time) and two cycles (what
+    /// dom0 takes meanwhile) is held back: the delay then reads short,
+    /// never the audio. Never goes back.
+    fn dac_position(&self, dma_pos: u64, cycle_bytes: usize, delay_frames: u32) -> u64 {
+        let room = u64::from(self.geom.buffer_bytes)
+            .saturating_sub(u64::from(self.geom.period_bytes))
+            .saturating_sub(2 * cycle_bytes as u64);
+        let held = (u64::from(delay_frames) * self.frame_bytes() as u64).min(room);
+        dma_pos.saturating_sub(held).max(self.told)
     }
 }
 
@@ -408,6 +429,22 @@ mod tests {
         // DMA positions 256, 512, ..., 2048 bytes; the delay held back in bytes.
         assert_eq!(told, [0, 112, 368, 624, 624, 736, 992, 1848]);
         assert_eq!(e.shared.position.load(Relaxed), 2048, "the host reads on at the DMA position");
+    }
+
+    /// A delay longer than the guest's buffer can carry: what is held back
+    /// stops at the buffer less a period and two cycles (here 4096 - 1024
+    /// - 2 * 256 bytes), so the guest always writes ahead of the host.
+    #[test]
+    fn dac_position_holds_back_no_more_than_the_buffer_can_spare() {
+        let (mut e, _, evt, _) = engine(Report::DacPosition);
+        e.shared.running.store(true, Relaxed);
+        e.shared.guest_bytes.store(1 << 20, Relaxed);
+        let mut out = [0u8; 256];
+        for i in 0..20u32 {
+            e.playback_cycle(&mut out, 48_000); // a second: far more than the buffer
+            let (_, _, pos, _) = decode_event(&evt.read_msg(evt_slot_offset(i)));
+            assert_eq!(pos, (256 * (u64::from(i) + 1)).saturating_sub(2560), "cycle {i}");
+        }
     }
 
     #[test]

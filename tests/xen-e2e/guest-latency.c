@@ -8,14 +8,14 @@
  *
  *   guest-latency [seconds]
  *
- * Both delays must describe the same host cycle. dom0 sends a cycle's
- * capture position after its playback position (its capture node runs
- * after the sink it records), and this program wakes right after a
- * playback interrupt: read then, the capture stream can still be a cycle
- * behind, and the prediction is a cycle off although each stream's delay
- * is right. The two hardware pointers move by the same frames every
- * cycle, so their difference is fixed for the run: the largest difference
- * seen is the one of a consistent pair, and a read with a smaller one is
+ * Both delays must describe the same host cycle. dom0 sends each stream's
+ * position from that stream's own node, one after the other within a
+ * graph cycle, and this program wakes right after a playback interrupt:
+ * read between the two, one stream is a cycle behind the other, and the
+ * prediction is a cycle off although each stream's delay is right. The
+ * two hardware pointers move by the same frames every cycle, so their
+ * difference stays the same between such moments: the value read most
+ * often is the one of a consistent pair, and a read with another one is
  * taken again a moment later (each impulse says how many reads it took).
  *
  * Prints one line per impulse, then the spread of their errors (frames)
@@ -50,25 +50,29 @@ struct mark {
 	int reads;		/* reads until both delays were of one cycle */
 };
 
-/*
- * Reads both delays and the hardware pointers' difference (capture minus
- * playback; `written` and `captured` are the application pointers).
- */
-static int read_delays(snd_pcm_t *play, snd_pcm_t *rec, long written, long captured,
-		       long buffer, snd_pcm_sframes_t *dp, snd_pcm_sframes_t *dc, long *diff)
-{
-	snd_pcm_sframes_t ap, ac;
-
-	if (snd_pcm_avail_delay(play, &ap, dp) < 0 || snd_pcm_avail_delay(rec, &ac, dc) < 0)
-		return -1;
-	*diff = (captured + ac) - (written - (buffer - ap));
-	return 0;
-}
-
 static void die(const char *what, int err)
 {
 	fprintf(stderr, "guest-latency: %s: %s\n", what, snd_strerror(err));
 	exit(2);
+}
+
+/*
+ * Reads both delays and the hardware pointers' difference (capture minus
+ * playback; `written` and `captured` are the application pointers).
+ */
+static void read_delays(snd_pcm_t *play, snd_pcm_t *rec, long written, long captured,
+		       long buffer, snd_pcm_sframes_t *dp, snd_pcm_sframes_t *dc, long *diff)
+{
+	snd_pcm_sframes_t ap, ac;
+	int err;
+
+	err = snd_pcm_avail_delay(play, &ap, dp);
+	if (err < 0)
+		die("playback delay", err);
+	err = snd_pcm_avail_delay(rec, &ac, dc);
+	if (err < 0)
+		die("capture delay", err);
+	*diff = (captured + ac) - (written - (buffer - ap));
 }
 
 static snd_pcm_t *open_pcm(snd_pcm_stream_t dir)
@@ -101,6 +105,50 @@ static snd_pcm_t *open_pcm(snd_pcm_stream_t dir)
 	return pcm;
 }
 
+/*
+ * The pointer differences of the last few periods: the one read most
+ * often is the consistent one (while the nodes are being linked it moves;
+ * no value twice: nothing is known yet).
+ */
+#define RECENT 9
+static long recent[RECENT];
+static int nrecent, next_recent;
+
+static void note_diff(long d)
+{
+	recent[next_recent] = d;
+	next_recent = (next_recent + 1) % RECENT;
+	if (nrecent < RECENT)
+		nrecent++;
+}
+
+static int times_seen(long d)
+{
+	int i, n = 0;
+
+	for (i = 0; i < nrecent; i++)
+		n += recent[i] == d;
+	return n;
+}
+
+static int usual_diff(long d)
+{
+	int i, most = 0;
+
+	for (i = 0; i < nrecent; i++)
+		if (times_seen(recent[i]) > most)
+			most = times_seen(recent[i]);
+	return most < 2 || times_seen(d) == most;
+}
+
+static double now(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
 static int cmp_long(const void *a, const void *b)
 {
 	long x = *(const long *)a, y = *(const long *)b;
@@ -118,7 +166,7 @@ int main(int argc, char **argv)
 	struct mark marks[MAX_IMPULSES];
 	long errors[MAX_IMPULSES];
 	snd_pcm_t *play, *rec;
-	long captured = 0, written = 0, p, diff, same_cycle = -1;
+	long captured = 0, written = 0, p, diff;
 	long buffer = PERIOD * PERIODS;
 	int nmarks = 0, nfound = 0, noff = 0, i, err;
 
@@ -143,20 +191,19 @@ int main(int argc, char **argv)
 		if (snd_pcm_state(play) == SND_PCM_STATE_RUNNING) {
 			snd_pcm_sframes_t dp, dc;
 			struct timespec moment = { 0, 2000000 };	/* 2 ms */
+			int impulse = p >= WARMUP_PERIODS && p % IMPULSE_EVERY == 0 && nmarks < MAX_IMPULSES;
 			int reads = 1;
+			double until = now() + 0.05;
 
-			if (read_delays(play, rec, written, captured, buffer, &dp, &dc, &diff) < 0)
-				die("delay", -EIO);
-			/* A read with the capture a cycle behind: again, for 200 ms at most. */
-			while (diff < same_cycle && reads < 100) {
+			read_delays(play, rec, written, captured, buffer, &dp, &dc, &diff);
+			/* One stream a cycle ahead: again, for 50 ms at most (of a 1 s buffer). */
+			while (impulse && !usual_diff(diff) && now() < until) {
 				nanosleep(&moment, NULL);
 				reads++;
-				if (read_delays(play, rec, written, captured, buffer, &dp, &dc, &diff) < 0)
-					die("delay", -EIO);
+				read_delays(play, rec, written, captured, buffer, &dp, &dc, &diff);
 			}
-			if (diff > same_cycle)
-				same_cycle = diff;
-			if (p >= WARMUP_PERIODS && p % IMPULSE_EVERY == 0 && nmarks < MAX_IMPULSES) {
+			note_diff(diff);
+			if (impulse) {
 				marks[nmarks].base = captured;
 				marks[nmarks].reported = dp + dc;
 				marks[nmarks].predicted = captured + dp + dc;
