@@ -165,3 +165,70 @@ fn reported_delay_follows_a_loopback_inserted_while_running() {
     let exact_after = after.iter().filter(|x| (x["measured"].as_i64().unwrap() - 2400).abs() <= 1).count();
     assert!(exact_after + off.len() >= after.len(), "{after:?}");
 }
+
+/// `playback_position = "dac"`: a guest without the delay extension is told
+/// the position that was heard — the DMA position less the delay dom0
+/// would have reported — unless that would leave it less headroom than a
+/// two-period buffer has (then less is held back), and dom0 still finds
+/// its frames in every cycle. Its sink is a 200 ms delay line (a Bluetooth
+/// headset's order; `module-loopback`, declared as its latency offset) in
+/// front of the null sink. One guest at a time: the DMA default, the DAC
+/// with a buffer longer than the delay, and the DAC with one shorter
+/// (without the limit it would write behind the DMA position: every cycle
+/// an underrun, nothing heard).
+#[test]
+fn a_guest_without_the_extension_can_be_told_the_dac_position() {
+    let mut env = PwEnv::start();
+    let policy = env.dir.path().join("dac.toml");
+    let text = "[defaults]\ntarget = \"dl.in\"\n[vm.dac-long]\nplayback_position = \"dac\"\n\
+                [vm.dac-short]\nplayback_position = \"dac\"\n";
+    std::fs::write(&policy, text).unwrap();
+    let (sock, log) = env.start_backend_with(&["--config", policy.to_str().unwrap()]);
+    let module = r#"{ node.description = "delay200"
+        capture.props = { node.name = "dl.in" media.class = "Audio/Sink" audio.position = [ FL FR ] }
+        playback.props = { node.name = "dl.out" target.object = "null-sink" audio.position = [ FL FR ] }
+        target.delay.sec = 0.2 }"#;
+    let mut lb = env.cmd("pw-cli");
+    lb.args(["-m", "load-module", "libpipewire-module-loopback", module]).stdout(std::process::Stdio::null());
+    let _lb = Proc(lb.spawn().unwrap(), "loopback");
+    let mut id = None;
+    wait_until("the delay line", Duration::from_secs(10), || {
+        id = env.node_id("dl.in");
+        id.is_some() && env.links().contains("dl.out:output_FR")
+    });
+    let r = env
+        .run("pw-cli", &["set-param", &id.unwrap().to_string(), "Props", "{ latencyOffsetNsec: 200000000 }"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // (domain, periods of 1024 frames in its buffer)
+    for (domain, periods) in [("dma-vm", 8u64), ("dac-long", 16), ("dac-short", 8)] {
+        let n = periods.to_string();
+        let args =
+            ["--domain", domain, "--play", "pattern", "--seconds", "2", "--period", "1024", "--periods", &n];
+        let (ok, report, err) = env.sim(&sock, &args);
+        assert!(ok, "{domain}: {err}");
+        assert_eq!(report["playback"]["xruns"], 0, "{domain}: {report}");
+        // At CLOSE the stream has stopped: the counters are of its last cycle.
+        let text = std::fs::read_to_string(&log).unwrap();
+        let stream = format!("xen-vsnd.{domain}.0.0.playback");
+        let at = |key: &str| closed_counter_in(&text, &stream, key);
+        // dom0 took every frame the guest wrote before any silence: the
+        // only silence is what it played after the guest's last frame,
+        // while the guest waited for its position to pass the end.
+        let written = report["playback"]["frames"].as_u64().unwrap();
+        let silent = at("silent_frames");
+        assert_eq!(silent, at("position") / 4 - written, "{domain}: silence before the guest's last frame");
+        let (position, told, delay, cycle) =
+            (at("position"), at("told"), at("delay_frames"), at("cycle_frames"));
+        assert!(delay >= 9600, "{domain}: the delay line's 200 ms is part of the delay: {delay} frames");
+        let held = (position - told) / 4;
+        let limit = (periods - 2) * 1024 - 2 * cycle;
+        match domain {
+            "dma-vm" => assert_eq!(held, 0, "the default tells the DMA position"),
+            "dac-long" => assert_eq!(held, delay, "{domain}: the whole delay held back ({limit} allowed)"),
+            _ => assert_eq!(
+                held, limit,
+                "{domain}: at most the buffer less two periods and two cycles (delay {delay})"
+            ),
+        }
+    }
+}

@@ -83,8 +83,8 @@ pub enum PlaybackPosition {
     /// earlier than the truth, so period interrupts stay safe. An
     /// unmodified guest's `snd_pcm_delay()` is then the whole delay; it
     /// has that much less of its buffer as headroom. What is held back
-    /// never leaves the guest less than a period and two cycles of its
-    /// buffer to keep dom0 fed (`DmaEngine::dac_position`).
+    /// never leaves the guest less headroom than two periods and two
+    /// cycles (`DmaEngine::dac_position`).
     Dac,
 }
 
@@ -304,13 +304,14 @@ impl DmaEngine {
     /// that fills its whole buffer keeps dom0 only its buffer less what
     /// is held back; a guest whose buffer is not much longer than dom0's
     /// delay (a Bluetooth sink's 200 ms) would write every frame behind
-    /// the DMA position and never be heard. So at most the buffer less a
-    /// period (the guest refills a period at a time) and two cycles (what
-    /// dom0 takes meanwhile) is held back: the delay then reads short,
-    /// never the audio. Never goes back.
+    /// the DMA position and never be heard. So at most the buffer less two
+    /// periods and two cycles is held back: the guest keeps the headroom
+    /// a two-period buffer has under the DMA rule (it refills a period at
+    /// a time, while dom0 takes a cycle at a time); its delay then reads
+    /// short, never its audio. Never goes back.
     fn dac_position(&self, dma_pos: u64, cycle_bytes: usize, delay_frames: u32) -> u64 {
         let room = u64::from(self.geom.buffer_bytes)
-            .saturating_sub(u64::from(self.geom.period_bytes))
+            .saturating_sub(2 * u64::from(self.geom.period_bytes))
             .saturating_sub(2 * cycle_bytes as u64);
         let held = (u64::from(delay_frames) * self.frame_bytes() as u64).min(room);
         dma_pos.saturating_sub(held).max(self.told)
@@ -432,8 +433,8 @@ mod tests {
     }
 
     /// A delay longer than the guest's buffer can carry: what is held back
-    /// stops at the buffer less a period and two cycles (here 4096 - 1024
-    /// - 2 * 256 bytes), so the guest always writes ahead of the host.
+    /// stops at the buffer less two periods and two cycles (here 4096 - 2 *
+    /// 1024 - 2 * 256 bytes), so the guest always writes ahead of the host.
     #[test]
     fn dac_position_holds_back_no_more_than_the_buffer_can_spare() {
         let (mut e, _, evt, _) = engine(Report::DacPosition);
@@ -443,7 +444,7 @@ mod tests {
         for i in 0..20u32 {
             e.playback_cycle(&mut out, 48_000); // a second: far more than the buffer
             let (_, _, pos, _) = decode_event(&evt.read_msg(evt_slot_offset(i)));
-            assert_eq!(pos, (256 * (u64::from(i) + 1)).saturating_sub(2560), "cycle {i}");
+            assert_eq!(pos, (256 * (u64::from(i) + 1)).saturating_sub(1536), "cycle {i}");
         }
     }
 

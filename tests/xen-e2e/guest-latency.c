@@ -48,6 +48,7 @@ struct mark {
 	long reported;		/* playback + capture delay then */
 	long found;
 	int reads;		/* reads until both delays were of one cycle */
+	long first;		/* the prediction of the first read */
 };
 
 static void die(const char *what, int err)
@@ -194,8 +195,10 @@ int main(int argc, char **argv)
 			int impulse = p >= WARMUP_PERIODS && p % IMPULSE_EVERY == 0 && nmarks < MAX_IMPULSES;
 			int reads = 1;
 			double until = now() + 0.05;
+			long first;
 
 			read_delays(play, rec, written, captured, buffer, &dp, &dc, &diff);
+			first = captured + dp + dc;
 			/* One stream a cycle ahead: again, for 50 ms at most (of a 1 s buffer). */
 			while (impulse && !usual_diff(diff) && now() < until) {
 				nanosleep(&moment, NULL);
@@ -209,6 +212,7 @@ int main(int argc, char **argv)
 				marks[nmarks].predicted = captured + dp + dc;
 				marks[nmarks].found = -1;
 				marks[nmarks].reads = reads;
+				marks[nmarks].first = first;
 				nmarks++;
 				period_buf[0] = period_buf[1] = IMPULSE;
 			}
@@ -236,8 +240,12 @@ int main(int argc, char **argv)
 	snd_pcm_drop(rec);
 
 	for (i = 0; i < nmarks; i++) {
-		/* Impulses are periods apart: look a little either side only. */
-		long from = marks[i].predicted - PERIOD / 2, to = marks[i].predicted + PERIOD / 2;
+		/*
+		 * Impulses are IMPULSE_EVERY periods apart: look a period either
+		 * side, and further late (an unmodified guest is not told what
+		 * dom0 holds: its impulses come back late by that).
+		 */
+		long from = marks[i].predicted - PERIOD, to = marks[i].predicted + PERIOD * 3 / 2;
 		long f;
 
 		if (from < marks[i].base)
@@ -255,9 +263,12 @@ int main(int argc, char **argv)
 		errors[nfound++] = marks[i].found - marks[i].predicted;
 		if (labs(marks[i].found - marks[i].predicted) > 2)
 			noff++;
-		printf("impulse %d: measured %ld reported %ld error %ld (reads %d)\n", i,
+		printf("impulse %d: measured %ld reported %ld error %ld (reads %d", i,
 		       marks[i].found - marks[i].base, marks[i].reported,
 		       marks[i].found - marks[i].predicted, marks[i].reads);
+		if (marks[i].reads > 1)
+			printf(", the first read's error %ld", marks[i].found - marks[i].first);
+		printf(")\n");
 	}
 	if (nfound < 5) {
 		printf("guest-latency: only %d of %d impulses came back\n", nfound, nmarks);
