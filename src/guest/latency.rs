@@ -44,7 +44,7 @@ impl State {
             if node.applied == Some(us) {
                 continue;
             }
-            match latency_pod(u64::from(us) * 1000) {
+            match latency_pod(offset_ns(us)) {
                 Ok(pod) => {
                     node.proxy.set_param(spa::param::ParamType::Props, 0, pod_ref(&pod));
                     tracing::info!(node = id, delay_us = us, "node latency set");
@@ -54,6 +54,15 @@ impl State {
             }
         }
     }
+}
+
+/// The latency offset for a Host Delay control of `us`: the driver floors
+/// frames to whole microseconds and PipeWire floors nanoseconds to frames,
+/// so `us * 1000` came back a frame short (4096 frames at 48 kHz: 85333 µs,
+/// then 4095.98 frames, then 4095). The top of the microsecond the driver
+/// floored to gives the frames back (checked below at the usual rates).
+fn offset_ns(us: u32) -> u64 {
+    u64::from(us) * 1000 + 999
 }
 
 /// Runs until the PipeWire connection ends: follows the graph's sinks and
@@ -168,6 +177,20 @@ fn pod_ref(bytes: &[u8]) -> &spa::pod::Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_offset_gives_back_the_frames_the_driver_had() {
+        // The driver's control: frames * 1e6 / rate, floored; PipeWire's
+        // conversion of the offset: ns * rate / 1e9, floored.
+        let back =
+            |frames: u64, rate: u64| offset_ns((frames * 1_000_000 / rate) as u32) * rate / 1_000_000_000;
+        for rate in [8000u64, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000] {
+            for frames in 0..20_000 {
+                assert_eq!(back(frames, rate), frames, "{frames} frames at {rate} Hz");
+            }
+        }
+        assert_eq!(back(4096, 48000), 4096, "the e2e's capture delay");
+    }
 
     #[test]
     fn a_snd_xen_vsnd_node_is_matched_to_its_stream_and_others_are_not() {
