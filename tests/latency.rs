@@ -42,6 +42,33 @@ fn self_test_with(
     report
 }
 
+/// A delay line of `seconds` (`module-loopback`): sink `dl.in`, output
+/// `dl.out` with `out_props`. PipeWire 1.4's loopback does not include its
+/// target.delay in the latency it reports, so it is declared the way a
+/// user would (pavucontrol's latency offset): Props latencyOffsetNsec on
+/// its sink. It lives as long as the returned process.
+fn delay_line(env: &PwEnv, seconds: f64, out_props: &str) -> Proc {
+    let module = format!(
+        r#"{{ node.description = "delay line"
+        capture.props = {{ node.name = "dl.in" media.class = "Audio/Sink" audio.position = [ FL FR ] }}
+        playback.props = {{ node.name = "dl.out" {out_props} audio.position = [ FL FR ] }}
+        target.delay.sec = {seconds} }}"#
+    );
+    let mut lb = env.cmd("pw-cli");
+    lb.args(["-m", "load-module", "libpipewire-module-loopback", &module])
+        .stdout(std::process::Stdio::null());
+    let lb = Proc(lb.spawn().unwrap(), "loopback");
+    let mut id = None;
+    wait_until("the delay line's nodes", Duration::from_secs(10), || {
+        id = env.node_id("dl.in");
+        id.is_some() && env.node_exists("dl.out")
+    });
+    let offset = format!("{{ latencyOffsetNsec: {} }}", (seconds * 1e9) as u64);
+    let r = env.run("pw-cli", &["set-param", &id.unwrap().to_string(), "Props", &offset]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    lb
+}
+
 fn direct(env: &PwEnv, play: &str, cap: &str) {
     env.link(play, cap, "output", "input");
 }
@@ -112,24 +139,7 @@ fn reported_delay_follows_a_loopback_inserted_while_running() {
     env.link(play, cap, "output", "input");
     std::thread::sleep(Duration::from_millis(1200));
 
-    // A 50 ms loopback. PipeWire 1.4's loopback does not include its
-    // target.delay in the latency it reports, so it is declared the way a
-    // user would (pavucontrol's latency offset): Props latencyOffsetNsec.
-    let module = r#"{ node.description = "delay50"
-        capture.props = { node.name = "dl.in" media.class = "Audio/Sink" audio.position = [ FL FR ] }
-        playback.props = { node.name = "dl.out" node.autoconnect = false audio.position = [ FL FR ] }
-        target.delay.sec = 0.05 }"#;
-    let mut lb = env.cmd("pw-cli");
-    lb.args(["-m", "load-module", "libpipewire-module-loopback", module]).stdout(std::process::Stdio::null());
-    let _lb = Proc(lb.spawn().unwrap(), "loopback");
-    let mut id = None;
-    wait_until("the loopback nodes", Duration::from_secs(10), || {
-        id = env.node_id("dl.in");
-        id.is_some() && env.node_exists("dl.out")
-    });
-    let r = env
-        .run("pw-cli", &["set-param", &id.unwrap().to_string(), "Props", "{ latencyOffsetNsec: 50000000 }"]);
-    assert!(r.status.success());
+    let _lb = delay_line(&env, 0.05, "node.autoconnect = false");
     for ch in ["FL", "FR"] {
         env.run("pw-link", &["-d", &format!("{play}:output_{ch}"), &format!("{cap}:input_{ch}")]);
     }
@@ -184,21 +194,10 @@ fn a_guest_without_the_extension_can_be_told_the_dac_position() {
                 [vm.dac-short]\nplayback_position = \"dac\"\n";
     std::fs::write(&policy, text).unwrap();
     let (sock, log) = env.start_backend_with(&["--config", policy.to_str().unwrap()]);
-    let module = r#"{ node.description = "delay200"
-        capture.props = { node.name = "dl.in" media.class = "Audio/Sink" audio.position = [ FL FR ] }
-        playback.props = { node.name = "dl.out" target.object = "null-sink" audio.position = [ FL FR ] }
-        target.delay.sec = 0.2 }"#;
-    let mut lb = env.cmd("pw-cli");
-    lb.args(["-m", "load-module", "libpipewire-module-loopback", module]).stdout(std::process::Stdio::null());
-    let _lb = Proc(lb.spawn().unwrap(), "loopback");
-    let mut id = None;
-    wait_until("the delay line", Duration::from_secs(10), || {
-        id = env.node_id("dl.in");
-        id.is_some() && env.links().contains("dl.out:output_FR")
+    let _lb = delay_line(&env, 0.2, &format!("target.object = \"{SINK}\""));
+    wait_until("the delay line linked to the sink", Duration::from_secs(10), || {
+        env.links().contains("dl.out:output_FR")
     });
-    let r = env
-        .run("pw-cli", &["set-param", &id.unwrap().to_string(), "Props", "{ latencyOffsetNsec: 200000000 }"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     // (domain, periods of 1024 frames in its buffer)
     for (domain, periods) in [("dma-vm", 8u64), ("dac-long", 16), ("dac-short", 8)] {
         let n = periods.to_string();
