@@ -297,9 +297,7 @@ impl DmaEngine {
             self.shared.notify_failures.fetch_add(1, Relaxed);
         }
     }
-}
 
-impl DmaEngine {
     /// The position at the DAC: `dma_pos` less the host's delay. A guest
     /// that fills its whole buffer keeps dom0 only its buffer less what
     /// is held back; a guest whose buffer is not much longer than dom0's

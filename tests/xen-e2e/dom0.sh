@@ -663,16 +663,18 @@ hz=$(getconf CLK_TCK)
 # ticks <pid>: the CPU time a process has used (all its threads), in ticks.
 ticks() { awk '{ print $14 + $15 }' /proc/$1/stat 2>/dev/null || echo 0; }
 usage_begin() { u0=$(ticks $1) p0=$(ticks $pw) w0=$(date +%s.%N); }
+# cpu_share <ticks before> <ticks after>: the share of one CPU, in %, over
+# the step so far (since $w0, to $w1).
+cpu_share() {
+    awk -v a=$1 -v b=$2 -v t0=$w0 -v t1=$w1 -v hz=$hz 'BEGIN { printf "%.1f", 100 * (b - a) / hz / (t1 - t0) }'
+}
 # usage_end <backend> <step> <pid>: one line of the step's figures.
 usage_end() {
-    local u1 p1 w1 rss
+    local u1 p1 rss
     u1=$(ticks $3) p1=$(ticks $pw) w1=$(date +%s.%N)
     rss=$(awk '/^VmRSS/ { print $2 }' /proc/$3/status 2>/dev/null)
-    echo "XE: PEER $1 $2 usage: backend cpu $(awk -v a=$u0 -v b=$u1 -v t0=$w0 -v t1=$w1 -v hz=$hz \
-        'BEGIN { printf "%.1f", 100 * (b - a) / hz / (t1 - t0) }') %," \
-        "pipewire cpu $(awk -v a=$p0 -v b=$p1 -v t0=$w0 -v t1=$w1 -v hz=$hz \
-        'BEGIN { printf "%.1f", 100 * (b - a) / hz / (t1 - t0) }') %, backend rss ${rss:-?} kB," \
-        "$(awk -v t0=$w0 -v t1=$w1 'BEGIN { printf "%.0f", t1 - t0 }') s"
+    echo "XE: PEER $1 $2 usage: backend cpu $(cpu_share $u0 $u1) %, pipewire cpu $(cpu_share $p0 $p1) %," \
+        "backend rss ${rss:-?} kB, $(awk -v t0=$w0 -v t1=$w1 'BEGIN { printf "%.0f", t1 - t0 }') s"
 }
 # peer_result <backend> <step> <command...>: the outcome as a figure line;
 # for xen-vsnd a check too.
