@@ -112,6 +112,8 @@ struct vsnd_stream {
 	u64 total_frames;		/* frames the backend moved since OPEN */
 	u64 periods;			/* period interrupts raised */
 	u64 early_periods;		/* ... before a whole period had passed */
+	unsigned long pointer_jiffies;	/* when ALSA last read the pointer */
+	unsigned long stamp_window;	/* jiffies: see vsnd_stamp_is_safe() */
 	unsigned int rate_list[VSND_MAX_RATES];
 	struct snd_pcm_hw_constraint_list rate_constraint;
 
@@ -169,7 +171,8 @@ void vsnd_buffer_free(struct vsnd_stream *s);
 /* vsnd_pcm.c */
 int vsnd_card_create(struct vsnd_card *vc);
 void vsnd_card_remove(struct vsnd_card *vc);
-void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay,
+bool vsnd_stamp_is_safe(struct vsnd_stream *s);
+void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *moved,
 			 bool *elapsed, bool *delay_changed);
 
 #endif /* VSND_H */

@@ -4,7 +4,10 @@
 //! the latency the guest's PipeWire reports to its clients
 //! (pw_stream_get_time_n, PulseAudio's latency API through pipewire-pulse)
 //! counts the whole way to dom0's sound device, and is updated when it
-//! changes.
+//! changes. It also turns on the node's `api.alsa.htimestamp`: the card's
+//! pointer moves only when dom0's cycle event comes, and the node must take
+//! the pointer's age into account (the driver has ALSA stamp the status at
+//! each event) or the fill it keeps is off by that age (docs/latency.md).
 
 use crate::cards::StreamKey;
 use anyhow::{anyhow, Context};
@@ -148,21 +151,27 @@ fn stream_of<'a>(prop: impl Fn(&str) -> Option<&'a str>) -> Option<StreamKey> {
     })
 }
 
-/// `Props { latencyOffsetNsec = ns }`: the node's latency offset (what
-/// pavucontrol calls a port's latency offset). PipeWire's ALSA nodes add
-/// it to their process latency and announce the new port latency, so it
-/// reaches every linked client; `latency.internal.ns` set through the
-/// `params` list changes the figure without announcing it (PipeWire 1.4).
+/// `Props { latencyOffsetNsec = ns, params = [ "api.alsa.htimestamp" true ] }`.
+/// The latency offset is what pavucontrol calls a port's latency offset:
+/// PipeWire's ALSA nodes add it to their process latency and announce the
+/// new port latency, so it reaches every linked client (`latency.internal.ns`
+/// set through `params` changes the figure without announcing it, PipeWire
+/// 1.4). With `api.alsa.htimestamp` the node measures its fill as of its
+/// cycle's time, from the time ALSA stamped on the pointer's last move,
+/// rather than taking a pointer that may be a whole dom0 cycle old as now.
 fn latency_pod(ns: u64) -> anyhow::Result<Vec<u8>> {
     use spa::pod::{Object, Property, PropertyFlags, Value};
+    let prop = |key, value| Property { key, flags: PropertyFlags::empty(), value };
     let props = Value::Object(Object {
         type_: spa::sys::SPA_TYPE_OBJECT_Props,
         id: spa::sys::SPA_PARAM_Props,
-        properties: vec![Property {
-            key: spa::sys::SPA_PROP_latencyOffsetNsec,
-            flags: PropertyFlags::empty(),
-            value: Value::Long(ns as i64),
-        }],
+        properties: vec![
+            prop(spa::sys::SPA_PROP_latencyOffsetNsec, Value::Long(ns as i64)),
+            prop(
+                spa::sys::SPA_PROP_params,
+                Value::Struct(vec![Value::String("api.alsa.htimestamp".into()), Value::Bool(true)]),
+            ),
+        ],
     });
     Ok(spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &props)
         .map_err(|e| anyhow!("latency pod: {e:?}"))?
@@ -214,6 +223,24 @@ mod tests {
         assert_eq!(stream_of(source), Some(StreamKey { card: 0, device: 2, subdevice: 1, capture: true }));
         let other = props(&[("alsa.driver_name", "snd_hda_intel"), ("media.class", "Audio/Sink")]);
         assert_eq!(stream_of(other), None);
-        assert!(!latency_pod(12_500_000).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_props_carry_the_offset_and_turn_on_htimestamp() {
+        use spa::pod::{deserialize::PodDeserializer, Value};
+        let bytes = latency_pod(12_500_999).unwrap();
+        let (_, Value::Object(obj)) = PodDeserializer::deserialize_any_from(&bytes).unwrap() else {
+            panic!("not an object")
+        };
+        assert_eq!(obj.type_, spa::sys::SPA_TYPE_OBJECT_Props);
+        let value = |key| obj.properties.iter().find(|p| p.key == key).map(|p| p.value.clone());
+        assert!(matches!(value(spa::sys::SPA_PROP_latencyOffsetNsec), Some(Value::Long(12_500_999))));
+        match value(spa::sys::SPA_PROP_params) {
+            Some(Value::Struct(v)) => assert!(
+                matches!(&v[..], [Value::String(k), Value::Bool(true)] if k == "api.alsa.htimestamp"),
+                "{v:?}"
+            ),
+            other => panic!("params: {other:?}"),
+        }
     }
 }
