@@ -34,7 +34,7 @@
 #define WARMUP_MS 6000		/* silence while the guest's nodes settle */
 #define IMPULSE_MS 300
 #define IMPULSE 30000
-#define MAX_IMPULSES 256
+#define MAX_IMPULSES 1024
 #define FRAME_BYTES (CHANNELS * 2)
 
 /* A stream's reported latency, frames at RATE: the delay to (or from)
