@@ -77,6 +77,10 @@ fn direct(env: &PwEnv, play: &str, cap: &str) {
 fn direct_link_round_trip_matches_the_reported_delay() {
     let l = &self_test(&[], "1", direct)["latency"];
     assert!(l["error"].as_i64().unwrap().abs() <= 1, "{l}");
+    eprintln!(
+        "one way (playback, capture node as its device): as sent {} frames, as of the event {} frames",
+        l["one_way_as_sent"], l["one_way_as_of_event"]
+    );
 }
 
 /// The system service's split adds nothing to the path: the service is a

@@ -8,6 +8,17 @@
 //! (events of one cycle are paired by the time the guest received them).
 //! Then the measured round trip is `Cr - Pw - (hc - hp)` and the reported
 //! one `dp + dc`: for a guest with exact delays they are equal.
+//!
+//! One direction alone, when the playback node feeds the capture node
+//! straight (no sink between): the capture node is then the playback's
+//! device, and a frame is heard in the host cycle that hands it over, at
+//! its place in that cycle. The capture event of that cycle says when (it
+//! arrives a moment after the cycle, as the playback's events do). The
+//! guest's prediction is made from the playback event before the impulse
+//! was taken: heard `delay + (Pw - hp)` frames after that event arrived.
+//! Its error shows what instant the delay refers to: `one_way_as_sent` takes
+//! the delay as it came, `one_way_as_of_event` adds the frames that event
+//! moved (the delay as of the event, were it as of the end of the cycle).
 
 #![forbid(unsafe_code)]
 
@@ -73,6 +84,10 @@ pub struct Measurement {
     pub measured: i64,
     pub reported: i64,
     pub error: i64,
+    /// Predicted less actual time the impulse was heard, frames (see the
+    /// module's text; only meaningful for a straight link).
+    pub one_way_as_sent: Option<i64>,
+    pub one_way_as_of_event: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +100,25 @@ pub struct LatencyReport {
     pub reported: i64,
     /// The error of largest magnitude.
     pub error: i64,
+    /// Medians of the measurements' one-way errors.
+    pub one_way_as_sent: Option<i64>,
+    pub one_way_as_of_event: Option<i64>,
+}
+
+/// One impulse's one-way errors (module text): `pw` played, taken by the
+/// playback event `play_log[i]`; found at capture frame `cr`, handed over
+/// by the capture event `cap_log[j]`.
+fn one_way(play_log: &[PosEvent], i: usize, cap_log: &[PosEvent], j: usize, pw: u64, cr: u64, rate: u32) -> Option<(i64, i64)> {
+    let (before, moved_by) = (play_log.get(i.checked_sub(1)?)?, play_log.get(i.checked_sub(2)?)?);
+    let (arrival, cycle_start) = (cap_log.get(j)?, cap_log.get(j.checked_sub(1)?)?);
+    if arrival.at < before.at || cr < cycle_start.hw_frames || pw < before.hw_frames {
+        return None;
+    }
+    let since = ((arrival.at - before.at).as_secs_f64() * rate as f64).round() as i64;
+    let heard = since + (cr - cycle_start.hw_frames) as i64;
+    let predicted = before.delay as i64 + (pw - before.hw_frames) as i64;
+    let as_sent = predicted - heard;
+    Some((as_sent, as_sent + (before.hw_frames - moved_by.hw_frames) as i64))
 }
 
 /// The event that moved the pointer past `frame`.
@@ -175,12 +209,18 @@ pub fn analyse(
             continue;
         }
         let measured = cr as i64 - pw as i64 - (ce.hw_frames as i64 - pe.hw_frames as i64);
+        let cap_index = cap_log.iter().position(|c| c.at == arrival.at && c.hw_frames == arrival.hw_frames);
+        let directions = index_of(pe)
+            .zip(cap_index)
+            .and_then(|(i, j)| one_way(play_log, i, cap_log, j, pw, cr, rate));
         measurements.push(Measurement {
             playback_frame: pw,
             capture_frame: cr,
             measured,
             reported,
             error: measured - reported,
+            one_way_as_sent: directions.map(|d| d.0),
+            one_way_as_of_event: directions.map(|d| d.1),
         });
     }
     if measurements.len() < played_at.len().div_ceil(2) {
@@ -195,7 +235,13 @@ pub fn analyse(
     let error = measurements.iter().map(|m| m.error).max_by_key(|e| e.abs()).unwrap_or(0);
     let measured = median(&mut measurements.iter().map(|m| m.measured).collect::<Vec<_>>());
     let reported = median(&mut measurements.iter().map(|m| m.reported).collect::<Vec<_>>());
-    Ok(LatencyReport { measurements, skipped, measured, reported, error })
+    let one_way_median = |f: fn(&Measurement) -> Option<i64>| {
+        let mut v: Vec<i64> = measurements.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&mut v))
+    };
+    let one_way_as_sent = one_way_median(|m| m.one_way_as_sent);
+    let one_way_as_of_event = one_way_median(|m| m.one_way_as_of_event);
+    Ok(LatencyReport { measurements, skipped, measured, reported, error, one_way_as_sent, one_way_as_of_event })
 }
 
 #[cfg(test)]
