@@ -105,8 +105,9 @@ struct vsnd_stream {
 	u64 be_frames;			/* position of the last CUR_POS */
 	snd_pcm_uframes_t hw_ptr;
 	snd_pcm_uframes_t since_period;
-	snd_pcm_uframes_t delay;
-	snd_pcm_uframes_t delay_told;	/* the delay control's last notice */
+	snd_pcm_uframes_t cycle;	/* frames the last moving event moved */
+	snd_pcm_sframes_t delay;	/* as of the event: vsnd_delay_at_event() */
+	snd_pcm_sframes_t delay_told;	/* the delay control's last notice */
 	unsigned int rate;
 	struct snd_kcontrol *delay_ctl;	/* "Playback/Capture Host Delay" */
 	u64 total_frames;		/* frames the backend moved since OPEN */

@@ -48,11 +48,11 @@ static struct vsnd_stream *vsnd_find_stream(struct snd_pcm_substream *ss)
  */
 static bool vsnd_delay_moved(struct vsnd_stream *s)
 {
-	snd_pcm_uframes_t step = max(s->rate / 1000, 1U);
-	snd_pcm_uframes_t d = s->delay, told = s->delay_told;
+	snd_pcm_sframes_t step = max(s->rate / 1000, 1U);
+	snd_pcm_sframes_t d = s->delay, told = s->delay_told;
 	bool both_zero_or_not = !d == !told;
 
-	if (both_zero_or_not && (d > told ? d - told : told - d) < step)
+	if (both_zero_or_not && abs(d - told) < step)
 		return false;
 	s->delay_told = d;
 	return true;
@@ -73,6 +73,25 @@ bool vsnd_stamp_is_safe(struct vsnd_stream *s)
 	return time_before_eq(jiffies, s->pointer_jiffies + s->stamp_window);
 }
 
+/*
+ * The backend's delay, as of the event that brought it. The backend's
+ * figure refers to the end of its cycle: it takes (or gives) a cycle's
+ * frames at the cycle's start, its position is past them, and its delay is
+ * its host's figure for the first of them, so the pointer then stays put
+ * while the host plays (or captures) that cycle. ALSA keeps time by the
+ * event (the status stamp, and runtime->delay read at any time), and as of
+ * the event a playback frame at the pointer is heard a cycle later than
+ * the figure says, a captured one was taken a cycle sooner: below zero for
+ * a capture fed in the same host cycle (a straight link from a player).
+ * docs/protocol.md has the definition. s->lock held.
+ */
+static snd_pcm_sframes_t vsnd_delay_at_event(struct vsnd_stream *s, u32 delay)
+{
+	snd_pcm_sframes_t cycle = s->cycle;
+
+	return s->capture ? (snd_pcm_sframes_t)delay - cycle : (snd_pcm_sframes_t)delay + cycle;
+}
+
 /* Called with s->lock held, from the event interrupt. */
 void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *moved,
 			 bool *elapsed, bool *delay_changed)
@@ -90,8 +109,10 @@ void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *
 	}
 	delta = frames - s->be_frames;
 	s->be_frames = frames;
+	if (delta)
+		s->cycle = delta;
 	if (s->card->backend_reports_delay) {
-		s->delay = delay;
+		s->delay = vsnd_delay_at_event(s, delay);
 		if (vsnd_delay_moved(s))
 			*delay_changed = true;
 	}
@@ -343,6 +364,7 @@ static int vsnd_pcm_prepare(struct snd_pcm_substream *ss)
 	s->be_frames = 0;
 	s->hw_ptr = 0;
 	s->since_period = 0;
+	s->cycle = 0;
 	s->delay = 0;
 	s->rate = rt->rate;
 	s->total_frames = 0;
@@ -460,10 +482,11 @@ static const struct snd_pcm_ops vsnd_pcm_ops = {
 
 /*
  * "Playback Host Delay" / "Capture Host Delay" (PCM interface, the stream's
- * device and subdevice): read-only, in microseconds, what the backend last
- * reported between the DMA position and the host's converter — the part
- * of snd_pcm_delay() beyond the buffer. 0 without the delay extension or
- * while the stream is not running. A change of a millisecond or more is
+ * device and subdevice): read-only, in microseconds, the part of
+ * snd_pcm_delay() beyond the buffer: between the DMA position and the
+ * host's converter as of the backend's last event (vsnd_delay_at_event;
+ * a capture's can be below zero). 0 without the delay extension or while
+ * the stream is not running. A change of a millisecond or more is
  * announced (SNDRV_CTL_EVENT_MASK_VALUE), so a guest sound server can add
  * it to the latency it reports (xen-vsnd-guest does so for PipeWire).
  */
@@ -471,7 +494,7 @@ static int vsnd_delay_info(struct snd_kcontrol *kc, struct snd_ctl_elem_info *in
 {
 	info->type = SNDRV_CTL_ELEM_TYPE_INTEGER;
 	info->count = 1;
-	info->value.integer.min = 0;
+	info->value.integer.min = -INT_MAX;
 	info->value.integer.max = INT_MAX;
 	return 0;
 }
@@ -481,7 +504,7 @@ static int vsnd_delay_get(struct snd_kcontrol *kc, struct snd_ctl_elem_value *v)
 	struct vsnd_stream *s = snd_kcontrol_chip(kc);
 	unsigned int rate = 0;
 	unsigned long flags;
-	u64 frames = 0;
+	s64 frames = 0;
 
 	spin_lock_irqsave(&s->lock, flags);
 	if (s->substream) {
@@ -489,7 +512,7 @@ static int vsnd_delay_get(struct snd_kcontrol *kc, struct snd_ctl_elem_value *v)
 		rate = s->rate;
 	}
 	spin_unlock_irqrestore(&s->lock, flags);
-	v->value.integer.value[0] = rate ? div_u64(frames * USEC_PER_SEC, rate) : 0;
+	v->value.integer.value[0] = rate ? div_s64(frames * USEC_PER_SEC, rate) : 0;
 	return 0;
 }
 

@@ -77,10 +77,19 @@ fn direct(env: &PwEnv, play: &str, cap: &str) {
 fn direct_link_round_trip_matches_the_reported_delay() {
     let l = &self_test(&[], "1", direct)["latency"];
     assert!(l["error"].as_i64().unwrap().abs() <= 1, "{l}");
+    // One direction (docs/protocol.md, "Meaning"): the capture node is the
+    // playback's device; the delay as of the event (the figure plus the
+    // frames the event moved) puts each impulse where it was heard, within
+    // the two events' notify latencies (8 frames seen at a 512-frame
+    // cycle; 1 ms allowed), and the figure as sent a cycle early.
     eprintln!(
         "one way (playback, capture node as its device): as sent {} frames, as of the event {} frames",
         l["one_way_as_sent"], l["one_way_as_of_event"]
     );
+    let as_of_event = l["one_way_as_of_event"].as_i64().expect("one-way figures");
+    assert!(as_of_event.abs() <= 48, "{l}");
+    let as_sent = l["one_way_as_sent"].as_i64().unwrap();
+    assert!(as_sent < -48, "the figure as sent is for the cycle's end: {l}");
 }
 
 /// The system service's split adds nothing to the path: the service is a

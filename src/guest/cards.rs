@@ -51,14 +51,15 @@ impl Card {
         Some(Card { index, ctl, controls })
     }
 
-    /// Every control's value now (µs); None when the card went away.
-    fn read(&self) -> Option<Vec<(StreamKey, u32)>> {
+    /// Every control's value now (µs; a capture's can be below zero);
+    /// None when the card went away.
+    fn read(&self) -> Option<Vec<(StreamKey, i32)>> {
         let mut out = Vec::new();
         for (key, id) in &self.controls {
             let mut v = ElemValue::new(ElemType::Integer).ok()?;
             v.set_id(id);
             self.ctl.elem_read(&mut v).ok()?;
-            out.push((*key, v.get_integer(0)?.max(0) as u32));
+            out.push((*key, v.get_integer(0)?));
         }
         Some(out)
     }
@@ -78,9 +79,9 @@ impl Card {
 /// Follows every snd-xen-vsnd card (cards come and go with the backend)
 /// and calls `changed` with each stream's delay whenever it differs from
 /// the last one given. Never returns.
-pub fn follow(mut changed: impl FnMut(StreamKey, u32)) -> ! {
+pub fn follow(mut changed: impl FnMut(StreamKey, i32)) -> ! {
     let mut cards: HashMap<i32, Card> = HashMap::new();
-    let mut last: HashMap<StreamKey, u32> = HashMap::new();
+    let mut last: HashMap<StreamKey, i32> = HashMap::new();
     loop {
         // New cards (a card that appears after a reconnect has a new number
         // or the old one again).

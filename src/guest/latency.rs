@@ -28,14 +28,14 @@ struct Followed {
     /// said so.
     stream: Option<StreamKey>,
     /// The delay it was given last, µs.
-    applied: Option<u32>,
+    applied: Option<i32>,
 }
 
 #[derive(Default)]
 struct State {
     nodes: HashMap<u32, Followed>,
     /// The delay of each stream, µs, as the driver reported it last.
-    delays: HashMap<StreamKey, u32>,
+    delays: HashMap<StreamKey, i32>,
 }
 
 impl State {
@@ -59,18 +59,20 @@ impl State {
     }
 }
 
-/// The latency offset for a Host Delay control of `us`: the driver floors
-/// frames to whole microseconds and PipeWire floors nanoseconds to frames,
-/// so `us * 1000` came back a frame short (4096 frames at 48 kHz: 85333 µs,
-/// then 4095.98 frames, then 4095). The top of the microsecond the driver
-/// floored to gives the frames back (checked below at the usual rates).
-fn offset_ns(us: u32) -> u64 {
-    u64::from(us) * 1000 + 999
+/// The latency offset for a Host Delay control of `us`: the driver and
+/// PipeWire both truncate toward zero (frames to whole microseconds, then
+/// nanoseconds to frames), so `us * 1000` came back a frame short (4096
+/// frames at 48 kHz: 85333 µs, then 4095.98 frames, then 4095). The far
+/// end of the microsecond the driver truncated to gives the frames back, on
+/// either side of zero (a capture's delay can be below it; checked below at
+/// the usual rates).
+fn offset_ns(us: i32) -> i64 {
+    i64::from(us) * 1000 + 999 * i64::from(us.signum())
 }
 
 /// Runs until the PipeWire connection ends: follows the graph's sinks and
 /// sources, and takes the delays that `delays` carries in.
-pub fn run(delays: pw::channel::Receiver<(StreamKey, u32)>) -> anyhow::Result<()> {
+pub fn run(delays: pw::channel::Receiver<(StreamKey, i32)>) -> anyhow::Result<()> {
     pw::init();
     let mainloop = pw::main_loop::MainLoopRc::new(None).context("PipeWire main loop")?;
     let context = pw::context::ContextRc::new(&mainloop, None).context("PipeWire context")?;
@@ -159,14 +161,14 @@ fn stream_of<'a>(prop: impl Fn(&str) -> Option<&'a str>) -> Option<StreamKey> {
 /// 1.4). With `api.alsa.htimestamp` the node measures its fill as of its
 /// cycle's time, from the time ALSA stamped on the pointer's last move,
 /// rather than taking a pointer that may be a whole dom0 cycle old as now.
-fn latency_pod(ns: u64) -> anyhow::Result<Vec<u8>> {
+fn latency_pod(ns: i64) -> anyhow::Result<Vec<u8>> {
     use spa::pod::{Object, Property, PropertyFlags, Value};
     let prop = |key, value| Property { key, flags: PropertyFlags::empty(), value };
     let props = Value::Object(Object {
         type_: spa::sys::SPA_TYPE_OBJECT_Props,
         id: spa::sys::SPA_PARAM_Props,
         properties: vec![
-            prop(spa::sys::SPA_PROP_latencyOffsetNsec, Value::Long(ns as i64)),
+            prop(spa::sys::SPA_PROP_latencyOffsetNsec, Value::Long(ns)),
             prop(
                 spa::sys::SPA_PROP_params,
                 Value::Struct(vec![Value::String("api.alsa.htimestamp".into()), Value::Bool(true)]),
@@ -189,12 +191,13 @@ mod tests {
 
     #[test]
     fn the_offset_gives_back_the_frames_the_driver_had() {
-        // The driver's control: frames * 1e6 / rate, floored; PipeWire's
-        // conversion of the offset: ns * rate / 1e9, floored.
+        // The driver's control: frames * 1e6 / rate (div_s64); PipeWire's
+        // conversion of the offset: ns * rate / 1e9 (C's int64 division):
+        // both truncate toward zero, as Rust's does.
         let back =
-            |frames: u64, rate: u64| offset_ns((frames * 1_000_000 / rate) as u32) * rate / 1_000_000_000;
-        for rate in [8000u64, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000] {
-            for frames in 0..20_000 {
+            |frames: i64, rate: i64| offset_ns((frames * 1_000_000 / rate) as i32) * rate / 1_000_000_000;
+        for rate in [8000i64, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000] {
+            for frames in -20_000..20_000 {
                 assert_eq!(back(frames, rate), frames, "{frames} frames at {rate} Hz");
             }
         }

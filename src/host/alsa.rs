@@ -4,8 +4,10 @@
 //! device takes what the card takes, and an OPEN it refuses is refused to
 //! the guest. A thread per stream moves one ALSA period per cycle, paced by
 //! the device (blocking reads and writes): the device's clock drives the
-//! guest. The delay sent is `snd_pcm_delay()`: the frames between the
-//! guest's position and the DAC, or from the ADC to it.
+//! guest. The delay sent is `snd_pcm_delay()` taken as of the end of the
+//! cycle, as every host's is (docs/protocol.md): the frames between the
+//! guest's position and the DAC, or from the ADC to it, once the period
+//! this cycle moves has been played or recorded.
 
 #![forbid(unsafe_code)]
 
@@ -245,8 +247,10 @@ impl AlsaRt {
     }
 
     fn play_period(&mut self) -> alsa::Result<()> {
-        // Once written, this period sits behind what the device holds.
-        let delay = self.device_delay() + self.period as u32;
+        // This period is written behind what the device holds now: its
+        // first frame, and at the cycle's end the position past it, is
+        // that far from the DAC.
+        let delay = self.device_delay();
         let buf = &mut self.buf;
         let played = timed(&self.slot, |e| e.playback_cycle(buf, delay));
         if played.is_none() {
@@ -270,7 +274,9 @@ impl AlsaRt {
                 done += frames * self.geom.frame_bytes();
             }
         }
-        let delay = self.device_delay();
+        // What the device holds now was captured after this period; by the
+        // cycle's end a period more will have been.
+        let delay = self.device_delay() + self.period as u32;
         let buf = &self.buf;
         timed(&self.slot, |e| e.capture_cycle(buf, delay));
         Ok(())

@@ -108,7 +108,15 @@ pub struct LatencyReport {
 /// One impulse's one-way errors (module text): `pw` played, taken by the
 /// playback event `play_log[i]`; found at capture frame `cr`, handed over
 /// by the capture event `cap_log[j]`.
-fn one_way(play_log: &[PosEvent], i: usize, cap_log: &[PosEvent], j: usize, pw: u64, cr: u64, rate: u32) -> Option<(i64, i64)> {
+fn one_way(
+    play_log: &[PosEvent],
+    i: usize,
+    cap_log: &[PosEvent],
+    j: usize,
+    pw: u64,
+    cr: u64,
+    rate: u32,
+) -> Option<(i64, i64)> {
     let (before, moved_by) = (play_log.get(i.checked_sub(1)?)?, play_log.get(i.checked_sub(2)?)?);
     let (arrival, cycle_start) = (cap_log.get(j)?, cap_log.get(j.checked_sub(1)?)?);
     if arrival.at < before.at || cr < cycle_start.hw_frames || pw < before.hw_frames {
@@ -210,9 +218,8 @@ pub fn analyse(
         }
         let measured = cr as i64 - pw as i64 - (ce.hw_frames as i64 - pe.hw_frames as i64);
         let cap_index = cap_log.iter().position(|c| c.at == arrival.at && c.hw_frames == arrival.hw_frames);
-        let directions = index_of(pe)
-            .zip(cap_index)
-            .and_then(|(i, j)| one_way(play_log, i, cap_log, j, pw, cr, rate));
+        let directions =
+            index_of(pe).zip(cap_index).and_then(|(i, j)| one_way(play_log, i, cap_log, j, pw, cr, rate));
         measurements.push(Measurement {
             playback_frame: pw,
             capture_frame: cr,
@@ -241,7 +248,15 @@ pub fn analyse(
     };
     let one_way_as_sent = one_way_median(|m| m.one_way_as_sent);
     let one_way_as_of_event = one_way_median(|m| m.one_way_as_of_event);
-    Ok(LatencyReport { measurements, skipped, measured, reported, error, one_way_as_sent, one_way_as_of_event })
+    Ok(LatencyReport {
+        measurements,
+        skipped,
+        measured,
+        reported,
+        error,
+        one_way_as_sent,
+        one_way_as_of_event,
+    })
 }
 
 #[cfg(test)]
