@@ -129,6 +129,11 @@ fn one_way(
     Some((as_sent, as_sent + (before.hw_frames - moved_by.hw_frames) as i64))
 }
 
+/// Where `e` is in `log`.
+fn index_in(log: &[PosEvent], e: &PosEvent) -> Option<usize> {
+    log.iter().position(|p| p.at == e.at && p.hw_frames == e.hw_frames)
+}
+
 /// The event that moved the pointer past `frame`.
 fn event_covering(log: &[PosEvent], frame: u64) -> Option<&PosEvent> {
     log.iter().find(|e| e.hw_frames > frame)
@@ -191,7 +196,7 @@ pub fn analyse(
             raw[lo..(i + OFFSET_WINDOW + 1).min(raw.len())].iter().flatten().copied().collect();
         median(&mut v)
     };
-    let index_of = |e: &PosEvent| play_log.iter().position(|p| p.at == e.at && p.hw_frames == e.hw_frames);
+    let index_of = |e: &PosEvent| index_in(play_log, e);
     let margin = PAIRING_WINDOW;
     // Impulses are `spacing` apart: one arriving later than half of that
     // after it was played is another impulse.
@@ -217,9 +222,9 @@ pub fn analyse(
             continue;
         }
         let measured = cr as i64 - pw as i64 - (ce.hw_frames as i64 - pe.hw_frames as i64);
-        let cap_index = cap_log.iter().position(|c| c.at == arrival.at && c.hw_frames == arrival.hw_frames);
-        let directions =
-            index_of(pe).zip(cap_index).and_then(|(i, j)| one_way(play_log, i, cap_log, j, pw, cr, rate));
+        let directions = index_of(pe)
+            .zip(index_in(cap_log, arrival))
+            .and_then(|(i, j)| one_way(play_log, i, cap_log, j, pw, cr, rate));
         measurements.push(Measurement {
             playback_frame: pw,
             capture_frame: cr,
