@@ -114,7 +114,6 @@ struct vsnd_stream {
 	u64 periods;			/* period interrupts raised */
 	u64 early_periods;		/* ... before a whole period had passed */
 	unsigned long pointer_jiffies;	/* when ALSA last read the pointer */
-	unsigned long stamp_window;	/* jiffies: see vsnd_stamp_is_safe() */
 	unsigned int rate_list[VSND_MAX_RATES];
 	struct snd_pcm_hw_constraint_list rate_constraint;
 
@@ -172,8 +171,7 @@ void vsnd_buffer_free(struct vsnd_stream *s);
 /* vsnd_pcm.c */
 int vsnd_card_create(struct vsnd_card *vc);
 void vsnd_card_remove(struct vsnd_card *vc);
-bool vsnd_stamp_is_safe(struct vsnd_stream *s);
-void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *moved,
+void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *stamp,
 			 bool *elapsed, bool *delay_changed);
 
 #endif /* VSND_H */

@@ -222,7 +222,7 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 	struct vsnd_stream *s = dev_id;
 	struct xensnd_event_page *page = s->evt_page;
 	struct snd_pcm_substream *substream;
-	bool moved = false, elapsed = false, delay_changed = false;
+	bool stamp = false, elapsed = false, delay_changed = false;
 	unsigned long flags;
 	u32 prod;
 
@@ -250,7 +250,7 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 			continue;
 		memcpy(&delay, (u8 *)&evt + VSND_EVT_DELAY_OFFSET, sizeof(delay));
 		vsnd_handle_cur_pos(s, evt.op.cur_pos.position, le32_to_cpu((__force __le32)delay),
-				    &moved, &elapsed, &delay_changed);
+				    &stamp, &elapsed, &delay_changed);
 	}
 	virt_mb(); /* done reading the slots before handing them back */
 	WRITE_ONCE(page->in_cons, s->evt_cons);
@@ -263,7 +263,7 @@ static irqreturn_t vsnd_evt_irq(int irq, void *dev_id)
 	 * which can come a whole backend cycle later. Sleepers still wake by
 	 * avail_min alone.
 	 */
-	substream = elapsed || (moved && vsnd_stamp_is_safe(s)) ? s->substream : NULL;
+	substream = elapsed || stamp ? s->substream : NULL;
 	spin_unlock_irqrestore(&s->lock, flags);
 	if (substream)
 		snd_pcm_period_elapsed(substream);

@@ -62,15 +62,18 @@ static bool vsnd_delay_moved(struct vsnd_stream *s)
  * Whether a move of the pointer that completes no period may still be
  * announced to ALSA from the event interrupt (vsnd_evt_irq). ALSA takes an
  * interrupt-time update that has not reached the next period boundary,
- * coming more than half a buffer after the pointer was last updated, for a
- * lost wrap-around and moves the pointer a whole buffer on. Every pointer
- * read updates it, so a move is safe to announce within half a buffer of
- * the last read; after a longer silence (the backend paused, nobody
- * reading) the move waits for the next read. s->lock held.
+ * coming more than half a buffer after the pointer was last updated (by
+ * its own measure of a buffer in jiffies), for a lost wrap-around and
+ * moves the pointer a whole buffer on. Every pointer read updates it, so a
+ * move is safe to announce within half a buffer of the last read; after a
+ * longer silence (the backend paused, nobody reading) the move waits for
+ * the next read. s->lock held.
  */
-bool vsnd_stamp_is_safe(struct vsnd_stream *s)
+static bool vsnd_stamp_is_safe(struct vsnd_stream *s)
 {
-	return time_before_eq(jiffies, s->pointer_jiffies + s->stamp_window);
+	unsigned long half_buffer = (unsigned long)s->buffer_frames * HZ / s->rate / 2;
+
+	return time_before_eq(jiffies, s->pointer_jiffies + half_buffer);
 }
 
 /*
@@ -92,8 +95,12 @@ static snd_pcm_sframes_t vsnd_delay_at_event(struct vsnd_stream *s, u32 delay)
 	return s->capture ? (snd_pcm_sframes_t)delay - cycle : (snd_pcm_sframes_t)delay + cycle;
 }
 
-/* Called with s->lock held, from the event interrupt. */
-void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *moved,
+/*
+ * Called with s->lock held, from the event interrupt. Sets *stamp when the
+ * pointer moved and ALSA may be told of it now (vsnd_stamp_is_safe),
+ * *elapsed when a whole period has passed.
+ */
+void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *stamp,
 			 bool *elapsed, bool *delay_changed)
 {
 	u64 frames, delta;
@@ -118,7 +125,8 @@ void vsnd_handle_cur_pos(struct vsnd_stream *s, u64 pos_bytes, u32 delay, bool *
 	}
 	if (!delta)
 		return;
-	*moved = true;
+	if (vsnd_stamp_is_safe(s))
+		*stamp = true;
 	div_u64_rem(s->hw_ptr + delta, s->buffer_frames, &rem);
 	s->hw_ptr = rem;
 	s->total_frames += delta;
@@ -370,10 +378,6 @@ static int vsnd_pcm_prepare(struct snd_pcm_substream *ss)
 	s->total_frames = 0;
 	s->periods = 0;
 	s->early_periods = 0;
-	/* ALSA's own measure of a buffer in jiffies, halved (see
-	 * vsnd_stamp_is_safe).
-	 */
-	s->stamp_window = (unsigned long)rt->buffer_size * HZ / rt->rate / 2;
 	s->pointer_jiffies = jiffies;
 	spin_unlock_irqrestore(&s->lock, flags);
 	spin_lock_irqsave(&s->ring_lock, flags);
